@@ -1,0 +1,197 @@
+//! Text tokenizers, both stored as a Hugging Face `tokenizer.json`:
+//! a byte-level BPE trained on the training works, and a plain byte tokenizer (vocab 256,
+//! id = byte value), which is a byte-level BPE with no merges.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use ahash::AHashMap;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
+
+/// Separates documents in BPE token streams (the byte tokenizer has no special tokens).
+pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+/// Which tokenizer a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    /// Byte-level BPE trained on the training text (vocab size from the config).
+    Bpe,
+    /// One token per byte (vocab 256).
+    Byte,
+}
+
+/// A loaded tokenizer plus what evaluation needs to know about its tokens.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    token_bytes: Vec<u32>,
+    end_of_text: Option<u32>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("end_of_text", &self.end_of_text)
+            .finish()
+    }
+}
+
+/// GPT-2's reversible map from bytes to printable characters used by byte-level BPE.
+fn byte_to_char() -> Vec<char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = printable.clone();
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    let mut table = vec!['\0'; 256];
+    for (b, c) in printable.into_iter().zip(chars) {
+        table[b as usize] = char::from_u32(c).expect("valid code point");
+    }
+    table
+}
+
+fn byte_level() -> ByteLevel {
+    ByteLevel::new(false, true, true)
+}
+
+impl TextTokenizer {
+    /// Trains a byte-level BPE with `vocab_size` tokens (including `<|endoftext|>`) on `texts`.
+    pub fn train_bpe(texts: &[&str], vocab_size: usize) -> Result<Self> {
+        if vocab_size <= 257 {
+            bail!(
+                "a BPE vocabulary needs more than 257 tokens (256 bytes + end-of-text), got {vocab_size}"
+            );
+        }
+        let mut trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build();
+        let mut tokenizer = TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None::<NormalizerWrapper>)
+            .with_pre_tokenizer(Some(byte_level()))
+            .with_post_processor(Some(byte_level()))
+            .with_decoder(Some(byte_level()))
+            .build()
+            .map_err(|e| anyhow!("building the BPE tokenizer: {e}"))?;
+        tokenizer
+            .train(&mut trainer, texts.iter().copied())
+            .map_err(|e| anyhow!("training the BPE tokenizer: {e}"))?;
+        let json = tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
+        Self::from_json(&json)
+    }
+
+    /// The byte tokenizer: 256 tokens, token id = byte value.
+    pub fn bytes() -> Result<Self> {
+        let vocab: AHashMap<String, u32> = byte_to_char()
+            .into_iter()
+            .enumerate()
+            .map(|(b, c)| (c.to_string(), b as u32))
+            .collect();
+        let model = BPE::builder()
+            .vocab_and_merges(vocab, vec![])
+            .build()
+            .map_err(|e| anyhow!("building the byte tokenizer: {e}"))?;
+        let tokenizer = TokenizerBuilder::new()
+            .with_model(model)
+            .with_normalizer(None::<NormalizerWrapper>)
+            .with_pre_tokenizer(Some(byte_level()))
+            .with_post_processor(Some(byte_level()))
+            .with_decoder(Some(byte_level()))
+            .build()
+            .map_err(|e| anyhow!("building the byte tokenizer: {e}"))?;
+        let json = tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
+        Self::from_json(&json)
+    }
+
+    /// Parses a `tokenizer.json`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let inner =
+            Tokenizer::from_str(json).map_err(|e| anyhow!("invalid tokenizer.json: {e}"))?;
+        let vocab_size = inner.get_vocab_size(true);
+        let special = inner.get_added_tokens_decoder();
+        let token_bytes = (0..vocab_size as u32)
+            .map(
+                |id| match (special.contains_key(&id), inner.id_to_token(id)) {
+                    (false, Some(token)) => token.chars().count() as u32,
+                    _ => 0,
+                },
+            )
+            .collect();
+        let end_of_text = inner.token_to_id(END_OF_TEXT);
+        Ok(Self {
+            inner,
+            token_bytes,
+            end_of_text,
+        })
+    }
+
+    /// Loads `tokenizer.json` from `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let json = std::fs::read_to_string(path)
+            .with_context(|| format!("reading tokenizer {}", path.display()))?;
+        Self::from_json(&json).with_context(|| format!("loading tokenizer {}", path.display()))
+    }
+
+    /// Writes `tokenizer.json` to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Number of token ids, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+
+    /// The document separator, if the tokenizer has one.
+    pub fn end_of_text(&self) -> Option<u32> {
+        self.end_of_text
+    }
+
+    /// Token ids of `text` (no special tokens added).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow!("decoding: {e}"))
+    }
+
+    /// UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte.
+    pub fn token_bytes(&self) -> &[u32] {
+        &self.token_bytes
+    }
+}

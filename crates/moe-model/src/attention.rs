@@ -1,0 +1,109 @@
+//! Causal multi-head self-attention with RoPE, grouped-query heads and a KV cache.
+
+use burn::module::Module;
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::rope::RopeAngles;
+
+/// Keys and values seen so far by one attention layer, `[B, kv_heads, L, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+}
+
+/// Self-attention with separate q/k/v/o projections (no biases), as in Mixtral.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection `d -> heads * head_dim`.
+    pub q_proj: Linear<B>,
+    /// Key projection `d -> kv_heads * head_dim`.
+    pub k_proj: Linear<B>,
+    /// Value projection `d -> kv_heads * head_dim`.
+    pub v_proj: Linear<B>,
+    /// Output projection `heads * head_dim -> d`.
+    pub o_proj: Linear<B>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attention over width `d_model`; `out_std` initialises the output projection.
+    pub fn new(
+        d_model: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        std: f64,
+        out_std: f64,
+        device: &B::Device,
+    ) -> Self {
+        let head_dim = d_model / n_heads;
+        let linear = |d_in, d_out, std| {
+            LinearConfig::new(d_in, d_out)
+                .with_bias(false)
+                .with_initializer(Initializer::Normal { mean: 0.0, std })
+                .init(device)
+        };
+        Self {
+            q_proj: linear(d_model, n_heads * head_dim, std),
+            k_proj: linear(d_model, n_kv_heads * head_dim, std),
+            v_proj: linear(d_model, n_kv_heads * head_dim, std),
+            o_proj: linear(n_heads * head_dim, d_model, out_std),
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Attends `x: [B, S, d]` causally over the cached positions and itself.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeAngles<B>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let heads =
+            |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
+        let q = rope.apply(heads(self.q_proj.forward(x.clone()), self.n_heads));
+        let mut k = rope.apply(heads(self.k_proj.forward(x.clone()), self.n_kv_heads));
+        let mut v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        if let Some(cache) = cache {
+            if let Some(past) = cache.take() {
+                k = Tensor::cat(vec![past.keys, k], 2);
+                v = Tensor::cat(vec![past.values, v], 2);
+            }
+            *cache = Some(LayerCache {
+                keys: k.clone(),
+                values: v.clone(),
+            });
+        }
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let out = attention(q, self.repeat_kv(k), self.repeat_kv(v), None, None, options);
+        self.o_proj.forward(
+            out.swap_dims(1, 2)
+                .reshape([batch, seq, self.n_heads * self.head_dim]),
+        )
+    }
+
+    /// Repeats each key/value head for the query heads that share it.
+    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let groups = self.n_heads / self.n_kv_heads;
+        if groups == 1 {
+            return x;
+        }
+        let [b, kv, len, d] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kv, groups, len, d])
+            .reshape([b, kv * groups, len, d])
+    }
+}

@@ -1,0 +1,305 @@
+//! Model and MoE-layer configuration, with validation that names the offending field.
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration value that cannot work, with the dotted name of its field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid config `{field}`: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the field, e.g. `moe.top_k`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error for `field` saying `message`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Shape of the decoder-only transformer around the feed-forward blocks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Vocabulary size; must match the tokenizer (256 for the byte tokenizer).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Attention (query) heads.
+    pub n_heads: usize,
+    /// Key/value heads; fewer than `n_heads` gives grouped-query attention.
+    #[serde(default)]
+    pub n_kv_heads: Option<usize>,
+    /// Longest sequence the model attends over (RoPE table size, generation context).
+    pub max_seq_len: usize,
+    /// RoPE base frequency.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Share the token embedding with the LM head.
+    #[serde(default)]
+    pub tie_embeddings: bool,
+    /// Hidden width of the dense SwiGLU feed-forward used by non-MoE layers.
+    #[serde(default)]
+    pub dense_ffn_dim: usize,
+    /// The first this many blocks use a dense feed-forward instead of an MoE layer.
+    #[serde(default)]
+    pub n_dense_layers: usize,
+    /// After the dense prefix, every `moe_layer_interval`-th block is MoE (1 = all, 2 = every other).
+    #[serde(default = "one")]
+    pub moe_layer_interval: usize,
+    /// Standard deviation of the normal initialisation of weight matrices.
+    #[serde(default = "default_init_std")]
+    pub init_std: f64,
+}
+
+/// How router logits become expert scores and combine weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterKind {
+    /// Softmax over all experts, then top-k (Mixtral); weights optionally renormalised.
+    SoftmaxTopk,
+    /// Top-k of the logits, then softmax over the chosen k.
+    TopkSoftmax,
+    /// Sigmoid scores, top-k, weights normalised over the chosen k (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// Which assignments an expert keeps when more arrive than its capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropPolicy {
+    /// Keep the first `C` assignments in token order (Switch, GShard).
+    Position,
+    /// Keep the `C` assignments with the highest router weight.
+    Probability,
+}
+
+/// The mixture-of-experts feed-forward layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeConfig {
+    /// Routed experts per MoE layer.
+    pub n_experts: usize,
+    /// Experts each token is sent to.
+    pub top_k: usize,
+    /// Hidden width of each expert's SwiGLU.
+    pub expert_ffn_dim: usize,
+    /// Scoring and weighting rule of the router.
+    #[serde(default = "default_router")]
+    pub router: RouterKind,
+    /// Renormalise the chosen softmax weights to sum to one (Mixtral); sigmoid always normalises.
+    #[serde(default = "yes")]
+    pub renormalize: bool,
+    /// Factor applied to the combine weights of sigmoid routing (DeepSeek-V3's route scale).
+    #[serde(default = "one_f64")]
+    pub route_scale: f64,
+    /// Multiplicative jitter on the router input during training: x * U(1 - eps, 1 + eps).
+    #[serde(default)]
+    pub jitter: f64,
+    /// Always-on shared experts (each of width `expert_ffn_dim`) added to the routed output.
+    #[serde(default)]
+    pub n_shared_experts: usize,
+    /// Capacity factor during training; absent = dropless.
+    #[serde(default)]
+    pub capacity_factor: Option<f64>,
+    /// Capacity factor during evaluation and generation; absent = dropless.
+    #[serde(default)]
+    pub eval_capacity_factor: Option<f64>,
+    /// Which assignments are dropped on overflow.
+    #[serde(default = "default_drop_policy")]
+    pub drop_policy: DropPolicy,
+    /// Weight of the Switch load-balancing loss (balanced optimum equals this weight).
+    #[serde(default)]
+    pub aux_loss_weight: f64,
+    /// Weight of the ST-MoE router z-loss.
+    #[serde(default)]
+    pub z_loss_weight: f64,
+    /// Aux-loss-free balancing: after each step, bias_i += rate * sign(mean load - load_i).
+    /// 0 disables the bias.
+    #[serde(default)]
+    pub bias_update_rate: f64,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_init_std() -> f64 {
+    0.02
+}
+fn one() -> usize {
+    1
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn default_router() -> RouterKind {
+    RouterKind::SoftmaxTopk
+}
+fn default_drop_policy() -> DropPolicy {
+    DropPolicy::Position
+}
+
+impl ModelConfig {
+    /// Key/value heads actually used.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Whether block `layer` (0-based) uses the MoE feed-forward.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        layer >= self.n_dense_layers && (layer - self.n_dense_layers) % self.moe_layer_interval == 0
+    }
+
+    /// Number of MoE blocks.
+    pub fn n_moe_layers(&self) -> usize {
+        (0..self.n_layers).filter(|&l| self.is_moe_layer(l)).count()
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        positive("model.vocab_size", self.vocab_size)?;
+        positive("model.d_model", self.d_model)?;
+        positive("model.n_layers", self.n_layers)?;
+        positive("model.n_heads", self.n_heads)?;
+        positive("model.max_seq_len", self.max_seq_len)?;
+        positive("model.moe_layer_interval", self.moe_layer_interval)?;
+        if self.d_model % self.n_heads != 0 {
+            return Err(ConfigError::new(
+                "model.d_model",
+                format!(
+                    "{} is not divisible by n_heads = {}",
+                    self.d_model, self.n_heads
+                ),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(ConfigError::new(
+                "model.n_heads",
+                format!("head dimension {} must be even for RoPE", self.head_dim()),
+            ));
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || self.n_heads % kv != 0 {
+            return Err(ConfigError::new(
+                "model.n_kv_heads",
+                format!(
+                    "{kv} must be positive and divide n_heads = {}",
+                    self.n_heads
+                ),
+            ));
+        }
+        finite_positive("model.rope_theta", self.rope_theta)?;
+        finite_positive("model.norm_eps", self.norm_eps)?;
+        finite_positive("model.init_std", self.init_std)?;
+        if self.n_dense_layers > self.n_layers {
+            return Err(ConfigError::new(
+                "model.n_dense_layers",
+                format!(
+                    "{} exceeds n_layers = {}",
+                    self.n_dense_layers, self.n_layers
+                ),
+            ));
+        }
+        let has_dense = (0..self.n_layers).any(|l| !self.is_moe_layer(l));
+        if has_dense && self.dense_ffn_dim == 0 {
+            return Err(ConfigError::new(
+                "model.dense_ffn_dim",
+                "must be positive when some layers are dense",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl MoeConfig {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        positive("moe.n_experts", self.n_experts)?;
+        positive("moe.top_k", self.top_k)?;
+        positive("moe.expert_ffn_dim", self.expert_ffn_dim)?;
+        if self.top_k > self.n_experts {
+            return Err(ConfigError::new(
+                "moe.top_k",
+                format!("{} exceeds n_experts = {}", self.top_k, self.n_experts),
+            ));
+        }
+        for (field, cf) in [
+            ("moe.capacity_factor", self.capacity_factor),
+            ("moe.eval_capacity_factor", self.eval_capacity_factor),
+        ] {
+            if let Some(cf) = cf {
+                finite_positive(field, cf)?;
+            }
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            return Err(ConfigError::new(
+                "moe.jitter",
+                format!("{} must be in [0, 1)", self.jitter),
+            ));
+        }
+        finite_positive("moe.route_scale", self.route_scale)?;
+        for (field, v) in [
+            ("moe.aux_loss_weight", self.aux_loss_weight),
+            ("moe.z_loss_weight", self.z_loss_weight),
+            ("moe.bias_update_rate", self.bias_update_rate),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{v} must be finite and >= 0"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Slots per expert for `tokens` tokens, or `None` for dropless routing.
+    /// C = ceil(cf * T * k / E), at least 1.
+    pub fn capacity(&self, tokens: usize, training: bool) -> Option<usize> {
+        let cf = if training {
+            self.capacity_factor
+        } else {
+            self.eval_capacity_factor
+        }?;
+        let slots = (cf * (tokens * self.top_k) as f64 / self.n_experts as f64).ceil();
+        Some((slots as usize).max(1))
+    }
+}
+
+fn positive(field: &str, value: usize) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::new(field, "must be positive"));
+    }
+    Ok(())
+}
+
+fn finite_positive(field: &str, value: f64) -> Result<(), ConfigError> {
+    if !value.is_finite() || value <= 0.0 {
+        return Err(ConfigError::new(
+            field,
+            format!("{value} must be a finite number > 0"),
+        ));
+    }
+    Ok(())
+}

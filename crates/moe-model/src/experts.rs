@@ -1,0 +1,82 @@
+//! SwiGLU feed-forward networks: a dense one, and E experts stored as stacked weights so
+//! they run as one batched matmul.
+
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::Tensor;
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+
+/// Dense SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases.
+#[derive(Module, Debug)]
+pub struct SwiGlu<B: Backend> {
+    /// Gate projection `d -> f`.
+    pub w1: Linear<B>,
+    /// Down projection `f -> d`.
+    pub w2: Linear<B>,
+    /// Up projection `d -> f`.
+    pub w3: Linear<B>,
+}
+
+fn linear<B: Backend>(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(false)
+        .with_initializer(Initializer::Normal { mean: 0.0, std })
+        .init(device)
+}
+
+impl<B: Backend> SwiGlu<B> {
+    /// A SwiGLU of width `ffn_dim`; `out_std` initialises the down projection.
+    pub fn new(d_model: usize, ffn_dim: usize, std: f64, out_std: f64, device: &B::Device) -> Self {
+        Self {
+            w1: linear(d_model, ffn_dim, std, device),
+            w2: linear(ffn_dim, d_model, out_std, device),
+            w3: linear(d_model, ffn_dim, std, device),
+        }
+    }
+
+    /// Applies the FFN over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.w2
+            .forward(silu(self.w1.forward(x.clone())) * self.w3.forward(x))
+    }
+}
+
+/// `E` SwiGLU experts with weights `w1, w3: [E, d, f]` and `w2: [E, f, d]`.
+#[derive(Module, Debug)]
+pub struct Experts<B: Backend> {
+    /// Gate projections, `[E, d, f]`.
+    pub w1: Param<Tensor<B, 3>>,
+    /// Down projections, `[E, f, d]`.
+    pub w2: Param<Tensor<B, 3>>,
+    /// Up projections, `[E, d, f]`.
+    pub w3: Param<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Experts<B> {
+    /// `n_experts` experts of width `ffn_dim`, normal-initialised.
+    pub fn new(
+        n_experts: usize,
+        d_model: usize,
+        ffn_dim: usize,
+        std: f64,
+        out_std: f64,
+        device: &B::Device,
+    ) -> Self {
+        let init = |shape: [usize; 3], std: f64| {
+            Initializer::Normal { mean: 0.0, std }.init(shape, device)
+        };
+        Self {
+            w1: init([n_experts, d_model, ffn_dim], std),
+            w2: init([n_experts, ffn_dim, d_model], out_std),
+            w3: init([n_experts, d_model, ffn_dim], std),
+        }
+    }
+
+    /// Runs every expert on its own rows of the expert-major buffer `[E, C, d]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(x.clone().matmul(self.w1.val()));
+        let up = x.matmul(self.w3.val());
+        (gate * up).matmul(self.w2.val())
+    }
+}

@@ -1,0 +1,86 @@
+//! Helpers shared by the model tests: configs and host copies of tensors.
+
+#![allow(dead_code)]
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use moe_model::{DropPolicy, ModelConfig, MoeConfig, RouterKind};
+
+pub fn moe_config(n_experts: usize, top_k: usize, ffn: usize) -> MoeConfig {
+    MoeConfig {
+        n_experts,
+        top_k,
+        expert_ffn_dim: ffn,
+        router: RouterKind::SoftmaxTopk,
+        renormalize: true,
+        route_scale: 1.0,
+        jitter: 0.0,
+        n_shared_experts: 0,
+        capacity_factor: None,
+        eval_capacity_factor: None,
+        drop_policy: DropPolicy::Position,
+        aux_loss_weight: 0.01,
+        z_loss_weight: 0.001,
+        bias_update_rate: 0.0,
+    }
+}
+
+pub fn model_config(vocab: usize, d: usize, layers: usize, heads: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: vocab,
+        d_model: d,
+        n_layers: layers,
+        n_heads: heads,
+        n_kv_heads: None,
+        max_seq_len: 64,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+        dense_ffn_dim: 0,
+        n_dense_layers: 0,
+        moe_layer_interval: 1,
+        init_std: 0.2,
+    }
+}
+
+pub fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data().iter::<f64>().collect()
+}
+
+pub fn host_int<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
+    t.into_data().iter::<i64>().collect()
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (no dependence on backend RNGs).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+pub fn tensor<B: Backend, const D: usize>(
+    shape: [usize; D],
+    seed: u64,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let n = shape.iter().product();
+    Tensor::<B, 1>::from_floats(values(n, seed).as_slice(), device).reshape(shape)
+}
+
+pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        assert!(
+            (a - e).abs() <= tol * (1.0 + e.abs()),
+            "{what}[{i}]: got {a}, expected {e} (tol {tol})"
+        );
+    }
+}

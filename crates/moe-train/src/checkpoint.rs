@@ -1,0 +1,167 @@
+//! Checkpoints: a directory per step holding the model, the optimiser state, the config
+//! and the tokenizer, written to a temporary name and renamed into place.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::Backend;
+use moe_data::TextTokenizer;
+use moe_model::Transformer;
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+
+/// Files of a checkpoint directory.
+pub const MODEL_FILE: &str = "model";
+/// Optimiser state (AdamW moments), needed to resume.
+pub const OPTIMIZER_FILE: &str = "optimizer";
+/// The run config the model was built from.
+pub const CONFIG_FILE: &str = "config.toml";
+/// The tokenizer the model was trained with.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Training progress ([`TrainingState`]).
+pub const STATE_FILE: &str = "state.json";
+const CHECKPOINTS_DIR: &str = "checkpoints";
+
+/// Where training stood when a checkpoint was written.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainingState {
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Wall-clock seconds of training so far.
+    pub elapsed_secs: f64,
+}
+
+/// The recorder used for model and optimiser records.
+pub fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::new()
+}
+
+/// The directory name of the checkpoint at `step`.
+fn step_dir_name(step: usize) -> String {
+    format!("step-{step:08}")
+}
+
+/// Writes a checkpoint of `model` (and the optimiser record) under `run_dir/checkpoints`,
+/// atomically, then deletes all but the newest `keep`. Returns its directory.
+pub fn save_checkpoint<B: Backend, M: Module<B>, R: burn::record::Record<B>>(
+    run_dir: &Path,
+    model: &M,
+    optimizer: R,
+    config: &RunConfig,
+    tokenizer: &TextTokenizer,
+    state: TrainingState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let name = step_dir_name(state.step);
+    let tmp = root.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let recorder = recorder();
+    model
+        .clone()
+        .save_file(tmp.join(MODEL_FILE), &recorder)
+        .context("writing the model record")?;
+    recorder
+        .record(optimizer, tmp.join(OPTIMIZER_FILE))
+        .context("writing the optimizer record")?;
+    std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
+    tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+    let dest = root.join(&name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest)?;
+    }
+    std::fs::rename(&tmp, &dest)
+        .with_context(|| format!("moving checkpoint to {}", dest.display()))?;
+    let all = list_checkpoints(run_dir)?;
+    for old in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(old)
+            .with_context(|| format!("removing old checkpoint {}", old.display()))?;
+    }
+    Ok(dest)
+}
+
+/// Complete checkpoints of a run directory, oldest first.
+pub fn list_checkpoints(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                && p.join(STATE_FILE).is_file()
+        })
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Resolves `path` to one checkpoint directory: itself if it is one, else the newest
+/// checkpoint of the run directory it names.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join(STATE_FILE).is_file() && path.join(CONFIG_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.exists() {
+        bail!("checkpoint path `{}` does not exist", path.display());
+    }
+    list_checkpoints(path)?.pop().with_context(|| {
+        format!(
+            "`{}` is neither a checkpoint (no {STATE_FILE}) nor a run directory with checkpoints",
+            path.display()
+        )
+    })
+}
+
+/// Reads a checkpoint's training state.
+pub fn load_state(checkpoint: &Path) -> Result<TrainingState> {
+    let path = checkpoint.join(STATE_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A model loaded from a checkpoint, with its config and tokenizer.
+pub struct LoadedModel<B: Backend> {
+    /// The model.
+    pub model: Transformer<B>,
+    /// The config it was trained with.
+    pub config: RunConfig,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// The checkpoint directory it came from.
+    pub checkpoint: PathBuf,
+}
+
+/// Loads the model of `path` (a checkpoint or a run directory) onto `device`.
+pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+    let checkpoint = resolve_checkpoint(path)?;
+    let config_path = checkpoint.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+    let config: RunConfig = table
+        .try_into()
+        .with_context(|| format!("parsing {}", config_path.display()))?;
+    let tokenizer = TextTokenizer::load(&checkpoint.join(TOKENIZER_FILE))?;
+    let model = Transformer::new(&config.model, &config.moe, device)?
+        .load_file(checkpoint.join(MODEL_FILE), &recorder(), device)
+        .with_context(|| format!("loading model weights from {}", checkpoint.display()))?;
+    Ok(LoadedModel {
+        model,
+        config,
+        tokenizer,
+        checkpoint,
+    })
+}

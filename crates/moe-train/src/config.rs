@@ -1,0 +1,312 @@
+//! The run configuration file (TOML): model, MoE, data and training sections, with
+//! `--set section.key=value` overrides and validation that names the field.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use moe_data::TokenizerKind;
+use moe_model::{ConfigError, ModelConfig, MoeConfig};
+use serde::{Deserialize, Serialize};
+
+/// Everything a training run needs, as read from `configs/*.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Transformer shape.
+    pub model: ModelConfig,
+    /// MoE layers.
+    pub moe: MoeConfig,
+    /// Corpus and tokenizer.
+    pub data: DataConfig,
+    /// Optimisation, logging and checkpoints.
+    pub train: TrainConfig,
+}
+
+/// Corpus, split and tokenizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Directory with one `.txt` file per work.
+    #[serde(default = "default_dataset")]
+    pub dataset: PathBuf,
+    /// Tokenizer kind; `byte` needs `model.vocab_size = 256`.
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: TokenizerKind,
+    /// Works held out for validation (file stems).
+    #[serde(default = "default_validation_works")]
+    pub validation_works: Vec<String>,
+    /// Training sequence length (at most `model.max_seq_len`).
+    pub seq_len: usize,
+}
+
+/// Optimiser, schedule, logging and checkpointing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Seed of initialisation, data order and jitter.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Linear warm-up steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// AdamW decoupled weight decay.
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// AdamW beta 1.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// AdamW beta 2.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// AdamW epsilon.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this value (0 = no clipping).
+    #[serde(default = "one_f64")]
+    pub grad_clip: f64,
+    /// Steps between training log lines.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+    /// Steps between validation passes (also run at the end).
+    #[serde(default = "default_eval_every")]
+    pub eval_every: usize,
+    /// Validation batches per pass (absent = the whole validation set).
+    #[serde(default)]
+    pub eval_batches: Option<usize>,
+    /// Steps between checkpoints (also written at the end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+    /// Checkpoints kept in the run directory (older ones are deleted).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_dataset() -> PathBuf {
+    PathBuf::from("datasets/shakespeare")
+}
+fn default_tokenizer() -> TokenizerKind {
+    TokenizerKind::Bpe
+}
+/// The four held-out works of the shipped corpus.
+pub fn default_validation_works() -> Vec<String> {
+    [
+        "troilus_and_cressida",
+        "twelfth_night",
+        "two_gentlemen_of_verona",
+        "winters_tale",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_seed() -> u64 {
+    42
+}
+fn one() -> usize {
+    1
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_log_every() -> usize {
+    10
+}
+fn default_eval_every() -> usize {
+    200
+}
+fn default_checkpoint_every() -> usize {
+    200
+}
+fn default_keep() -> usize {
+    2
+}
+
+impl RunConfig {
+    /// Reads `path`, applies `overrides` (`section.key=value`, value in TOML syntax or a bare
+    /// string) and validates the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text, overrides).with_context(|| format!("in config {}", path.display()))
+    }
+
+    /// Parses TOML text, applies overrides and validates.
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text)?;
+        for item in overrides {
+            apply_override(&mut table, item)?;
+        }
+        let config: RunConfig = table.try_into()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config as TOML, as saved in run directories and checkpoints.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// Checks every field and the relations between sections.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.model.validate()?;
+        self.moe.validate()?;
+        let (data, train) = (&self.data, &self.train);
+        if data.seq_len == 0 || data.seq_len > self.model.max_seq_len {
+            return Err(ConfigError::new(
+                "data.seq_len",
+                format!(
+                    "{} must be in 1..={} (model.max_seq_len)",
+                    data.seq_len, self.model.max_seq_len
+                ),
+            ));
+        }
+        if data.validation_works.is_empty() {
+            return Err(ConfigError::new(
+                "data.validation_works",
+                "name at least one work",
+            ));
+        }
+        if !data.dataset.is_dir() {
+            return Err(ConfigError::new(
+                "data.dataset",
+                format!("directory `{}` does not exist", data.dataset.display()),
+            ));
+        }
+        match data.tokenizer {
+            TokenizerKind::Byte if self.model.vocab_size != 256 => {
+                return Err(ConfigError::new(
+                    "model.vocab_size",
+                    format!(
+                        "{} must be 256 with data.tokenizer = \"byte\"",
+                        self.model.vocab_size
+                    ),
+                ));
+            }
+            TokenizerKind::Bpe if self.model.vocab_size <= 257 => {
+                return Err(ConfigError::new(
+                    "model.vocab_size",
+                    format!(
+                        "{} must exceed 257 with data.tokenizer = \"bpe\"",
+                        self.model.vocab_size
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        for (field, value) in [
+            ("train.batch_size", train.batch_size),
+            ("train.grad_accum", train.grad_accum),
+            ("train.steps", train.steps),
+            ("train.log_every", train.log_every),
+            ("train.eval_every", train.eval_every),
+            ("train.checkpoint_every", train.checkpoint_every),
+            ("train.keep_checkpoints", train.keep_checkpoints),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(field, "must be positive"));
+            }
+        }
+        if train.eval_batches == Some(0) {
+            return Err(ConfigError::new(
+                "train.eval_batches",
+                "must be positive (omit it for all)",
+            ));
+        }
+        if !train.lr.is_finite() || train.lr <= 0.0 {
+            return Err(ConfigError::new(
+                "train.lr",
+                format!("{} must be finite and > 0", train.lr),
+            ));
+        }
+        if !train.min_lr.is_finite() || train.min_lr < 0.0 || train.min_lr > train.lr {
+            return Err(ConfigError::new(
+                "train.min_lr",
+                format!("{} must be in [0, lr]", train.min_lr),
+            ));
+        }
+        for (field, value) in [("train.beta1", train.beta1), ("train.beta2", train.beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{value} must be in [0, 1)"),
+                ));
+            }
+        }
+        for (field, value) in [
+            ("train.weight_decay", train.weight_decay),
+            ("train.grad_clip", train.grad_clip),
+        ] {
+            if !value.is_finite() || value < 0.0 {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{value} must be finite and >= 0"),
+                ));
+            }
+        }
+        if !train.eps.is_finite() || train.eps <= 0.0 {
+            return Err(ConfigError::new(
+                "train.eps",
+                format!("{} must be finite and > 0", train.eps),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tokens per optimiser step.
+    pub fn tokens_per_step(&self) -> usize {
+        self.train.batch_size * self.train.grad_accum * self.data.seq_len
+    }
+}
+
+/// Applies one `section.key=value` override to the parsed TOML table.
+fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
+    let Some((key, raw)) = item.split_once('=') else {
+        bail!("--set `{item}`: expected section.key=value");
+    };
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.len() != 2 || path.iter().any(|p| p.is_empty()) {
+        bail!("--set `{item}`: the key must be section.key, e.g. train.steps");
+    }
+    let value = parse_value(raw.trim());
+    let section = table
+        .entry(path[0].to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match section {
+        toml::Value::Table(section) => {
+            section.insert(path[1].to_string(), value);
+            Ok(())
+        }
+        _ => bail!("--set `{item}`: `{}` is not a section", path[0]),
+    }
+}
+
+/// A TOML value (`3`, `1e-3`, `true`, `"x"`, `[1, 2]`), or the raw text as a string.
+fn parse_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}

@@ -1,0 +1,385 @@
+//! The training loop: AdamW with warm-up + cosine LR, global-norm clipping, gradient
+//! accumulation, aux-loss-free bias updates, logging, evaluation and resumable checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::data::dataloader::batcher::Batcher;
+use burn::module::{AutodiffModule, Module};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::Recorder;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Int, Tensor};
+use moe_data::{
+    EpochBatches, LmBatch, LmBatcher, TextTokenizer, TokenizerKind, load_corpus, tokenize_works,
+};
+use moe_model::Transformer;
+
+use crate::checkpoint::{
+    self, CONFIG_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TrainingState, list_checkpoints, load_state,
+    recorder, save_checkpoint,
+};
+use crate::config::RunConfig;
+use crate::eval::{EvalResult, evaluate};
+use crate::grad_clip::clip_global_norm;
+use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
+use crate::router_stats::RouterStatsAccumulator;
+use crate::schedule::learning_rate;
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// Optimiser steps completed.
+    pub steps: usize,
+    /// The last validation result.
+    pub final_eval: EvalResult,
+    /// The last checkpoint written.
+    pub checkpoint: PathBuf,
+    /// Training seconds of this invocation (evaluation and checkpoints included).
+    pub elapsed_secs: f64,
+    /// Mean training tokens/s of this invocation (evaluation excluded).
+    pub tokens_per_sec: f64,
+}
+
+/// Trains per `config` in `run_dir`. With `resume`, continues from the run's newest
+/// checkpoint (model, optimiser state, step; the LR schedule and data order are functions
+/// of the step); without it, refuses a directory that already holds checkpoints.
+/// `progress` receives one human-readable line per log interval and evaluation.
+pub fn train<B: AutodiffBackend>(
+    config: &RunConfig,
+    run_dir: &Path,
+    resume: bool,
+    device: &B::Device,
+    mut progress: impl FnMut(&str),
+) -> Result<TrainOutcome> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let existing = list_checkpoints(run_dir)?;
+    let resume_from = match (resume, existing.last()) {
+        (true, Some(last)) => Some(last.clone()),
+        (true, None) => {
+            progress(&format!(
+                "no checkpoint in {} yet: starting a new run",
+                run_dir.display()
+            ));
+            None
+        }
+        (false, Some(last)) => bail!(
+            "{} already holds a run (latest checkpoint {}); pass --resume to continue it, or --out for a new run",
+            run_dir.display(),
+            last.display()
+        ),
+        (false, None) => None,
+    };
+    if let Some(ckpt) = &resume_from {
+        check_resumable(config, &ckpt.join(CONFIG_FILE))?;
+    }
+
+    let corpus = load_corpus(&config.data.dataset, &config.data.validation_works)?;
+    let tokenizer = match &resume_from {
+        Some(ckpt) => TextTokenizer::load(&ckpt.join(TOKENIZER_FILE))?,
+        None => match config.data.tokenizer {
+            TokenizerKind::Byte => TextTokenizer::bytes()?,
+            TokenizerKind::Bpe => {
+                progress(&format!(
+                    "training a {}-token BPE on {} works",
+                    config.model.vocab_size,
+                    corpus.train.len()
+                ));
+                let texts: Vec<&str> = corpus.train.iter().map(|w| w.text.as_str()).collect();
+                TextTokenizer::train_bpe(&texts, config.model.vocab_size)?
+            }
+        },
+    };
+    if tokenizer.vocab_size() > config.model.vocab_size {
+        bail!(
+            "tokenizer has {} tokens but model.vocab_size is {}",
+            tokenizer.vocab_size(),
+            config.model.vocab_size
+        );
+    }
+    std::fs::write(run_dir.join(CONFIG_FILE), config.to_toml()?)?;
+    tokenizer.save(&run_dir.join(TOKENIZER_FILE))?;
+    let train_tokens = Arc::new(tokenize_works(&tokenizer, &corpus.train)?);
+    let val_tokens = Arc::new(tokenize_works(&tokenizer, &corpus.validation)?);
+    let (seq_len, batch_size) = (config.data.seq_len, config.train.batch_size);
+    let batches = EpochBatches::new(train_tokens.clone(), seq_len, batch_size, config.train.seed);
+    if batches.batches_per_epoch() == 0 {
+        bail!(
+            "training set has {} tokens: too few for one batch of {batch_size} x {seq_len}",
+            train_tokens.len()
+        );
+    }
+    progress(&format!(
+        "data: {} train tokens ({} batches/epoch), {} validation tokens",
+        train_tokens.len(),
+        batches.batches_per_epoch(),
+        val_tokens.len()
+    ));
+
+    B::seed(device, config.train.seed);
+    let mut model = Transformer::<B>::new(&config.model, &config.moe, device)?;
+    let train = &config.train;
+    let mut optimizer = AdamWConfig::new()
+        .with_beta_1(train.beta1 as f32)
+        .with_beta_2(train.beta2 as f32)
+        .with_epsilon(train.eps as f32)
+        .with_weight_decay(train.weight_decay as f32)
+        .init::<B, Transformer<B>>();
+    let mut state = TrainingState {
+        step: 0,
+        elapsed_secs: 0.0,
+    };
+    if let Some(ckpt) = &resume_from {
+        model = model
+            .load_file(ckpt.join(checkpoint::MODEL_FILE), &recorder(), device)
+            .with_context(|| format!("loading model from {}", ckpt.display()))?;
+        let record = recorder()
+            .load(ckpt.join(OPTIMIZER_FILE), device)
+            .with_context(|| format!("loading optimizer state from {}", ckpt.display()))?;
+        optimizer = optimizer.load_record(record);
+        state = load_state(ckpt)?;
+        progress(&format!(
+            "resumed from {} (step {})",
+            ckpt.display(),
+            state.step
+        ));
+    }
+    let mut logger = MetricsLogger::open(run_dir, resume_from.as_ref().map(|_| state.step))?;
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_secs;
+    let mut interval = Interval::new();
+    let mut train_secs = 0.0;
+    let mut trained_tokens = 0usize;
+    let mut last_eval = None;
+    let mut last_checkpoint = resume_from.clone();
+
+    for step in state.step..train.steps {
+        let step_start = Instant::now();
+        B::seed(device, train.seed.wrapping_add(step as u64 + 1));
+        let lr = learning_rate(train, step);
+        let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
+        let mut step_counts: Vec<Tensor<B, 1, Int>> = Vec::new();
+        for micro in 0..train.grad_accum {
+            let items = batches.batch(step * train.grad_accum + micro);
+            let batch: LmBatch<B> = LmBatcher.batch(items, device);
+            let out = model.forward(batch.inputs);
+            let [n, s, v] = out.logits.dims();
+            let ce = loss_fn.forward(
+                out.logits.reshape([n * s, v]),
+                batch.targets.reshape([n * s]),
+            );
+            let router = model.router_loss(&out.moe, device);
+            let loss = (ce.clone() + router.clone()) / train.grad_accum as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+            let ce = ce.into_scalar().elem::<f64>();
+            if !ce.is_finite() {
+                bail!("training diverged at step {}: loss is {ce}", step + 1);
+            }
+            interval.loss += ce;
+            interval.aux += router.into_scalar().elem::<f64>();
+            for (i, layer) in out.moe.iter().enumerate() {
+                interval.balance += layer.balance_loss.clone().into_scalar().elem::<f64>();
+                interval.z += layer.z_loss.clone().into_scalar().elem::<f64>();
+                match step_counts.get_mut(i) {
+                    Some(c) => *c = c.clone() + layer.stats.counts.clone(),
+                    None => step_counts.push(layer.stats.counts.clone()),
+                }
+            }
+            interval.stats.add(&out.moe);
+            interval.micro_batches += 1;
+        }
+        let mut grads = accumulator.grads();
+        let grad_norm = clip_global_norm(&model, &mut grads, train.grad_clip, device);
+        model = optimizer.step(lr, model, grads);
+        model = model.update_expert_bias(step_counts);
+        state.step = step + 1;
+        let step_secs = step_start.elapsed().as_secs_f64();
+        train_secs += step_secs;
+        trained_tokens += config.tokens_per_step();
+        interval.secs += step_secs;
+        interval.tokens += config.tokens_per_step();
+        state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
+
+        if state.step % train.log_every == 0 || state.step == train.steps {
+            let record = interval.finish(
+                state.step,
+                lr,
+                grad_norm.into_scalar().elem::<f64>(),
+                state.elapsed_secs,
+            );
+            progress(&train_line(&record, train.steps));
+            logger.log(&MetricRecord::Train(record))?;
+        }
+        let last = state.step == train.steps;
+        if state.step % train.eval_every == 0 || last {
+            let result = evaluate(
+                &model.valid(),
+                val_tokens.clone(),
+                tokenizer.token_bytes(),
+                seq_len,
+                batch_size,
+                train.eval_batches,
+                device,
+            )?;
+            progress(&format!(
+                "eval step {:>6} | val_loss {:.4} | bpb {:.4} | ppl {:.2}",
+                state.step, result.val_loss, result.bpb, result.perplexity
+            ));
+            logger.log(&MetricRecord::Eval {
+                step: state.step,
+                result: result.clone(),
+            })?;
+            last_eval = Some(result);
+        }
+        if state.step % train.checkpoint_every == 0 || last {
+            state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
+            let dir = save_checkpoint::<B, _, _>(
+                run_dir,
+                &model,
+                optimizer.to_record(),
+                config,
+                &tokenizer,
+                state,
+                train.keep_checkpoints,
+            )?;
+            last_checkpoint = Some(dir);
+        }
+    }
+
+    let final_eval = match last_eval {
+        Some(result) => result,
+        None => evaluate(
+            &model.valid(),
+            val_tokens,
+            tokenizer.token_bytes(),
+            seq_len,
+            batch_size,
+            train.eval_batches,
+            device,
+        )?,
+    };
+    let checkpoint = match last_checkpoint {
+        Some(dir) => dir,
+        None => save_checkpoint::<B, _, _>(
+            run_dir,
+            &model,
+            optimizer.to_record(),
+            config,
+            &tokenizer,
+            state,
+            train.keep_checkpoints,
+        )?,
+    };
+    Ok(TrainOutcome {
+        steps: state.step,
+        final_eval,
+        checkpoint,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        tokens_per_sec: trained_tokens as f64 / train_secs.max(1e-9),
+    })
+}
+
+/// A resumed run must use the checkpoint's model, MoE, data and optimiser settings; only
+/// the step budget and the logging/eval/checkpoint intervals may change.
+fn check_resumable(config: &RunConfig, saved: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(saved).with_context(|| format!("reading {}", saved.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", saved.display()))?;
+    let saved: RunConfig = table
+        .try_into()
+        .with_context(|| format!("parsing {}", saved.display()))?;
+    let comparable = |c: &RunConfig| {
+        let mut c = c.clone();
+        c.train.steps = 0;
+        c.train.log_every = 0;
+        c.train.eval_every = 0;
+        c.train.eval_batches = None;
+        c.train.checkpoint_every = 0;
+        c.train.keep_checkpoints = 0;
+        c
+    };
+    let (a, b) = (comparable(config), comparable(&saved));
+    for (section, differs) in [
+        ("model", a.model != b.model),
+        ("moe", a.moe != b.moe),
+        ("data", a.data != b.data),
+        ("train", a.train != b.train),
+    ] {
+        if differs {
+            bail!(
+                "cannot resume: [{section}] differs from the run's saved config; use the same config (only train.steps and the log/eval/checkpoint intervals may change) or a new --out"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Sums over the current logging interval.
+struct Interval {
+    loss: f64,
+    aux: f64,
+    balance: f64,
+    z: f64,
+    micro_batches: usize,
+    tokens: usize,
+    secs: f64,
+    stats: RouterStatsAccumulator,
+}
+
+impl Interval {
+    fn new() -> Self {
+        Self {
+            loss: 0.0,
+            aux: 0.0,
+            balance: 0.0,
+            z: 0.0,
+            micro_batches: 0,
+            tokens: 0,
+            secs: 0.0,
+            stats: RouterStatsAccumulator::default(),
+        }
+    }
+
+    /// The record of the interval ending at `step`; starts the next interval.
+    fn finish(&mut self, step: usize, lr: f64, grad_norm: f64, elapsed_secs: f64) -> TrainRecord {
+        let n = self.micro_batches.max(1) as f64;
+        let record = TrainRecord {
+            step,
+            loss: self.loss / n,
+            aux_loss: self.aux / n,
+            balance_loss: self.balance / n,
+            z_loss: self.z / n,
+            lr,
+            grad_norm,
+            tokens_per_sec: self.tokens as f64 / self.secs.max(1e-9),
+            elapsed_secs,
+            layers: self.stats.take(),
+        };
+        *self = Self::new();
+        record
+    }
+}
+
+fn train_line(r: &TrainRecord, total_steps: usize) -> String {
+    let n = r.layers.len().max(1) as f64;
+    let mean = |f: fn(&crate::metrics::LayerLoad) -> f64| r.layers.iter().map(f).sum::<f64>() / n;
+    format!(
+        "step {:>6}/{total_steps} | loss {:.4} | aux {:.4} | lr {:.2e} | gnorm {:.2} | {:.0} tok/s | load cv {:.3} | drop {:.2}% | entropy {:.3} | {:.0}s",
+        r.step,
+        r.loss,
+        r.aux_loss,
+        r.lr,
+        r.grad_norm,
+        r.tokens_per_sec,
+        mean(|l| l.cv),
+        100.0 * mean(|l| l.dropped),
+        mean(|l| l.entropy),
+        r.elapsed_secs
+    )
+}

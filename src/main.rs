@@ -1,0 +1,252 @@
+//! `moe`: train, evaluate and sample sparse Mixture-of-Experts language models.
+
+mod backend;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, Subcommand};
+use moe_model::{SamplingConfig, generate};
+use moe_train::{RunConfig, evaluate, load_model, train};
+
+use crate::backend::{BackendJob, BackendKind, run_on};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "moe",
+    version,
+    about = "Sparse Mixture-of-Experts transformers on Burn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model from a TOML config.
+    Train(TrainArgs),
+    /// Validation loss, bits per byte, perplexity and expert load of a checkpoint.
+    Eval(EvalArgs),
+    /// Generate text from a checkpoint.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Run config (TOML).
+    #[arg(long, default_value = "configs/tiny.toml")]
+    config: PathBuf,
+    /// Run directory [default: checkpoints/<config name>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override train.steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: BackendKind,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Override a config value: --set section.key=value (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// A checkpoint directory, or a run directory (its latest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Evaluate only this many validation batches.
+    #[arg(long)]
+    batches: Option<usize>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: BackendKind,
+}
+
+#[derive(clap::Args, Debug)]
+struct GenerateArgs {
+    /// A checkpoint directory, or a run directory (its latest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample among the k most likely tokens only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: BackendKind,
+}
+
+impl BackendJob for TrainArgs {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let mut overrides = self.overrides.clone();
+        if let Some(steps) = self.steps {
+            overrides.push(format!("train.steps={steps}"));
+        }
+        let config = RunConfig::load(&self.config, &overrides)?;
+        let run_dir = match self.out {
+            Some(out) => out,
+            None => PathBuf::from("checkpoints").join(
+                self.config
+                    .file_stem()
+                    .context("the config path has no file name")?,
+            ),
+        };
+        eprintln!("run directory: {}", run_dir.display());
+        let outcome = train::<B>(&config, &run_dir, self.resume, &device, |line| {
+            eprintln!("{line}")
+        })?;
+        eprintln!(
+            "done: {} steps, val_loss {:.4}, bpb {:.4}, {:.0} train tokens/s, {:.0}s; checkpoint {}",
+            outcome.steps,
+            outcome.final_eval.val_loss,
+            outcome.final_eval.bpb,
+            outcome.tokens_per_sec,
+            outcome.elapsed_secs,
+            outcome.checkpoint.display()
+        );
+        Ok(())
+    }
+}
+
+impl BackendJob for EvalArgs {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        let data = &loaded.config.data;
+        let corpus = moe_data::load_corpus(&data.dataset, &data.validation_works)?;
+        let tokens = moe_data::tokenize_works(&loaded.tokenizer, &corpus.validation)?;
+        let result = evaluate(
+            &loaded.model,
+            std::sync::Arc::new(tokens),
+            loaded.tokenizer.token_bytes(),
+            data.seq_len,
+            loaded.config.train.batch_size,
+            self.batches,
+            &device,
+        )?;
+        if self.json {
+            let json = serde_json::json!({
+                "checkpoint": loaded.checkpoint,
+                "val_loss": result.val_loss,
+                "bpb": result.bpb,
+                "perplexity": result.perplexity,
+                "tokens": result.tokens,
+                "expert_load": result.expert_load.iter().map(|l| l.load.clone()).collect::<Vec<_>>(),
+                "layers": result.expert_load,
+            });
+            println!("{json}");
+        } else {
+            println!("checkpoint  {}", loaded.checkpoint.display());
+            println!("val_loss    {:.4}", result.val_loss);
+            println!("bpb         {:.4}", result.bpb);
+            println!("perplexity  {:.2}", result.perplexity);
+            for (i, layer) in result.expert_load.iter().enumerate() {
+                let load: Vec<String> = layer.load.iter().map(|l| format!("{l:.3}")).collect();
+                println!(
+                    "moe layer {i}: load [{}] cv {:.3} dropped {:.2}% entropy {:.3}",
+                    load.join(" "),
+                    layer.cv,
+                    100.0 * layer.dropped,
+                    layer.entropy
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BackendJob for GenerateArgs {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        anyhow::ensure!(
+            self.temperature >= 0.0 && self.temperature.is_finite(),
+            "--temperature must be >= 0"
+        );
+        anyhow::ensure!(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "--top-p must be in (0, 1]"
+        );
+        let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        let tokenizer = &loaded.tokenizer;
+        let prompt = tokenizer.encode(&self.prompt)?;
+        let stop: Vec<u32> = tokenizer.end_of_text().into_iter().collect();
+        let sampling = SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        let mut out = std::io::stdout();
+        write!(out, "{}", self.prompt)?;
+        let mut generated = Vec::new();
+        let mut printed = 0;
+        generate(
+            &loaded.model,
+            &prompt,
+            self.max_tokens,
+            &stop,
+            sampling,
+            |token| {
+                generated.push(token);
+                // Print whole characters only: a byte-level token may end mid-character.
+                if let Ok(text) = tokenizer.decode(&generated) {
+                    let text = text.trim_end_matches('\u{FFFD}');
+                    if text.len() > printed {
+                        let _ = write!(out, "{}", text.get(printed..).unwrap_or_default());
+                        let _ = out.flush();
+                        printed = text.len();
+                    }
+                }
+            },
+            &device,
+        );
+        if let Ok(text) = tokenizer.decode(&generated) {
+            if text.len() > printed {
+                write!(out, "{}", text.get(printed..).unwrap_or_default())?;
+            }
+        }
+        writeln!(out)?;
+        Ok(())
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => run_on(args.backend, args),
+        Command::Eval(args) => run_on(args.backend, args),
+        Command::Generate(args) => run_on(args.backend, args),
+    };
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
