@@ -367,19 +367,20 @@ impl Interval {
 }
 
 fn train_line(r: &TrainRecord, total_steps: usize) -> String {
-    let n = r.layers.len().max(1) as f64;
-    let mean = |f: fn(&crate::metrics::LayerLoad) -> f64| r.layers.iter().map(f).sum::<f64>() / n;
-    format!(
-        "step {:>6}/{total_steps} | loss {:.4} | aux {:.4} | lr {:.2e} | gnorm {:.2} | {:.0} tok/s | load cv {:.3} | drop {:.2}% | entropy {:.3} | {:.0}s",
-        r.step,
-        r.loss,
-        r.aux_loss,
-        r.lr,
-        r.grad_norm,
-        r.tokens_per_sec,
-        mean(|l| l.cv),
-        100.0 * mean(|l| l.dropped),
-        mean(|l| l.entropy),
-        r.elapsed_secs
-    )
+    let mut line = format!(
+        "step {:>6}/{total_steps} | loss {:.4} | aux {:.4} | lr {:.2e} | gnorm {:.2} | {:.0} tok/s",
+        r.step, r.loss, r.aux_loss, r.lr, r.grad_norm, r.tokens_per_sec
+    );
+    if !r.layers.is_empty() {
+        let n = r.layers.len() as f64;
+        let mean =
+            |f: fn(&crate::metrics::LayerLoad) -> f64| r.layers.iter().map(f).sum::<f64>() / n;
+        line += &format!(
+            " | load cv {:.3} | drop {:.2}% | entropy {:.3}",
+            mean(|l| l.cv),
+            100.0 * mean(|l| l.dropped),
+            mean(|l| l.entropy)
+        );
+    }
+    line + &format!(" | {:.0}s", r.elapsed_secs)
 }

@@ -1,0 +1,222 @@
+//! Training end to end on a small slice of the corpus: the loss falls, a resumed run
+//! matches an uninterrupted one, checkpoints load, and bad configs are rejected by name.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, Flex};
+use moe_train::logger::MetricRecord;
+use moe_train::metrics::{LayerLoad, coefficient_of_variation, max_violation};
+use moe_train::{RunConfig, load_model, train};
+
+type B = Autodiff<Flex>;
+
+/// The backend's random generator is process-wide: tests that train take turns so each
+/// run's initialisation and jitter draw from its own seed only.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A small dataset: slices of three shipped works (two to train on, one held out).
+fn dataset(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/shakespeare");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, bytes) in [
+        ("hamlet", 60_000),
+        ("macbeth", 60_000),
+        ("twelfth_night", 8_000),
+    ] {
+        let text = std::fs::read_to_string(source.join(format!("{name}.txt"))).unwrap();
+        std::fs::write(data.join(format!("{name}.txt")), &text[..bytes]).unwrap();
+    }
+    data
+}
+
+fn config_text(data: &Path) -> String {
+    format!(
+        r#"
+[model]
+vocab_size = 256
+d_model = 32
+n_layers = 2
+n_heads = 2
+max_seq_len = 32
+
+[moe]
+n_experts = 4
+top_k = 2
+expert_ffn_dim = 32
+aux_loss_weight = 0.01
+z_loss_weight = 0.001
+
+[data]
+dataset = "{}"
+tokenizer = "byte"
+validation_works = ["twelfth_night"]
+seq_len = 32
+
+[train]
+batch_size = 8
+steps = 40
+lr = 3e-3
+warmup_steps = 5
+log_every = 5
+eval_every = 20
+eval_batches = 4
+checkpoint_every = 20
+"#,
+        data.display()
+    )
+}
+
+fn records(run_dir: &Path) -> Vec<MetricRecord> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn train_losses(run_dir: &Path) -> Vec<(usize, f64)> {
+    records(run_dir)
+        .into_iter()
+        .filter_map(|r| match r {
+            MetricRecord::Train(t) => Some((t.step, t.loss)),
+            MetricRecord::Eval { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = RunConfig::parse(&config_text(&dataset(dir.path())), &[]).unwrap();
+    let run = dir.path().join("run");
+    let outcome = train::<B>(&config, &run, false, &Default::default(), |_| {}).unwrap();
+    assert_eq!(outcome.steps, 40);
+    let losses = train_losses(&run);
+    assert_eq!(losses.len(), 8);
+    let (first, last) = (losses[0].1, losses[losses.len() - 1].1);
+    assert!(last < first - 1.0, "loss should fall: {first} -> {last}");
+    assert!(outcome.final_eval.bpb.is_finite() && outcome.final_eval.bpb < 8.0);
+    for file in ["config.toml", "tokenizer.json", "metrics.jsonl"] {
+        assert!(run.join(file).is_file(), "{file} in the run directory");
+    }
+    let events = std::fs::read_dir(run.join("tensorboard")).unwrap().count();
+    assert!(events > 0, "TensorBoard event file written");
+
+    let loaded = load_model::<Flex>(&run, &Default::default()).unwrap();
+    assert!(loaded.checkpoint.ends_with("step-00000040"));
+    assert_eq!(loaded.config, config);
+
+    // Refuses to overwrite without --resume.
+    let err = train::<B>(&config, &run, false, &Default::default(), |_| {}).unwrap_err();
+    assert!(err.to_string().contains("--resume"), "{err}");
+}
+
+#[test]
+fn resume_matches_the_uninterrupted_run() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    // Constant LR so the schedule does not depend on the step budget of the first leg.
+    let overrides = |steps: usize| {
+        vec![
+            format!("train.steps={steps}"),
+            "train.log_every=1".into(),
+            "train.checkpoint_every=3".into(),
+            "train.warmup_steps=0".into(),
+            "train.min_lr=3e-3".into(),
+            "moe.bias_update_rate=1e-3".into(),
+            "moe.jitter=0.01".into(),
+        ]
+    };
+    let text = config_text(&data);
+    let full = RunConfig::parse(&text, &overrides(6)).unwrap();
+    let straight = dir.path().join("straight");
+    train::<B>(&full, &straight, false, &Default::default(), |_| {}).unwrap();
+
+    let interrupted = dir.path().join("interrupted");
+    let first_leg = RunConfig::parse(&text, &overrides(3)).unwrap();
+    train::<B>(&first_leg, &interrupted, false, &Default::default(), |_| {}).unwrap();
+    train::<B>(&full, &interrupted, true, &Default::default(), |_| {}).unwrap();
+
+    let (a, b) = (train_losses(&straight), train_losses(&interrupted));
+    assert_eq!(a.len(), 6);
+    assert_eq!(b.len(), 6, "metrics.jsonl holds each step once");
+    for ((step_a, loss_a), (step_b, loss_b)) in a.iter().zip(&b) {
+        assert_eq!(step_a, step_b);
+        assert!(
+            (loss_a - loss_b).abs() < 1e-4,
+            "step {step_a}: {loss_a} vs {loss_b}"
+        );
+    }
+
+    // A different model cannot resume this run.
+    let other =
+        RunConfig::parse(&text, &[overrides(6), vec!["moe.top_k=1".into()]].concat()).unwrap();
+    let err = train::<B>(&other, &interrupted, true, &Default::default(), |_| {}).unwrap_err();
+    assert!(err.to_string().contains("[moe]"), "{err}");
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&dataset(dir.path()));
+    for (overrides, field) in [
+        (vec!["moe.top_k=5"], "moe.top_k"),
+        (vec!["moe.capacity_factor=0"], "moe.capacity_factor"),
+        (vec!["moe.capacity_factor=-1.5"], "moe.capacity_factor"),
+        (vec!["model.d_model=33"], "model.d_model"),
+        (vec!["model.n_kv_heads=3"], "model.n_kv_heads"),
+        (vec!["data.dataset=\"/no/such/dir\""], "data.dataset"),
+        (vec!["data.seq_len=64"], "data.seq_len"),
+        (vec!["model.vocab_size=4096"], "model.vocab_size"),
+        (vec!["train.lr=0"], "train.lr"),
+        (vec!["train.batch_size=0"], "train.batch_size"),
+        (vec!["moe.typo_key=1"], "typo_key"),
+        (vec!["moe.router=\"softmax\""], "softmax"),
+        (vec!["nosection"], "section.key=value"),
+    ] {
+        let overrides: Vec<String> = overrides.into_iter().map(String::from).collect();
+        let err = format!("{:#}", RunConfig::parse(&text, &overrides).unwrap_err());
+        assert!(
+            err.contains(field),
+            "{overrides:?}: error `{err}` should name `{field}`"
+        );
+    }
+    let err = format!(
+        "{:#}",
+        RunConfig::parse(&format!("{text}\n[extra]\nx = 1\n"), &[]).unwrap_err()
+    );
+    assert!(err.contains("extra"), "{err}");
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for name in ["tiny", "tiny-dense", "small"] {
+        let path = root.join(format!("configs/{name}.toml"));
+        let data = root.join("datasets/shakespeare");
+        let config = RunConfig::load(&path, &[format!("data.dataset=\"{}\"", data.display())])
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert!(config.train.steps > 0);
+    }
+}
+
+#[test]
+fn load_metrics_match_hand_computed_values() {
+    let balanced = [0.25, 0.25, 0.25, 0.25];
+    assert_eq!(coefficient_of_variation(&balanced), 0.0);
+    assert_eq!(max_violation(&balanced), 0.0);
+    // load [0.5, 0.25, 0.25, 0]: mean 0.25, std = sqrt((0.0625 + 0 + 0 + 0.0625) / 4) = 0.1768.
+    let skewed = [0.5, 0.25, 0.25, 0.0];
+    assert!((coefficient_of_variation(&skewed) - 0.03125f64.sqrt() / 0.25).abs() < 1e-12);
+    assert!((max_violation(&skewed) - 1.0).abs() < 1e-12);
+    let layer = LayerLoad::new(&[6.0, 2.0], 1.0, 8.0, 0.5, 3.0);
+    assert_eq!(layer.load, vec![0.75, 0.25]);
+    assert!((layer.dropped - 0.125).abs() < 1e-12);
+}

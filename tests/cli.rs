@@ -1,0 +1,180 @@
+//! The `moe` binary end to end: train, eval --json, generate, and its error messages.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn moe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run moe")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A small config on slices of three shipped works.
+fn small_run(dir: &Path) -> String {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/shakespeare");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, bytes) in [
+        ("hamlet", 40_000),
+        ("lear", 40_000),
+        ("winters_tale", 6_000),
+    ] {
+        let text = std::fs::read_to_string(source.join(format!("{name}.txt"))).unwrap();
+        std::fs::write(data.join(format!("{name}.txt")), &text[..bytes]).unwrap();
+    }
+    let config = dir.join("small.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[model]
+vocab_size = 512
+d_model = 32
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+max_seq_len = 64
+n_dense_layers = 1
+dense_ffn_dim = 64
+
+[moe]
+n_experts = 4
+top_k = 2
+expert_ffn_dim = 32
+n_shared_experts = 1
+capacity_factor = 1.25
+aux_loss_weight = 0.01
+z_loss_weight = 0.001
+
+[data]
+dataset = "{}"
+validation_works = ["winters_tale"]
+seq_len = 32
+
+[train]
+batch_size = 4
+steps = 12
+lr = 3e-3
+log_every = 4
+eval_every = 6
+checkpoint_every = 6
+"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    config.display().to_string()
+}
+
+#[test]
+fn train_then_eval_and_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let run = dir.path().join("run");
+    let run_str = run.display().to_string();
+    let out = moe(&["train", "--config", &config, "--out", &run_str]);
+    assert!(out.status.success(), "train failed: {}", stderr(&out));
+    let log = stderr(&out);
+    assert!(log.contains("step     12/12"), "{log}");
+    assert!(log.contains("bpb"), "{log}");
+
+    let out = moe(&["eval", "--checkpoint", &run_str, "--json"]);
+    assert!(out.status.success(), "eval failed: {}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["val_loss", "bpb", "perplexity", "expert_load"] {
+        assert!(json.get(key).is_some(), "eval --json lacks {key}: {json}");
+    }
+    let loads = json["expert_load"].as_array().unwrap();
+    assert_eq!(loads.len(), 1, "one MoE layer (the first is dense)");
+    let total: f64 = loads[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!((total - 1.0).abs() < 1e-6, "loads sum to 1: {total}");
+
+    let checkpoint = run.join("checkpoints/step-00000006").display().to_string();
+    let out = moe(&[
+        "generate",
+        "--checkpoint",
+        &checkpoint,
+        "--prompt",
+        "HAMLET:",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "3",
+    ]);
+    assert!(out.status.success(), "generate failed: {}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("HAMLET:") && text.trim_end().len() > "HAMLET:".len(),
+        "{text}"
+    );
+    // Greedy generation is deterministic.
+    let greedy = |_: ()| {
+        moe(&[
+            "generate",
+            "--checkpoint",
+            &run_str,
+            "--prompt",
+            "The",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+        ])
+        .stdout
+    };
+    assert_eq!(greedy(()), greedy(()));
+
+    let out = moe(&["train", "--config", &config, "--out", &run_str]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--resume"), "{}", stderr(&out));
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let out = moe(&[
+        "train",
+        "--config",
+        &config,
+        "--set",
+        "moe.top_k=9",
+        "--out",
+        "/tmp/never-written",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("moe.top_k"), "{}", stderr(&out));
+    assert!(
+        !Path::new("/tmp/never-written").exists(),
+        "no work starts on a bad config"
+    );
+
+    let out = moe(&["train", "--config", "configs/no-such.toml"]);
+    assert!(stderr(&out).contains("no-such.toml"), "{}", stderr(&out));
+
+    let out = moe(&["eval", "--checkpoint", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("neither a checkpoint"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = moe(&["train", "--backend", "tpu"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("tpu"), "{}", stderr(&out));
+
+    let out = moe(&["generate", "--checkpoint", "x", "--top-p", "0"]);
+    assert!(stderr(&out).contains("--top-p"), "{}", stderr(&out));
+}
