@@ -25,7 +25,7 @@ pub struct Generation {
 }
 
 /// Generates up to `max_tokens` after `prompt`, stopping early at any of `stop_tokens` or
-/// when the context window (`max_seq_len`) is full. Prompts longer than the window keep
+/// when prompt plus output fill the context window (`max_seq_len`). Prompts longer than the window keep
 /// their last tokens. `on_token` sees each new token as it is produced.
 pub fn generate<B: Backend>(
     model: &Transformer<B>,
@@ -47,7 +47,7 @@ pub fn generate<B: Backend>(
         prompt.to_vec()
     };
     loop {
-        if tokens.len() >= max_tokens || cache.len() + input.len() > window {
+        if tokens.len() >= max_tokens || prompt.len() + tokens.len() >= window {
             return Generation {
                 tokens,
                 finish_reason: FinishReason::Length,

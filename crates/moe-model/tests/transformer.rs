@@ -1,0 +1,157 @@
+//! The whole decoder: causality, KV-cache decoding equal to a full forward pass, grouped
+//! query attention, tied embeddings, dense layers and generation.
+
+mod common;
+
+use burn::backend::Flex;
+use burn::tensor::{Int, Tensor};
+use common::*;
+use moe_model::{FinishReason, KvCache, ModelConfig, SamplingConfig, Transformer, generate};
+
+type B = Flex;
+
+fn tokens(ids: &[i64]) -> Tensor<B, 2, Int> {
+    Tensor::<B, 1, Int>::from_ints(ids, &Default::default()).reshape([1, ids.len()])
+}
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        n_kv_heads: Some(2),
+        n_dense_layers: 1,
+        dense_ffn_dim: 24,
+        ..model_config(50, 16, 3, 4)
+    }
+}
+
+#[test]
+fn later_tokens_do_not_change_earlier_logits() {
+    let device = Default::default();
+    let model = Transformer::<B>::new(&config(), &moe_config(4, 2, 8), &device).unwrap();
+    let a = host(
+        model
+            .forward(tokens(&[1, 2, 3, 4, 5]))
+            .logits
+            .slice([0..1, 0..3, 0..50]),
+    );
+    let b = host(
+        model
+            .forward(tokens(&[1, 2, 3, 9, 7]))
+            .logits
+            .slice([0..1, 0..3, 0..50]),
+    );
+    assert_close(&a, &b, 1e-5, "prefix logits");
+    let c = host(
+        model
+            .forward(tokens(&[1, 2, 8, 4, 5]))
+            .logits
+            .slice([0..1, 0..3, 0..50]),
+    );
+    assert!(
+        a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-4),
+        "the changed token matters"
+    );
+}
+
+#[test]
+fn cached_decoding_matches_the_full_forward() {
+    let device = Default::default();
+    for tie in [false, true] {
+        let model_config = ModelConfig {
+            tie_embeddings: tie,
+            ..config()
+        };
+        let model = Transformer::<B>::new(&model_config, &moe_config(4, 2, 8), &device).unwrap();
+        let ids = [3i64, 14, 15, 9, 2, 6, 5];
+        let full = host(model.forward(tokens(&ids)).logits);
+        let mut cache = KvCache::new(3);
+        let mut stepwise = host(
+            model
+                .forward_cached(tokens(&ids[..3]), Some(&mut cache))
+                .logits,
+        );
+        for &id in &ids[3..] {
+            stepwise.extend(host(
+                model.forward_cached(tokens(&[id]), Some(&mut cache)).logits,
+            ));
+        }
+        assert_eq!(cache.len(), ids.len());
+        assert_close(&stepwise, &full, 1e-4, "cached vs full logits");
+    }
+}
+
+#[test]
+fn dense_layers_and_router_losses_are_wired() {
+    let device = Default::default();
+    let model = Transformer::<B>::new(&config(), &moe_config(4, 2, 8), &device).unwrap();
+    let out = model.forward(tokens(&[1, 2, 3, 4]));
+    assert_eq!(out.logits.dims(), [1, 4, 50]);
+    assert_eq!(out.moe.len(), 2, "layer 0 is dense, layers 1 and 2 are MoE");
+    let expected: f64 = out
+        .moe
+        .iter()
+        .map(|o| 0.01 * host(o.balance_loss.clone())[0] + 0.001 * host(o.z_loss.clone())[0])
+        .sum();
+    let got = host(model.router_loss(&out.moe, &device))[0];
+    assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+}
+
+#[test]
+fn invalid_configs_are_rejected_by_name() {
+    let device: burn::tensor::Device<B> = Default::default();
+    let bad = ModelConfig {
+        d_model: 18,
+        ..config()
+    };
+    let err = Transformer::<B>::new(&bad, &moe_config(4, 2, 8), &device).unwrap_err();
+    assert_eq!(err.field, "model.d_model");
+    let err = Transformer::<B>::new(&config(), &moe_config(4, 5, 8), &device).unwrap_err();
+    assert_eq!(err.field, "moe.top_k");
+}
+
+#[test]
+fn generation_stops_at_the_window_or_a_stop_token() {
+    let device = Default::default();
+    let model_config = ModelConfig {
+        max_seq_len: 12,
+        ..config()
+    };
+    let model = Transformer::<B>::new(&model_config, &moe_config(4, 2, 8), &device).unwrap();
+    let greedy = SamplingConfig {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let out = generate(
+        &model,
+        &[1, 2, 3],
+        100,
+        &[],
+        greedy.clone(),
+        |t| seen.push(t),
+        &device,
+    );
+    assert_eq!(out.finish_reason, FinishReason::Length);
+    assert_eq!(
+        out.tokens.len(),
+        12 - 3,
+        "stops when the context window is full"
+    );
+    assert_eq!(seen, out.tokens);
+    let again = generate(
+        &model,
+        &[1, 2, 3],
+        100,
+        &[],
+        greedy.clone(),
+        |_| {},
+        &device,
+    );
+    assert_eq!(again, out, "greedy decoding is deterministic");
+    let stop = out.tokens[2];
+    let stopped = generate(&model, &[1, 2, 3], 100, &[stop], greedy, |_| {}, &device);
+    assert_eq!(stopped.finish_reason, FinishReason::Stop);
+    assert_eq!(
+        stopped.tokens,
+        out.tokens[..out.tokens.iter().position(|&t| t == stop).unwrap()]
+    );
+}
