@@ -112,6 +112,18 @@ fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     assert!(loaded.checkpoint.ends_with("step-00000040"));
     assert_eq!(loaded.config, config);
 
+    // A truncated model file is an error that names the checkpoint, not a panic.
+    let model_file = loaded.checkpoint.join("model.mpk");
+    let bytes = std::fs::read(&model_file).unwrap();
+    std::fs::write(&model_file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = format!(
+        "{:#}",
+        load_model::<Flex>(&loaded.checkpoint, &Default::default())
+            .err()
+            .unwrap()
+    );
+    assert!(err.contains("step-00000040"), "{err}");
+
     // Refuses to overwrite without --resume.
     let err = train::<B>(&config, &run, false, &Default::default(), |_| {}).unwrap_err();
     assert!(err.to_string().contains("--resume"), "{err}");
