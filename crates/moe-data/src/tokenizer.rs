@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::normalizers::NormalizerWrapper;
-use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
+use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder, TokenizerImpl};
 
 /// Separates documents in BPE token streams (the byte tokenizer has no special tokens).
 pub const END_OF_TEXT: &str = "<|endoftext|>";
@@ -69,6 +69,20 @@ fn byte_level() -> ByteLevel {
     ByteLevel::new(false, true, true)
 }
 
+type BytePipeline = TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>;
+
+/// A byte-level BPE pipeline (no normaliser, no prefix space) around `model`.
+fn byte_level_pipeline(model: BPE) -> Result<BytePipeline> {
+    TokenizerBuilder::new()
+        .with_model(model)
+        .with_normalizer(None::<NormalizerWrapper>)
+        .with_pre_tokenizer(Some(byte_level()))
+        .with_post_processor(Some(byte_level()))
+        .with_decoder(Some(byte_level()))
+        .build()
+        .map_err(|e| anyhow!("building the tokenizer: {e}"))
+}
+
 impl TextTokenizer {
     /// Trains a byte-level BPE with `vocab_size` tokens (including `<|endoftext|>`) on `texts`.
     pub fn train_bpe(texts: &[&str], vocab_size: usize) -> Result<Self> {
@@ -84,21 +98,11 @@ impl TextTokenizer {
             .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build();
-        let mut tokenizer = TokenizerBuilder::new()
-            .with_model(BPE::default())
-            .with_normalizer(None::<NormalizerWrapper>)
-            .with_pre_tokenizer(Some(byte_level()))
-            .with_post_processor(Some(byte_level()))
-            .with_decoder(Some(byte_level()))
-            .build()
-            .map_err(|e| anyhow!("building the BPE tokenizer: {e}"))?;
+        let mut tokenizer = byte_level_pipeline(BPE::default())?;
         tokenizer
             .train(&mut trainer, texts.iter().copied())
             .map_err(|e| anyhow!("training the BPE tokenizer: {e}"))?;
-        let json = tokenizer
-            .to_string(false)
-            .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
-        Self::from_json(&json)
+        Self::from_pipeline(&tokenizer)
     }
 
     /// The byte tokenizer: 256 tokens, token id = byte value.
@@ -112,15 +116,11 @@ impl TextTokenizer {
             .vocab_and_merges(vocab, vec![])
             .build()
             .map_err(|e| anyhow!("building the byte tokenizer: {e}"))?;
-        let tokenizer = TokenizerBuilder::new()
-            .with_model(model)
-            .with_normalizer(None::<NormalizerWrapper>)
-            .with_pre_tokenizer(Some(byte_level()))
-            .with_post_processor(Some(byte_level()))
-            .with_decoder(Some(byte_level()))
-            .build()
-            .map_err(|e| anyhow!("building the byte tokenizer: {e}"))?;
-        let json = tokenizer
+        Self::from_pipeline(&byte_level_pipeline(model)?)
+    }
+
+    fn from_pipeline(pipeline: &BytePipeline) -> Result<Self> {
+        let json = pipeline
             .to_string(false)
             .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
         Self::from_json(&json)

@@ -156,6 +156,28 @@ pub fn train<B: AutodiffBackend>(
     let mut trained_tokens = 0usize;
     let mut last_eval = None;
     let mut last_checkpoint = resume_from.clone();
+    let run_eval = |model: &Transformer<B>| {
+        evaluate(
+            &model.valid(),
+            val_tokens.clone(),
+            tokenizer.token_bytes(),
+            seq_len,
+            batch_size,
+            train.eval_batches,
+            device,
+        )
+    };
+    let write_checkpoint = |model: &Transformer<B>, record, state| {
+        save_checkpoint::<B, _, _>(
+            run_dir,
+            model,
+            record,
+            config,
+            &tokenizer,
+            state,
+            train.keep_checkpoints,
+        )
+    };
 
     for step in state.step..train.steps {
         let step_start = Instant::now();
@@ -217,15 +239,7 @@ pub fn train<B: AutodiffBackend>(
         }
         let last = state.step == train.steps;
         if state.step % train.eval_every == 0 || last {
-            let result = evaluate(
-                &model.valid(),
-                val_tokens.clone(),
-                tokenizer.token_bytes(),
-                seq_len,
-                batch_size,
-                train.eval_batches,
-                device,
-            )?;
+            let result = run_eval(&model)?;
             progress(&format!(
                 "eval step {:>6} | val_loss {:.4} | bpb {:.4} | ppl {:.2}",
                 state.step, result.val_loss, result.bpb, result.perplexity
@@ -238,42 +252,19 @@ pub fn train<B: AutodiffBackend>(
         }
         if state.step % train.checkpoint_every == 0 || last {
             state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
-            let dir = save_checkpoint::<B, _, _>(
-                run_dir,
-                &model,
-                optimizer.to_record(),
-                config,
-                &tokenizer,
-                state,
-                train.keep_checkpoints,
-            )?;
-            last_checkpoint = Some(dir);
+            last_checkpoint = Some(write_checkpoint(&model, optimizer.to_record(), state)?);
         }
     }
 
+    // The loop ends with an evaluation and a checkpoint; these run only when it had
+    // nothing left to do (resuming a finished run).
     let final_eval = match last_eval {
         Some(result) => result,
-        None => evaluate(
-            &model.valid(),
-            val_tokens,
-            tokenizer.token_bytes(),
-            seq_len,
-            batch_size,
-            train.eval_batches,
-            device,
-        )?,
+        None => run_eval(&model)?,
     };
     let checkpoint = match last_checkpoint {
         Some(dir) => dir,
-        None => save_checkpoint::<B, _, _>(
-            run_dir,
-            &model,
-            optimizer.to_record(),
-            config,
-            &tokenizer,
-            state,
-            train.keep_checkpoints,
-        )?,
+        None => write_checkpoint(&model, optimizer.to_record(), state)?,
     };
     Ok(TrainOutcome {
         steps: state.step,
