@@ -63,7 +63,7 @@ pub fn dropless_matches_naive<B: Backend>(device: &B::Device) {
                 router,
                 ..moe_config(experts, k, 12)
             };
-            let layer = MoeLayer::<B>::new(d, &config, 0.5, 0.5, device);
+            let layer = moe_layer::<B>(d, &config, 0.8, 100 + tokens as u64, device);
             let x = tensor::<B, 2>([tokens, d], 7 + tokens as u64, device);
             let out = layer.forward(x.clone());
             let expected = naive_output(&layer, x);
@@ -114,7 +114,7 @@ pub fn router_weights_follow_their_rule<B: Backend>(device: &B::Device) {
                 route_scale: 2.5,
                 ..moe_config(experts, k, 4)
             };
-            let layer = MoeLayer::<B>::new(d, &config, 0.7, 0.5, device);
+            let layer = moe_layer::<B>(d, &config, 1.0, 200, device);
             let routing = layer.router.forward(tensor::<B, 2>([tokens, d], 3, device));
             let logits = host(routing.logits);
             let (weights, chosen) = (host(routing.weights), host_int(routing.experts));
@@ -224,7 +224,7 @@ pub fn all_tokens_to_one_expert<B: Backend>(device: &B::Device) {
         eval_capacity_factor: Some(1.0),
         ..moe_config(experts, 1, 8)
     };
-    let mut layer = MoeLayer::<B>::new(d, &config, 0.5, 0.5, device);
+    let mut layer = moe_layer::<B>(d, &config, 0.5, 300, device);
     let mut gate = vec![0.0f32; d * experts];
     gate[2] = 5.0; // column 2 of row 0: logit_2 = 5 * x_0
     layer.router.gate.weight = layer
@@ -309,7 +309,7 @@ fn probe_loss<B: Backend>(
 
 pub fn gradients_reach_router_experts_and_gates<B: AutodiffBackend>(device: &B::Device) {
     let (tokens, d) = (6, 4);
-    let layer = MoeLayer::<B>::new(d, &moe_config(3, 2, 5), 0.5, 0.5, device);
+    let layer = moe_layer::<B>(d, &moe_config(3, 2, 5), 0.5, 400, device);
     let x = tensor::<B, 2>([tokens, d], 11, device).require_grad();
     let probe = tensor::<B, 2>([tokens, d], 12, device);
     let grads = probe_loss(&layer, x.clone(), probe).backward();
@@ -381,7 +381,7 @@ fn gradients_match_finite_differences() {
     type B = burn::backend::Autodiff<burn::backend::NdArray<f64>>;
     let device = Default::default();
     let (tokens, d) = (5, 3);
-    let layer = MoeLayer::<B>::new(d, &moe_config(3, 2, 4), 0.5, 0.5, &device);
+    let layer = moe_layer::<B>(d, &moe_config(3, 2, 4), 0.8, 500, &device);
     let x = tensor::<B, 2>([tokens, d], 21, &device);
     let probe = tensor::<B, 2>([tokens, d], 22, &device);
     let grads = probe_loss(&layer, x.clone(), probe.clone()).backward();
@@ -444,7 +444,7 @@ fn expert_bias_moves_toward_underloaded_experts() {
         router: RouterKind::Sigmoid,
         ..moe_config(4, 1, 4)
     };
-    let layer = MoeLayer::<B>::new(3, &config, 0.5, 0.5, &device);
+    let layer = moe_layer::<B>(3, &config, 0.5, 600, &device);
     let layer = layer.update_bias(Tensor::<B, 1, Int>::from_ints([5, 1, 1, 1], &device));
     assert_close(
         &host(layer.router.expert_bias.val()),

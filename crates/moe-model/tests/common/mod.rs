@@ -84,3 +84,46 @@ pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
         );
     }
 }
+
+/// A parameter tensor (an autodiff leaf) filled from `seed`, scaled by `scale`.
+pub fn leaf<B: Backend, const D: usize>(
+    shape: [usize; D],
+    seed: u64,
+    scale: f32,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let n = shape.iter().product();
+    let data: Vec<f32> = values(n, seed).into_iter().map(|v| v * scale).collect();
+    Tensor::<B, D>::from_data(burn::tensor::TensorData::new(data, shape), device).require_grad()
+}
+
+/// An MoE layer whose router and expert weights come from `seed` alone (not the backend's
+/// process-wide random generator, which tests running in parallel share), scaled by `scale`.
+pub fn moe_layer<B: Backend>(
+    d_model: usize,
+    config: &moe_model::MoeConfig,
+    scale: f32,
+    seed: u64,
+    device: &B::Device,
+) -> moe_model::MoeLayer<B> {
+    let mut layer = moe_model::MoeLayer::<B>::new(d_model, config, 0.5, 0.5, device);
+    let (e, f) = (config.n_experts, config.expert_ffn_dim);
+    layer.router.gate.weight = layer
+        .router
+        .gate
+        .weight
+        .map(|_| leaf([d_model, e], seed, scale, device));
+    layer.experts.w1 = layer
+        .experts
+        .w1
+        .map(|_| leaf([e, d_model, f], seed + 1, scale, device));
+    layer.experts.w2 = layer
+        .experts
+        .w2
+        .map(|_| leaf([e, f, d_model], seed + 2, scale, device));
+    layer.experts.w3 = layer
+        .experts
+        .w3
+        .map(|_| leaf([e, d_model, f], seed + 3, scale, device));
+    layer
+}
