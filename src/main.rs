@@ -228,10 +228,10 @@ impl BackendJob for GenerateArgs {
             },
             &device,
         );
-        if let Ok(text) = tokenizer.decode(&generated) {
-            if text.len() > printed {
-                write!(out, "{}", text.get(printed..).unwrap_or_default())?;
-            }
+        if let Ok(text) = tokenizer.decode(&generated)
+            && text.len() > printed
+        {
+            write!(out, "{}", text.get(printed..).unwrap_or_default())?;
         }
         writeln!(out)?;
         Ok(())

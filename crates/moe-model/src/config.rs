@@ -168,7 +168,8 @@ impl ModelConfig {
 
     /// Whether block `layer` (0-based) uses the MoE feed-forward.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        layer >= self.n_dense_layers && (layer - self.n_dense_layers) % self.moe_layer_interval == 0
+        layer >= self.n_dense_layers
+            && (layer - self.n_dense_layers).is_multiple_of(self.moe_layer_interval)
     }
 
     /// Number of MoE blocks.
@@ -184,7 +185,7 @@ impl ModelConfig {
         positive("model.n_heads", self.n_heads)?;
         positive("model.max_seq_len", self.max_seq_len)?;
         positive("model.moe_layer_interval", self.moe_layer_interval)?;
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(ConfigError::new(
                 "model.d_model",
                 format!(
@@ -193,14 +194,14 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(ConfigError::new(
                 "model.n_heads",
                 format!("head dimension {} must be even for RoPE", self.head_dim()),
             ));
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.n_heads % kv != 0 {
+        if kv == 0 || !self.n_heads.is_multiple_of(kv) {
             return Err(ConfigError::new(
                 "model.n_kv_heads",
                 format!(

@@ -108,7 +108,7 @@ impl<B: Backend> DispatchPlan<B> {
             .reshape([tokens * top_k, d]);
         Tensor::zeros([rows + 1, d], &repeated.device())
             .select_assign(0, self.slot.clone(), repeated, IndexingUpdateOp::Add)
-            .slice([0..rows])
+            .narrow(0, 0, rows)
             .reshape([self.n_experts, self.capacity, d])
     }
 

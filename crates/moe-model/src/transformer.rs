@@ -14,6 +14,8 @@ use crate::moe::{MoeLayer, MoeOutput};
 use crate::rope::RopeAngles;
 
 /// The feed-forward half of a block.
+// Variants stay unboxed: burn's Module derive handles plain module fields.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum FeedForward<B: Backend> {
     /// A dense SwiGLU.

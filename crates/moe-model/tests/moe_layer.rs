@@ -389,7 +389,8 @@ fn gradients_match_finite_differences() {
     let eps = 1e-3;
 
     type Setter = fn(&mut MoeLayer<B>, usize, f64);
-    let params: [(&str, Option<Tensor<burn::backend::NdArray<f64>, 3>>, Setter); 4] = [
+    type Grad = Option<Tensor<burn::backend::NdArray<f64>, 3>>;
+    let params: [(&str, Grad, Setter); 4] = [
         (
             "router",
             layer.router.gate.weight.grad(&grads).map(|g| g.unsqueeze()),

@@ -227,7 +227,7 @@ pub fn train<B: AutodiffBackend>(
         interval.tokens += config.tokens_per_step();
         state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
 
-        if state.step % train.log_every == 0 || state.step == train.steps {
+        if state.step.is_multiple_of(train.log_every) || state.step == train.steps {
             let record = interval.finish(
                 state.step,
                 lr,
@@ -238,7 +238,7 @@ pub fn train<B: AutodiffBackend>(
             logger.log(&MetricRecord::Train(record))?;
         }
         let last = state.step == train.steps;
-        if state.step % train.eval_every == 0 || last {
+        if state.step.is_multiple_of(train.eval_every) || last {
             let result = run_eval(&model)?;
             progress(&format!(
                 "eval step {:>6} | val_loss {:.4} | bpb {:.4} | ppl {:.2}",
@@ -250,7 +250,7 @@ pub fn train<B: AutodiffBackend>(
             })?;
             last_eval = Some(result);
         }
-        if state.step % train.checkpoint_every == 0 || last {
+        if state.step.is_multiple_of(train.checkpoint_every) || last {
             state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
             last_checkpoint = Some(write_checkpoint(&model, optimizer.to_record(), state)?);
         }
