@@ -7,7 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
 use moe_model::experts::SwiGlu;
-use moe_model::{DropPolicy, MoeConfig, MoeLayer, RouterKind};
+use moe_model::{DropPolicy, MoeBackend, MoeConfig, MoeLayer, RouterKind};
 
 const TOKENS: usize = 4096;
 const D: usize = 256;
@@ -34,7 +34,7 @@ fn config(capacity_factor: Option<f64>) -> MoeConfig {
     }
 }
 
-fn bench_backend<B: AutodiffBackend>(c: &mut Criterion, name: &str) {
+fn bench_backend<B: AutodiffBackend + MoeBackend>(c: &mut Criterion, name: &str) {
     let device = Default::default();
     let x = Tensor::<B, 2>::random([TOKENS, D], Distribution::Normal(0.0, 1.0), &device);
     let dense = SwiGlu::<B>::new(D, TOP_K * FFN, 0.02, 0.02, &device);

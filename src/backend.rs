@@ -3,8 +3,8 @@
 
 use anyhow::{Result, bail};
 use burn::backend::{Autodiff, Flex, NdArray};
-use burn::tensor::backend::AutodiffBackend;
 use clap::ValueEnum;
+use moe_model::MoeAutodiffBackend;
 
 /// Backends `--backend` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -24,7 +24,7 @@ pub trait BackendJob {
     /// What the command returns.
     type Output;
     /// Runs the command on backend `B` and its default device.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 /// Runs `job` on the backend `kind`.

@@ -6,9 +6,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
-use moe_model::{SamplingConfig, generate};
+use moe_model::{MoeAutodiffBackend, SamplingConfig, generate};
 use moe_train::{RunConfig, evaluate, load_model, train};
 
 use crate::backend::{BackendJob, BackendKind, run_on};
@@ -103,7 +102,7 @@ struct GenerateArgs {
 impl BackendJob for TrainArgs {
     type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<()> {
         let mut overrides = self.overrides.clone();
         if let Some(steps) = self.steps {
             overrides.push(format!("train.steps={steps}"));
@@ -137,7 +136,7 @@ impl BackendJob for TrainArgs {
 impl BackendJob for EvalArgs {
     type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<()> {
         let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
         let data = &loaded.config.data;
         let corpus = moe_data::load_corpus(&data.dataset, &data.validation_works)?;
@@ -185,7 +184,7 @@ impl BackendJob for EvalArgs {
 impl BackendJob for GenerateArgs {
     type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<()> {
         anyhow::ensure!(
             self.temperature >= 0.0 && self.temperature.is_finite(),
             "--temperature must be >= 0"

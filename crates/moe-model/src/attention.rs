@@ -4,9 +4,8 @@ use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::ops::{MoeBackend, causal_attention};
 use crate::rope::RopeAngles;
 
 /// Keys and values seen so far by one attention layer, `[B, kv_heads, L, head_dim]`.
@@ -59,7 +58,9 @@ impl<B: Backend> Attention<B> {
             head_dim,
         }
     }
+}
 
+impl<B: MoeBackend> Attention<B> {
     /// Attends `x: [B, S, d]` causally over the cached positions and itself.
     pub fn forward(
         &self,
@@ -68,11 +69,10 @@ impl<B: Backend> Attention<B> {
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
-        let heads =
-            |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.q_proj.forward(x.clone()), self.n_heads));
-        let mut k = rope.apply(heads(self.k_proj.forward(x.clone()), self.n_kv_heads));
-        let mut v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
+        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.n_heads));
+        let mut k = rope.apply(split(self.k_proj.forward(x.clone()), self.n_kv_heads));
+        let mut v = split(self.v_proj.forward(x), self.n_kv_heads).swap_dims(1, 2);
         if let Some(cache) = cache {
             if let Some(past) = cache.take() {
                 k = Tensor::cat(vec![past.keys, k], 2);
@@ -83,12 +83,7 @@ impl<B: Backend> Attention<B> {
                 values: v.clone(),
             });
         }
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let out = attention(q, self.repeat_kv(k), self.repeat_kv(v), None, None, options);
+        let out = causal_attention(q, self.repeat_kv(k), self.repeat_kv(v));
         self.o_proj.forward(
             out.swap_dims(1, 2)
                 .reshape([batch, seq, self.n_heads * self.head_dim]),

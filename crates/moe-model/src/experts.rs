@@ -4,8 +4,9 @@
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
+
+use crate::ops::{MoeBackend, swiglu};
 
 /// Dense SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases.
 #[derive(Module, Debug)]
@@ -36,9 +37,12 @@ impl<B: Backend> SwiGlu<B> {
     }
 
     /// Applies the FFN over the last dimension.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>
+    where
+        B: MoeBackend,
+    {
         self.w2
-            .forward(silu(self.w1.forward(x.clone())) * self.w3.forward(x))
+            .forward(swiglu(self.w1.forward(x.clone()), self.w3.forward(x)))
     }
 }
 
@@ -74,9 +78,12 @@ impl<B: Backend> Experts<B> {
     }
 
     /// Runs every expert on its own rows of the expert-major buffer `[E, C, d]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(x.clone().matmul(self.w1.val()));
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3>
+    where
+        B: MoeBackend,
+    {
+        let gate = x.clone().matmul(self.w1.val());
         let up = x.matmul(self.w3.val());
-        (gate * up).matmul(self.w2.val())
+        swiglu(gate, up).matmul(self.w2.val())
     }
 }

@@ -1,8 +1,8 @@
 //! Autoregressive generation with a KV cache.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
+use crate::ops::MoeBackend;
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::transformer::{KvCache, Transformer};
 
@@ -27,7 +27,7 @@ pub struct Generation {
 /// Generates up to `max_tokens` after `prompt`, stopping early at any of `stop_tokens` or
 /// when prompt plus output fill the context window (`max_seq_len`). Prompts longer than the window keep
 /// their last tokens. `on_token` sees each new token as it is produced.
-pub fn generate<B: Backend>(
+pub fn generate<B: MoeBackend>(
     model: &Transformer<B>,
     prompt: &[u32],
     max_tokens: usize,

@@ -8,6 +8,7 @@ use crate::config::MoeConfig;
 use crate::dispatch;
 use crate::experts::{Experts, SwiGlu};
 use crate::losses::{load_balancing_loss, router_entropy, router_z_loss};
+use crate::ops::MoeBackend;
 use crate::router::{Router, Routing};
 
 /// Routing statistics of one MoE layer for one forward pass, kept on the device until read.
@@ -91,7 +92,10 @@ impl<B: Backend> MoeLayer<B> {
 
     /// Mixes experts over flat tokens `x: [T, d]`. The capacity factor is the training one
     /// when autodiff is on, the evaluation one otherwise.
-    pub fn forward(&self, x: Tensor<B, 2>) -> MoeOutput<B> {
+    pub fn forward(&self, x: Tensor<B, 2>) -> MoeOutput<B>
+    where
+        B: MoeBackend,
+    {
         let [tokens, _] = x.dims();
         let training = B::ad_enabled(&x.device());
         let Routing {

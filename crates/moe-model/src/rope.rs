@@ -4,6 +4,8 @@
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
+use crate::ops::{MoeBackend, rotary};
+
 /// Cosine and sine tables for a run of positions, `[S, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct RopeAngles<B: Backend> {
@@ -29,15 +31,17 @@ impl<B: Backend> RopeAngles<B> {
         }
     }
 
-    /// Rotates `x: [B, H, S, head_dim]`: `x * cos + rotate_half(x) * sin`.
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, s, d] = x.dims();
-        let half = d / 2;
-        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = self.cos.clone().unsqueeze::<4>();
-        let sin = self.sin.clone().unsqueeze::<4>();
-        x * cos + rotated * sin
+    /// The `(cos, sin)` tables, `[S, head_dim]` each.
+    pub fn tables(&self) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        (self.cos.clone(), self.sin.clone())
+    }
+
+    /// Rotates `x: [B, S, H, head_dim]` (`x * cos + rotate_half(x) * sin`) and returns it
+    /// head-major, `[B, H, S, head_dim]`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4>
+    where
+        B: MoeBackend,
+    {
+        rotary(x, self.cos.clone(), self.sin.clone())
     }
 }

@@ -11,6 +11,7 @@ use crate::attention::{Attention, LayerCache};
 use crate::config::{ConfigError, ModelConfig, MoeConfig};
 use crate::experts::SwiGlu;
 use crate::moe::{MoeLayer, MoeOutput};
+use crate::ops::MoeBackend;
 use crate::rope::RopeAngles;
 
 /// The feed-forward half of a block.
@@ -151,7 +152,9 @@ impl<B: Backend> Transformer<B> {
     pub fn moe_config(&self) -> &MoeConfig {
         &self.moe
     }
+}
 
+impl<B: MoeBackend> Transformer<B> {
     /// Full forward over `tokens: [B, S]` starting at position 0.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> TransformerOutput<B> {
         self.forward_cached(tokens, None)
@@ -204,7 +207,9 @@ impl<B: Backend> Transformer<B> {
         };
         TransformerOutput { logits, moe }
     }
+}
 
+impl<B: Backend> Transformer<B> {
     /// Weighted router losses summed over MoE layers:
     /// `sum_l aux_loss_weight * balance_l + z_loss_weight * z_l`, `[1]`.
     pub fn router_loss(&self, moe: &MoeOutputs<B>, device: &B::Device) -> Tensor<B, 1> {

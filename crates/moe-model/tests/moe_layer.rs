@@ -9,7 +9,7 @@ use burn::tensor::{Int, Tensor};
 use common::*;
 use moe_model::dispatch;
 use moe_model::losses::{load_balancing_loss, router_z_loss};
-use moe_model::{DropPolicy, MoeConfig, MoeLayer, RouterKind};
+use moe_model::{DropPolicy, MoeBackend, MoeConfig, MoeLayer, RouterKind};
 
 fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
@@ -52,7 +52,7 @@ fn naive_output<B: Backend>(layer: &MoeLayer<B>, x: Tensor<B, 2>) -> Vec<f64> {
     out
 }
 
-pub fn dropless_matches_naive<B: Backend>(device: &B::Device) {
+pub fn dropless_matches_naive<B: MoeBackend>(device: &B::Device) {
     for (tokens, d, experts, k) in [(13, 6, 4, 2), (7, 5, 1, 1), (33, 8, 8, 4), (5, 4, 64, 2)] {
         for router in [
             RouterKind::SoftmaxTopk,
@@ -216,7 +216,7 @@ pub fn capacity_drops_by_position_and_probability<B: Backend>(device: &B::Device
     assert_eq!(host(y), vec![10.0, 20.0, 0.0, 0.0, 0.0, 0.0]);
 }
 
-pub fn all_tokens_to_one_expert<B: Backend>(device: &B::Device) {
+pub fn all_tokens_to_one_expert<B: MoeBackend>(device: &B::Device) {
     // A router whose gate sends every token to expert 2 (zero weights, biased by input sign).
     let (tokens, d, experts) = (10, 4, 4);
     let config = MoeConfig {
@@ -298,7 +298,7 @@ pub fn losses_match_hand_computed<B: Backend>(device: &B::Device) {
 
 /// Loss used by the gradient tests: a fixed projection of the MoE output plus both
 /// router losses, so every parameter gets a gradient.
-fn probe_loss<B: Backend>(
+fn probe_loss<B: MoeBackend>(
     layer: &MoeLayer<B>,
     x: Tensor<B, 2>,
     probe: Tensor<B, 2>,
@@ -307,7 +307,9 @@ fn probe_loss<B: Backend>(
     (out.output * probe).sum() + out.balance_loss * 0.1 + out.z_loss * 0.1
 }
 
-pub fn gradients_reach_router_experts_and_gates<B: AutodiffBackend>(device: &B::Device) {
+pub fn gradients_reach_router_experts_and_gates<B: AutodiffBackend + MoeBackend>(
+    device: &B::Device,
+) {
     let (tokens, d) = (6, 4);
     let layer = moe_layer::<B>(d, &moe_config(3, 2, 5), 0.5, 400, device);
     let x = tensor::<B, 2>([tokens, d], 11, device).require_grad();

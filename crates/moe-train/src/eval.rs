@@ -4,11 +4,10 @@ use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::ElementConversion;
-use burn::tensor::backend::Backend;
 use moe_data::{LmBatch, LmBatcher, TokenWindows};
-use moe_model::Transformer;
+use moe_model::ops::cross_entropy;
+use moe_model::{MoeBackend, Transformer};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::LayerLoad;
@@ -31,7 +30,7 @@ pub struct EvalResult {
 
 /// Scores `tokens` in consecutive windows of `seq_len` (batches of `batch_size`, at most
 /// `max_batches`). `token_bytes[id]` is the byte length of token `id`, for bpb.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: MoeBackend>(
     model: &Transformer<B>,
     tokens: Arc<Vec<u32>>,
     token_bytes: &[u32],
@@ -44,7 +43,6 @@ pub fn evaluate<B: Backend>(
     if windows.is_empty() {
         anyhow::bail!("validation set has fewer than {} tokens", seq_len + 1);
     }
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
     let n_batches = windows
         .len()
         .div_ceil(batch_size)
@@ -63,11 +61,11 @@ pub fn evaluate<B: Backend>(
         let batch: LmBatch<B> = LmBatcher.batch(items, device);
         let out = model.forward(batch.inputs);
         let [n, s, v] = out.logits.dims();
-        let loss = loss_fn.forward(
+        let loss = cross_entropy(
             out.logits.reshape([n * s, v]),
             batch.targets.reshape([n * s]),
         );
-        nll += loss.into_scalar().elem::<f64>() * (n * s) as f64;
+        nll += loss.sum().into_scalar().elem::<f64>();
         scored += n * s;
         stats.add(&out.moe);
     }

@@ -8,15 +8,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::data::dataloader::batcher::Batcher;
 use burn::module::{AutodiffModule, Module};
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::Recorder;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 use moe_data::{
     EpochBatches, LmBatch, LmBatcher, TextTokenizer, TokenizerKind, load_corpus, tokenize_works,
 };
-use moe_model::Transformer;
+use moe_model::ops::cross_entropy;
+use moe_model::{MoeAutodiffBackend, Transformer};
 
 use crate::checkpoint::{
     self, CONFIG_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TrainingState, list_checkpoints, load_state,
@@ -48,7 +47,7 @@ pub struct TrainOutcome {
 /// checkpoint (model, optimiser state, step; the LR schedule and data order are functions
 /// of the step); without it, refuses a directory that already holds checkpoints.
 /// `progress` receives one human-readable line per log interval and evaluation.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: MoeAutodiffBackend>(
     config: &RunConfig,
     run_dir: &Path,
     resume: bool,
@@ -148,7 +147,6 @@ pub fn train<B: AutodiffBackend>(
         ));
     }
     let mut logger = MetricsLogger::open(run_dir, resume_from.as_ref().map(|_| state.step))?;
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
     let started = Instant::now();
     let elapsed_before = state.elapsed_secs;
     let mut interval = Interval::new();
@@ -190,10 +188,11 @@ pub fn train<B: AutodiffBackend>(
             let batch: LmBatch<B> = LmBatcher.batch(items, device);
             let out = model.forward(batch.inputs);
             let [n, s, v] = out.logits.dims();
-            let ce = loss_fn.forward(
+            let ce = cross_entropy(
                 out.logits.reshape([n * s, v]),
                 batch.targets.reshape([n * s]),
-            );
+            )
+            .mean();
             let router = model.router_loss(&out.moe, device);
             let loss = (ce.clone() + router.clone()) / train.grad_accum as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);

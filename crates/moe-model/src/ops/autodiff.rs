@@ -1,0 +1,181 @@
+//! Backward passes of the fused operations, registered with burn's autodiff: the forward
+//! runs the inner backend's kernels once and keeps only what the gradient needs.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+
+use super::{MoeBackend, reference};
+
+/// Saved for attention's backward: the inputs and the attention probabilities.
+type AttentionState<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+);
+
+#[derive(Debug)]
+struct CausalAttentionBackward;
+
+impl<B: MoeBackend> Backward<B, 3> for CausalAttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, probs) = ops.state;
+        let (dq, dk, dv) = reference::causal_attention_backward::<B>(q, k, v, probs, grad);
+        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<B: MoeBackend> Backward<B, 1> for CrossEntropyBackward {
+    /// Logits (checkpointed), log-sum-exp per row, targets.
+    type State = (NodeId, FloatTensor<B>, IntTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_logits] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (logits, logsumexp, targets) = ops.state;
+        let logits: FloatTensor<B> = checkpointer.retrieve_node_output(logits);
+        if let Some(node) = node_logits {
+            let dlogits = B::cross_entropy_backward(logits, logsumexp, targets, grad);
+            grads.register::<B>(node.id, dlogits);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: MoeBackend> Backward<B, 2> for SwigluBackward {
+    /// The inputs `(gate, up)`.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_gate, node_up] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        let (d_gate, d_up) = B::swiglu_backward(gate, up, grad);
+        for (node, grad) in [(node_gate, d_gate), (node_up, d_up)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl<B: MoeBackend> Backward<B, 1> for RotaryBackward {
+    /// The angle tables `(cos, sin)`.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::rotary_backward(grad, cos, sin));
+        }
+    }
+}
+
+impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        match SwigluBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::swiglu_forward(gate.primitive.clone(), up.primitive.clone());
+                prep.finish((gate.primitive, up.primitive), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::swiglu_forward(gate.primitive, up.primitive))
+            }
+        }
+    }
+
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        // The angle tables are constants: only `x` is a parent.
+        let (cos, sin) = (cos.primitive, sin.primitive);
+        match RotaryBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::rotary_forward(x.primitive, cos.clone(), sin.clone());
+                prep.finish((cos, sin), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rotary_forward(x.primitive, cos, sin)),
+        }
+    }
+
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+        match CausalAttentionBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (output, probs) = reference::causal_attention_forward::<B>(
+                    q.primitive.clone(),
+                    k.primitive.clone(),
+                    v.primitive.clone(),
+                );
+                let state = (q.primitive, k.primitive, v.primitive, probs);
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::causal_attention(q.primitive, k.primitive, v.primitive))
+            }
+        }
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        match CrossEntropyBackward
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let saved = prep.checkpoint(&logits);
+                let (nll, logsumexp) = B::cross_entropy_forward(logits.primitive, targets.clone());
+                prep.finish((saved, logsumexp, targets), nll)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::cross_entropy_forward(logits.primitive, targets).0)
+            }
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The fused operations written as plain tensor ops: the reference every specialised
+//! kernel is tested against, and the implementation on backends without one.
+
+use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
+
+fn float<B: Backend, const D: usize>(tensor: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(tensor))
+}
+
+fn int<B: Backend, const D: usize>(tensor: IntTensor<B>) -> Tensor<B, D, Int> {
+    Tensor::from_primitive(tensor)
+}
+
+/// A tensor of any rank viewed as rank 1, for elementwise ops.
+fn flat<B: Backend>(tensor: FloatTensor<B>) -> Tensor<B, 1> {
+    let n = tensor.shape().num_elements();
+    float(B::float_reshape(tensor, Shape::new([n])))
+}
+
+/// `silu(gate) * up`.
+pub fn swiglu_forward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = gate.shape();
+    let out = silu(flat::<B>(gate)) * flat::<B>(up);
+    B::float_reshape(out.into_primitive().tensor(), shape)
+}
+
+/// `(d_gate, d_up)` of `silu(gate) * up`: with `s = sigmoid(gate)`,
+/// `d_up = grad * gate * s` and `d_gate = grad * up * s * (1 + gate * (1 - s))`.
+pub fn swiglu_backward<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = gate.shape();
+    let (gate, up, grad) = (flat::<B>(gate), flat::<B>(up), flat::<B>(grad));
+    let s = sigmoid(gate.clone());
+    let d_up = grad.clone() * gate.clone() * s.clone();
+    let d_gate = grad * up * s.clone() * ((s.neg() + 1.0) * gate + 1.0);
+    let unflat = |t: Tensor<B, 1>| B::float_reshape(t.into_primitive().tensor(), shape.clone());
+    (unflat(d_gate), unflat(d_up))
+}
+
+/// `x * cos + rotate_half(x) * sin` on `x: [B, H, S, D]`, `rotate_half([a, b]) = [-b, a]`.
+fn rotate<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, h, s, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.unsqueeze::<4>() + rotated * sin.unsqueeze::<4>()
+}
+
+/// Rotary embedding of `x: [B, S, H, D]`, returned as `[B, H, S, D]`.
+pub fn rotary_forward<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let x: Tensor<B, 4> = float(x);
+    rotate(x.swap_dims(1, 2), float(cos), float(sin))
+        .into_primitive()
+        .tensor()
+}
+
+/// Rotates `grad: [B, H, S, D]` back (the inverse rotation uses `-sin`), `[B, S, H, D]`.
+pub fn rotary_backward<B: Backend>(
+    grad: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let sin: Tensor<B, 2> = float(sin);
+    rotate(float(grad), float(cos), sin.neg())
+        .swap_dims(1, 2)
+        .into_primitive()
+        .tensor()
+}
+
+/// `softmax(scale * scores)` with keys after each query's position masked out.
+pub fn causal_softmax<B: Backend>(scores: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
+    let scores: Tensor<B, 4> = float(scores);
+    let [_, _, queries, keys] = scores.dims();
+    let device = scores.device();
+    let offset = (keys - queries) as i64;
+    let rows =
+        Tensor::<B, 1, Int>::arange(offset..offset + queries as i64, &device).reshape([queries, 1]);
+    let cols = Tensor::<B, 1, Int>::arange(0..keys as i64, &device).reshape([1, keys]);
+    let future = cols.greater(rows).unsqueeze::<4>();
+    let masked = (scores * scale).mask_fill(future, f32::NEG_INFINITY);
+    softmax(masked, 3).into_primitive().tensor()
+}
+
+/// `p * (g - sum(p * g))` over the last axis.
+pub fn softmax_backward<B: Backend>(probs: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let probs: Tensor<B, 4> = float(probs);
+    let grad: Tensor<B, 4> = float(grad);
+    let dot = (probs.clone() * grad.clone()).sum_dim(3);
+    (probs * (grad - dot)).into_primitive().tensor()
+}
+
+/// `(nll, logsumexp)` per row of `logits: [N, V]`.
+pub fn cross_entropy_forward<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let logits: Tensor<B, 2> = float(logits);
+    let targets: Tensor<B, 1, Int> = int(targets);
+    let [rows, _] = logits.dims();
+    let max = logits.clone().max_dim(1);
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let picked = logits.gather(1, targets.reshape([rows, 1]));
+    let nll = (lse.clone() - picked).reshape([rows]);
+    (
+        nll.into_primitive().tensor(),
+        lse.reshape([rows]).into_primitive().tensor(),
+    )
+}
+
+/// `(softmax(logits) - onehot(targets)) * grad` per row.
+pub fn cross_entropy_backward<B: Backend>(
+    logits: FloatTensor<B>,
+    logsumexp: FloatTensor<B>,
+    targets: IntTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let logits: Tensor<B, 2> = float(logits);
+    let [rows, _] = logits.dims();
+    let lse = float::<B, 1>(logsumexp).reshape([rows, 1]);
+    let grad = float::<B, 1>(grad).reshape([rows, 1]);
+    let targets = int::<B, 1>(targets).reshape([rows, 1]);
+    let probs = (logits - lse).exp() * grad.clone();
+    probs
+        .scatter(1, targets, grad.neg(), IndexingUpdateOp::Add)
+        .into_primitive()
+        .tensor()
+}
+
+/// Causal attention built from `B`'s matmul and [`MoeBackend::causal_softmax`]:
+/// `(output, probabilities)`.
+///
+/// [`MoeBackend::causal_softmax`]: super::MoeBackend::causal_softmax
+pub fn causal_attention_forward<B: super::MoeBackend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let q: Tensor<B, 4> = float(q);
+    let k: Tensor<B, 4> = float(k);
+    let v: Tensor<B, 4> = float(v);
+    let [.., head_dim] = q.dims();
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let scores = q.matmul(k.swap_dims(2, 3)).into_primitive().tensor();
+    let probs: Tensor<B, 4> = float(B::causal_softmax(scores, scale));
+    let output = probs.clone().matmul(v);
+    (
+        output.into_primitive().tensor(),
+        probs.into_primitive().tensor(),
+    )
+}
+
+/// Gradients `(dq, dk, dv)` of causal attention from its saved inputs and probabilities.
+pub fn causal_attention_backward<B: super::MoeBackend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    probs: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let q: Tensor<B, 4> = float(q);
+    let k: Tensor<B, 4> = float(k);
+    let v: Tensor<B, 4> = float(v);
+    let probs: Tensor<B, 4> = float(probs);
+    let grad: Tensor<B, 4> = float(grad);
+    let [.., head_dim] = q.dims();
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let dv = probs.clone().swap_dims(2, 3).matmul(grad.clone());
+    let dprobs = grad.matmul(v.swap_dims(2, 3));
+    let dscores: Tensor<B, 4> = float(B::softmax_backward(
+        probs.into_primitive().tensor(),
+        dprobs.into_primitive().tensor(),
+    ));
+    let dq = dscores.clone().matmul(k) * scale;
+    let dk = dscores.swap_dims(2, 3).matmul(q) * scale;
+    (
+        dq.into_primitive().tensor(),
+        dk.into_primitive().tensor(),
+        dv.into_primitive().tensor(),
+    )
+}

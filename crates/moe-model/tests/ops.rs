@@ -1,0 +1,272 @@
+//! The fused operations against naive host loops (forward) and against autodiff through
+//! their tensor-op reference (gradients), on every CPU backend and wgpu.
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+use common::{assert_close, host, leaf, tensor, values};
+use moe_model::MoeBackend;
+use moe_model::ops::{causal_attention, cross_entropy, reference, rotary, swiglu};
+
+fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> burn::tensor::ops::FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// Row-major index into a 4-d shape.
+fn at(shape: [usize; 4], i: [usize; 4]) -> usize {
+    ((i[0] * shape[1] + i[1]) * shape[2] + i[2]) * shape[3] + i[3]
+}
+
+fn angles<B: Backend>(len: usize, dim: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let rope = moe_model::rope::RopeAngles::<B>::new(3, len, dim, 10_000.0, device);
+    let (cos, sin) = rope.tables();
+    (cos, sin)
+}
+
+/// Naive attention on the host: query `i` sees keys `0..=keys - queries + i`.
+fn naive_attention(q: &[f64], k: &[f64], v: &[f64], qs: [usize; 4], keys: usize) -> Vec<f64> {
+    let [b, h, sq, d] = qs;
+    let ks = [b, h, keys, d];
+    let mut out = vec![0.0; q.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for i in 0..sq {
+                let visible = keys - sq + i + 1;
+                let scores: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        (0..d)
+                            .map(|c| q[at(qs, [bi, hi, i, c])] * k[at(ks, [bi, hi, j, c])])
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = exps.iter().sum();
+                for c in 0..d {
+                    out[at(qs, [bi, hi, i, c])] = (0..visible)
+                        .map(|j| exps[j] / total * v[at(ks, [bi, hi, j, c])])
+                        .sum();
+                }
+            }
+        }
+    }
+    out
+}
+
+fn attention_matches_naive<B: MoeBackend>(device: &B::Device) {
+    // Full causal attention, and a shorter query block continuing a cache (Sq < Sk);
+    // head_dim 5 is not a multiple of any vector width.
+    for (queries, keys) in [(7, 7), (3, 9), (1, 4)] {
+        let (b, h, d) = (2, 3, 5);
+        let q = tensor::<B, 4>([b, h, queries, d], 1, device);
+        let k = tensor::<B, 4>([b, h, keys, d], 2, device);
+        let v = tensor::<B, 4>([b, h, keys, d], 3, device);
+        let expected = naive_attention(
+            &host(q.clone()),
+            &host(k.clone()),
+            &host(v.clone()),
+            [b, h, queries, d],
+            keys,
+        );
+        let out = causal_attention(q, k, v);
+        assert_close(&host(out), &expected, 1e-5, "attention");
+    }
+}
+
+fn attention_accepts_strided_inputs<B: MoeBackend>(device: &B::Device) {
+    let x = tensor::<B, 4>([2, 6, 3, 4], 4, device);
+    let strided = x.clone().swap_dims(1, 2);
+    let contiguous = Tensor::<B, 4>::from_data(strided.clone().into_data(), device);
+    let a = causal_attention(strided.clone(), strided.clone(), strided);
+    let b = causal_attention(contiguous.clone(), contiguous.clone(), contiguous);
+    assert_close(&host(a), &host(b), 1e-6, "strided attention");
+}
+
+fn cross_entropy_matches_naive<B: MoeBackend>(device: &B::Device) {
+    let (rows, vocab) = (5, 11);
+    let logits = tensor::<B, 2>([rows, vocab], 5, device) * 4.0;
+    let targets_host = [0i64, 10, 3, 3, 7];
+    let targets = Tensor::<B, 1, Int>::from_ints(targets_host, device);
+    let x = host(logits.clone());
+    let expected: Vec<f64> = (0..rows)
+        .map(|r| {
+            let row = &x[r * vocab..(r + 1) * vocab];
+            let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+            lse - row[targets_host[r] as usize]
+        })
+        .collect();
+    assert_close(
+        &host(cross_entropy(logits, targets)),
+        &expected,
+        1e-5,
+        "nll",
+    );
+}
+
+fn rotary_matches_naive<B: MoeBackend>(device: &B::Device) {
+    let (b, s, h, d) = (2, 5, 3, 6);
+    let x = tensor::<B, 4>([b, s, h, d], 6, device);
+    let (cos, sin) = angles::<B>(s, d, device);
+    let (xh, c, sn) = (host(x.clone()), host(cos.clone()), host(sin.clone()));
+    let half = d / 2;
+    let mut expected = vec![0.0; xh.len()];
+    for bi in 0..b {
+        for si in 0..s {
+            for hi in 0..h {
+                for i in 0..d {
+                    let xi = |c: usize| xh[at([b, s, h, d], [bi, si, hi, c])];
+                    let rotated = if i < half {
+                        -xi(i + half)
+                    } else {
+                        xi(i - half)
+                    };
+                    expected[at([b, h, s, d], [bi, hi, si, i])] =
+                        xi(i) * c[si * d + i] + rotated * sn[si * d + i];
+                }
+            }
+        }
+    }
+    assert_close(&host(rotary(x, cos, sin)), &expected, 1e-6, "rotary");
+}
+
+fn swiglu_matches_naive<B: MoeBackend>(device: &B::Device) {
+    // 9000 elements: more than one parallel chunk, and not a multiple of one.
+    let gate = tensor::<B, 3>([3, 40, 75], 12, device) * 6.0;
+    let up = tensor::<B, 3>([3, 40, 75], 13, device);
+    let expected: Vec<f64> = host(gate.clone())
+        .iter()
+        .zip(host(up.clone()))
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    assert_close(&host(swiglu(gate, up)), &expected, 1e-5, "swiglu");
+}
+
+/// Gradients of `sum(op(inputs) * w)` through the fused op and through autodiff of the
+/// reference composition agree.
+fn assert_same_grads<B: MoeBackend, const D: usize, const N: usize>(
+    inputs: [Tensor<Autodiff<B>, 4>; N],
+    fused: impl Fn([Tensor<Autodiff<B>, 4>; N]) -> Tensor<Autodiff<B>, D>,
+    reference: impl Fn([Tensor<Autodiff<B>, 4>; N]) -> Tensor<Autodiff<B>, D>,
+    what: &str,
+) {
+    let grads_of = |op: &dyn Fn([Tensor<Autodiff<B>, 4>; N]) -> Tensor<Autodiff<B>, D>| {
+        let leaves = inputs.clone().map(|t| t.detach().require_grad());
+        let out = op(leaves.clone());
+        let n = out.shape().num_elements();
+        let w = Tensor::<Autodiff<B>, 1>::from_floats(values(n, 99).as_slice(), &out.device())
+            .reshape(out.shape());
+        let grads = (out * w).sum().backward();
+        leaves.map(|leaf| host(leaf.grad(&grads).expect("input has a gradient")))
+    };
+    let got = grads_of(&fused);
+    let expected = grads_of(&reference);
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_close(g, e, 1e-5, &format!("{what} grad {i}"));
+    }
+}
+
+fn fused_gradients_match_reference<B: MoeBackend>(device: &B::Device) {
+    type A<B> = Autodiff<B>;
+    let q = leaf::<A<B>, 4>([2, 3, 4, 5], 7, 1.0, device);
+    let k = leaf::<A<B>, 4>([2, 3, 6, 5], 8, 1.0, device);
+    let v = leaf::<A<B>, 4>([2, 3, 6, 5], 9, 1.0, device);
+    assert_same_grads::<B, 4, 3>(
+        [q, k, v],
+        |[q, k, v]| causal_attention(q, k, v),
+        |[q, k, v]| {
+            let scores = q.matmul(k.swap_dims(2, 3));
+            float(reference::causal_softmax::<A<B>>(
+                prim(scores),
+                1.0 / 5f32.sqrt(),
+            ))
+            .matmul(v)
+        },
+        "attention",
+    );
+
+    let gate = leaf::<A<B>, 4>([2, 3, 50, 31], 14, 5.0, device);
+    let up = leaf::<A<B>, 4>([2, 3, 50, 31], 15, 1.0, device);
+    assert_same_grads::<B, 4, 2>(
+        [gate, up],
+        |[g, u]| swiglu(g, u),
+        |[g, u]| burn::tensor::activation::silu(g) * u,
+        "swiglu",
+    );
+
+    let x = leaf::<A<B>, 4>([2, 4, 3, 6], 10, 1.0, device);
+    let (cos, sin) = angles::<A<B>>(4, 6, device);
+    assert_same_grads::<B, 4, 1>(
+        [x],
+        |[x]| rotary(x, cos.clone(), sin.clone()),
+        |[x]| {
+            float(reference::rotary_forward::<A<B>>(
+                prim(x),
+                prim(cos.clone()),
+                prim(sin.clone()),
+            ))
+        },
+        "rotary",
+    );
+
+    let logits = leaf::<A<B>, 4>([1, 1, 6, 9], 11, 3.0, device);
+    let targets = Tensor::<A<B>, 1, Int>::from_ints([8, 0, 4, 4, 2, 1], device);
+    assert_same_grads::<B, 1, 1>(
+        [logits],
+        |[l]| cross_entropy(l.reshape([6, 9]), targets.clone()),
+        |[l]| {
+            let (nll, _) = reference::cross_entropy_forward::<A<B>>(
+                prim(l.reshape([6, 9])),
+                targets.clone().into_primitive(),
+            );
+            float(nll)
+        },
+        "cross-entropy",
+    );
+}
+
+macro_rules! backend_tests {
+    ($name:ident, $backend:ty) => {
+        mod $name {
+            type B = $backend;
+            fn device() -> burn::tensor::Device<B> {
+                Default::default()
+            }
+            #[test]
+            fn attention_matches_naive() {
+                super::attention_matches_naive::<B>(&device());
+                super::attention_matches_naive::<burn::backend::Autodiff<B>>(&device());
+            }
+            #[test]
+            fn attention_accepts_strided_inputs() {
+                super::attention_accepts_strided_inputs::<B>(&device());
+            }
+            #[test]
+            fn cross_entropy_matches_naive() {
+                super::cross_entropy_matches_naive::<B>(&device());
+            }
+            #[test]
+            fn swiglu_matches_naive() {
+                super::swiglu_matches_naive::<B>(&device());
+            }
+            #[test]
+            fn rotary_matches_naive() {
+                super::rotary_matches_naive::<B>(&device());
+            }
+            #[test]
+            fn fused_gradients_match_reference() {
+                super::fused_gradients_match_reference::<B>(&device());
+            }
+        }
+    };
+}
+
+backend_tests!(flex, burn::backend::Flex);
+backend_tests!(ndarray, burn::backend::NdArray);
+backend_tests!(wgpu, burn::backend::Wgpu);
