@@ -3,32 +3,62 @@
 //!
 //! This is the reference path every backend runs. Assignments are flattened token-major
 //! (`a = t * k + j`), so ranking by position is stable in token order.
+//!
+//! Two buffer layouts: with a capacity, `[E * C (+1 trash row), d]`, every expert padded to
+//! `C` slots (one batched matmul); dropless, the `T * k` rows packed by expert with
+//! per-expert offsets (a grouped matmul over the segments, empty experts cost nothing).
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
 use crate::config::DropPolicy;
+
+/// How the expert-major buffer is laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BufferLayout {
+    /// `C` slots per expert, `[E * C, d]`; empty slots hold zeros.
+    Padded {
+        /// Slots per expert `C`.
+        capacity: usize,
+    },
+    /// Every assignment kept, packed by expert: expert `e` owns `counts[e]` consecutive
+    /// rows starting at the sum of the earlier counts.
+    Packed {
+        /// Rows per expert (read back to the host once per forward).
+        counts: Vec<usize>,
+    },
+}
+
+impl BufferLayout {
+    /// Rows of the buffer.
+    pub fn rows(&self, n_experts: usize) -> usize {
+        match self {
+            BufferLayout::Padded { capacity } => n_experts * capacity,
+            BufferLayout::Packed { counts } => counts.iter().sum(),
+        }
+    }
+}
 
 /// Where each routed assignment goes, computed once per MoE forward.
 #[derive(Debug, Clone)]
 pub struct DispatchPlan<B: Backend> {
-    /// For each of the `T * k` assignments, its row in the flat `[E * C]` expert buffer;
-    /// dropped assignments point at the extra row `E * C`, which always holds zeros.
+    /// For each of the `T * k` assignments, its row in the expert buffer; dropped
+    /// assignments point at the row after the buffer, which always holds zeros.
     pub slot: Tensor<B, 1, Int>,
     /// Assignments per expert before dropping, `[E]`.
     pub counts: Tensor<B, 1, Int>,
     /// Number of dropped assignments, `[1]`.
     pub dropped: Tensor<B, 1, Int>,
-    /// Slots per expert `C`.
-    pub capacity: usize,
+    /// The buffer layout.
+    pub layout: BufferLayout,
     /// Number of experts `E`.
     pub n_experts: usize,
 }
 
 /// Plans the dispatch of `experts` (`[T, k]`) with combine `weights` (`[T, k]`).
 ///
-/// `capacity = None` is dropless: the buffer is sized to the busiest expert (read back to
-/// the host once). With a capacity, assignments past `C` in their expert are dropped, by
+/// `capacity = None` is dropless: the packed layout (per-expert counts read back to the
+/// host once). With a capacity, assignments past `C` in their expert are dropped, by
 /// token position or, with [`DropPolicy::Probability`], lowest weight first.
 pub fn plan<B: Backend>(
     experts: Tensor<B, 2, Int>,
@@ -56,20 +86,38 @@ pub fn plan<B: Backend>(
         }
         _ => rank_in_expert(one_hot, expert.clone()),
     };
-    let capacity = capacity
-        .unwrap_or_else(|| (counts.clone().max().into_scalar().elem::<i64>().max(1)) as usize);
+    let device = counts.device();
+    let Some(capacity) = capacity else {
+        let host: Vec<usize> = counts.to_data().iter::<i64>().map(|c| c as usize).collect();
+        let offsets: Vec<i64> = host
+            .iter()
+            .scan(0i64, |start, &c| {
+                let offset = *start;
+                *start += c as i64;
+                Some(offset)
+            })
+            .collect();
+        let offsets = Tensor::<B, 1, Int>::from_ints(offsets.as_slice(), &device);
+        return DispatchPlan {
+            slot: offsets.select(0, expert) + rank,
+            counts,
+            dropped: Tensor::zeros([1], &device),
+            layout: BufferLayout::Packed { counts: host },
+            n_experts,
+        };
+    };
     let kept = rank.clone().lower_elem(capacity as i64);
     let trash = (n_experts * capacity) as i64;
     let slot = (expert * capacity as i64 + rank).mask_where(
         kept.clone().bool_not(),
-        Tensor::full([assignments], trash, &counts.device()),
+        Tensor::full([assignments], trash, &device),
     );
     let dropped = kept.bool_not().int().sum();
     DispatchPlan {
         slot,
         counts,
         dropped,
-        capacity,
+        layout: BufferLayout::Padded { capacity },
         n_experts,
     }
 }
@@ -97,11 +145,11 @@ fn rank_in_expert<B: Backend>(
 }
 
 impl<B: Backend> DispatchPlan<B> {
-    /// Gathers token rows `x` (`[T, d]`) into the expert-major buffer `[E, C, d]`
+    /// Gathers token rows `x` (`[T, d]`) into the expert-major buffer `[rows, d]`
     /// (each token repeated for its k assignments; empty slots are zero).
-    pub fn permute(&self, x: Tensor<B, 2>, top_k: usize) -> Tensor<B, 3> {
+    pub fn permute(&self, x: Tensor<B, 2>, top_k: usize) -> Tensor<B, 2> {
         let [tokens, d] = x.dims();
-        let rows = self.n_experts * self.capacity;
+        let rows = self.layout.rows(self.n_experts);
         let repeated = x
             .unsqueeze_dim::<3>(1)
             .expand([tokens, top_k, d])
@@ -109,20 +157,15 @@ impl<B: Backend> DispatchPlan<B> {
         Tensor::zeros([rows + 1, d], &repeated.device())
             .select_assign(0, self.slot.clone(), repeated, IndexingUpdateOp::Add)
             .narrow(0, 0, rows)
-            .reshape([self.n_experts, self.capacity, d])
     }
 
-    /// Weighted sum of each token's expert outputs (`[E, C, d]`) back in token order, `[T, d]`.
-    /// Dropped assignments contribute zero.
-    pub fn combine(&self, expert_out: Tensor<B, 3>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
+    /// Weighted sum of each token's expert outputs (`[rows, d]`) back in token order,
+    /// `[T, d]`. Dropped assignments contribute zero.
+    pub fn combine(&self, expert_out: Tensor<B, 2>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
         let [tokens, k] = weights.dims();
-        let d = expert_out.dims()[2];
-        let rows = self.n_experts * self.capacity;
+        let d = expert_out.dims()[1];
         let flat = Tensor::cat(
-            vec![
-                expert_out.reshape([rows, d]),
-                Tensor::zeros([1, d], &weights.device()),
-            ],
+            vec![expert_out, Tensor::zeros([1, d], &weights.device())],
             0,
         );
         let gathered = flat.select(0, self.slot.clone()).reshape([tokens, k, d]);

@@ -6,6 +6,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
+use crate::dispatch::BufferLayout;
 use crate::ops::{MoeBackend, swiglu};
 
 /// Dense SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases.
@@ -77,13 +78,48 @@ impl<B: Backend> Experts<B> {
         }
     }
 
-    /// Runs every expert on its own rows of the expert-major buffer `[E, C, d]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3>
+    /// Runs every expert on its own rows of the expert-major buffer `[rows, d]`: one
+    /// batched matmul over the padded layout, one matmul per non-empty segment of the
+    /// packed layout.
+    pub fn forward(&self, x: Tensor<B, 2>, layout: &BufferLayout) -> Tensor<B, 2>
     where
         B: MoeBackend,
     {
-        let gate = x.clone().matmul(self.w1.val());
-        let up = x.matmul(self.w3.val());
-        swiglu(gate, up).matmul(self.w2.val())
+        let [rows, d] = x.dims();
+        match layout {
+            BufferLayout::Padded { capacity } => {
+                let [n_experts, ..] = self.w1.dims();
+                let x = x.reshape([n_experts, *capacity, d]);
+                swiglu_ffn(x, self.w1.val(), self.w3.val(), self.w2.val()).reshape([rows, d])
+            }
+            BufferLayout::Packed { counts } => {
+                let expert = |w: &Param<Tensor<B, 3>>, e: usize| w.val().narrow(0, e, 1);
+                let mut start = 0;
+                let mut outputs = Vec::new();
+                for (e, &count) in counts.iter().enumerate().filter(|(_, c)| **c > 0) {
+                    let segment = x.clone().narrow(0, start, count).unsqueeze::<3>();
+                    let (w1, w3, w2) = (
+                        expert(&self.w1, e),
+                        expert(&self.w3, e),
+                        expert(&self.w2, e),
+                    );
+                    outputs.push(swiglu_ffn(segment, w1, w3, w2).reshape([count, d]));
+                    start += count;
+                }
+                Tensor::cat(outputs, 0)
+            }
+        }
     }
+}
+
+/// `swiglu(x w1, x w3) w2`, batched over the leading axis.
+fn swiglu_ffn<B: MoeBackend>(
+    x: Tensor<B, 3>,
+    w1: Tensor<B, 3>,
+    w3: Tensor<B, 3>,
+    w2: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let gate = x.clone().matmul(w1);
+    let up = x.matmul(w3);
+    swiglu(gate, up).matmul(w2)
 }

@@ -196,6 +196,23 @@ pub fn capacity_drops_by_position_and_probability<B: Backend>(device: &B::Device
     // Expert 1: 0.4 (t0) and 0.1 (t2); expert 3: 0.3 (t1) and 0.8 (t3).
     assert_eq!(host_int(plan.slot.clone()), vec![8, 2, 1, 7, 0, 3, 6, 8]);
 
+    // Dropless: assignments packed by expert (offsets 0, 4, 6, 6; expert 2 owns no rows).
+    let plan = dispatch::plan(
+        ints::<B>(&experts, [4, 2], device),
+        floats::<B>(&weights, [4, 2], device),
+        4,
+        None,
+        DropPolicy::Position,
+    );
+    assert_eq!(host_int(plan.dropped.clone()), vec![0]);
+    assert_eq!(
+        plan.layout,
+        dispatch::BufferLayout::Packed {
+            counts: vec![4, 2, 0, 2]
+        }
+    );
+    assert_eq!(host_int(plan.slot.clone()), vec![0, 4, 1, 6, 2, 5, 7, 3]);
+
     // Combine: a token whose assignments were all dropped gets exactly zero.
     let plan = dispatch::plan(
         ints::<B>(&[0, 0, 0], [3, 1], device),
@@ -206,7 +223,7 @@ pub fn capacity_drops_by_position_and_probability<B: Backend>(device: &B::Device
     );
     let x = floats::<B>(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [3, 2], device);
     let buffer = plan.permute(x, 1);
-    assert_eq!(buffer.dims(), [2, 1, 2]);
+    assert_eq!(buffer.dims(), [2, 2]);
     assert_eq!(
         host(buffer.clone()),
         vec![1.0, 2.0, 0.0, 0.0],
@@ -224,14 +241,17 @@ pub fn all_tokens_to_one_expert<B: MoeBackend>(device: &B::Device) {
         eval_capacity_factor: Some(1.0),
         ..moe_config(experts, 1, 8)
     };
-    let mut layer = moe_layer::<B>(d, &config, 0.5, 300, device);
-    let mut gate = vec![0.0f32; d * experts];
-    gate[2] = 5.0; // column 2 of row 0: logit_2 = 5 * x_0
-    layer.router.gate.weight = layer
-        .router
-        .gate
-        .weight
-        .map(|_| Tensor::<B, 1>::from_floats(gate.as_slice(), device).reshape([d, experts]));
+    let build = |config: &MoeConfig| {
+        let mut layer = moe_layer::<B>(d, config, 0.5, 300, device);
+        let mut gate = vec![0.0f32; d * experts];
+        gate[2] = 5.0; // column 2 of row 0: logit_2 = 5 * x_0
+        layer.router.gate.weight =
+            layer.router.gate.weight.map(|_| {
+                Tensor::<B, 1>::from_floats(gate.as_slice(), device).reshape([d, experts])
+            });
+        layer
+    };
+    let layer = build(&config);
     let x = Tensor::<B, 2>::ones([tokens, d], device);
     let out = layer.forward(x);
     assert_eq!(host_int(out.stats.counts), vec![0, 0, 10, 0]);
@@ -247,6 +267,22 @@ pub fn all_tokens_to_one_expert<B: MoeBackend>(device: &B::Device) {
             "token {t}: only the first 3 tokens are processed"
         );
     }
+    // Dropless, the same routing processes every token through expert 2 alone.
+    let dropless = build(&MoeConfig {
+        capacity_factor: None,
+        eval_capacity_factor: None,
+        ..config.clone()
+    });
+    let all = dropless.forward(Tensor::<B, 2>::ones([tokens, d], device));
+    assert_eq!(host_int(all.stats.dropped), vec![0]);
+    let y_all = host(all.output);
+    assert_close(&y_all[..d], &y[..d], 1e-6, "same expert output");
+    assert_close(
+        &y_all[(tokens - 1) * d..],
+        &y[..d],
+        1e-6,
+        "last token processed too",
+    );
     // Balance loss when everything goes to one expert with probability p:
     // E / (k T^2) * (T p) * T = E p.
     let p = host(

@@ -82,7 +82,8 @@ pub struct TrainConfig {
     /// Steps between validation passes (also run at the end).
     #[serde(default = "default_eval_every")]
     pub eval_every: usize,
-    /// Validation batches per pass (absent = the whole validation set).
+    /// Validation batches per periodic pass (absent = the whole validation set); the
+    /// final evaluation always scores the whole set.
     #[serde(default)]
     pub eval_batches: Option<usize>,
     /// Steps between checkpoints (also written at the end).

@@ -154,14 +154,15 @@ pub fn train<B: MoeAutodiffBackend>(
     let mut trained_tokens = 0usize;
     let mut last_eval = None;
     let mut last_checkpoint = resume_from.clone();
-    let run_eval = |model: &Transformer<B>| {
+    // Periodic passes score `eval_batches`; the final one always scores the whole set.
+    let run_eval = |model: &Transformer<B>, max_batches: Option<usize>| {
         evaluate(
             &model.valid(),
             val_tokens.clone(),
             tokenizer.token_bytes(),
             seq_len,
             batch_size,
-            train.eval_batches,
+            max_batches,
             device,
         )
     };
@@ -238,7 +239,7 @@ pub fn train<B: MoeAutodiffBackend>(
         }
         let last = state.step == train.steps;
         if state.step.is_multiple_of(train.eval_every) || last {
-            let result = run_eval(&model)?;
+            let result = run_eval(&model, train.eval_batches.filter(|_| !last))?;
             progress(&format!(
                 "eval step {:>6} | val_loss {:.4} | bpb {:.4} | ppl {:.2}",
                 state.step, result.val_loss, result.bpb, result.perplexity
@@ -259,7 +260,7 @@ pub fn train<B: MoeAutodiffBackend>(
     // nothing left to do (resuming a finished run).
     let final_eval = match last_eval {
         Some(result) => result,
-        None => run_eval(&model)?,
+        None => run_eval(&model, None)?,
     };
     let checkpoint = match last_checkpoint {
         Some(dir) => dir,
