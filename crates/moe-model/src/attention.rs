@@ -5,8 +5,8 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use crate::ops::{MoeBackend, causal_attention};
 use crate::rope::RopeAngles;
+use moe_kernels::{MoeBackend, causal_attention};
 
 /// Keys and values seen so far by one attention layer, `[B, kv_heads, L, head_dim]`.
 #[derive(Debug, Clone)]

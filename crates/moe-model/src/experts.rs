@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 use crate::dispatch::BufferLayout;
-use crate::ops::{MoeBackend, swiglu};
+use moe_kernels::{MoeBackend, swiglu};
 
 /// Dense SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases.
 #[derive(Module, Debug)]

@@ -2,9 +2,9 @@
 
 use burn::tensor::{Int, Tensor};
 
-use crate::ops::MoeBackend;
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::transformer::{KvCache, Transformer};
+use moe_kernels::MoeBackend;
 
 /// Why generation stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

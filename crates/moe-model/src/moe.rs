@@ -8,8 +8,8 @@ use crate::config::MoeConfig;
 use crate::dispatch;
 use crate::experts::{Experts, SwiGlu};
 use crate::losses::{load_balancing_loss, router_entropy, router_z_loss};
-use crate::ops::MoeBackend;
 use crate::router::{Router, Routing};
+use moe_kernels::MoeBackend;
 
 /// Routing statistics of one MoE layer for one forward pass, kept on the device until read.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use crate::ops::{MoeBackend, rotary};
+use moe_kernels::{MoeBackend, rotary};
 
 /// Cosine and sine tables for a run of positions, `[S, head_dim]` each.
 #[derive(Debug, Clone)]

@@ -11,8 +11,8 @@ use crate::attention::{Attention, LayerCache};
 use crate::config::{ConfigError, ModelConfig, MoeConfig};
 use crate::experts::SwiGlu;
 use crate::moe::{MoeLayer, MoeOutput};
-use crate::ops::MoeBackend;
 use crate::rope::RopeAngles;
+use moe_kernels::MoeBackend;
 
 /// The feed-forward half of a block.
 // Variants stay unboxed: burn's Module derive handles plain module fields.

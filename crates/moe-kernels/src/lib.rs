@@ -1,7 +1,8 @@
-//! Fused operations the model calls through its backend.
+//! Fused operations the `moe` model calls through its backend.
 //!
 //! [`MoeBackend`] extends burn's `Backend` with the few operations whose plain tensor-op
-//! form is slow: causal attention and the vocabulary cross-entropy. Every method has a
+//! form is slow: the SwiGLU activation, rotary embedding, causal attention and the
+//! vocabulary cross-entropy. Every method has a
 //! reference implementation built from tensor ops (used by ndarray and the CubeCL
 //! backends); burn's CPU backend `flex` overrides the kernels with fused row-parallel
 //! loops, and `Autodiff<B>` registers hand-written backward passes so training never
