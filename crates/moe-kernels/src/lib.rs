@@ -15,7 +15,9 @@ pub mod reference;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{Int, Tensor};
+
+use reference::float;
 
 /// A backend with the model's fused operations.
 ///
@@ -192,8 +194,4 @@ pub fn cross_entropy<B: MoeBackend>(
         logits.into_primitive().tensor(),
         targets.into_primitive(),
     ))
-}
-
-fn float<B: Backend, const D: usize>(tensor: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(tensor))
 }

@@ -24,9 +24,7 @@ fn at(shape: [usize; 4], i: [usize; 4]) -> usize {
 }
 
 fn angles<B: Backend>(len: usize, dim: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let rope = moe_model::rope::RopeAngles::<B>::new(3, len, dim, 10_000.0, device);
-    let (cos, sin) = rope.tables();
-    (cos, sin)
+    moe_model::rope::RopeAngles::<B>::new(3, len, dim, 10_000.0, device).tables()
 }
 
 /// Naive attention on the host: query `i` sees keys `0..=keys - queries + i`.
