@@ -7,6 +7,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::TensorMetadata;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 
 use super::{MoeBackend, reference};
@@ -99,6 +100,63 @@ impl<B: MoeBackend> Backward<B, 1> for RotaryBackward {
     }
 }
 
+#[derive(Debug)]
+struct PermuteBackward;
+
+impl<B: MoeBackend> Backward<B, 1> for PermuteBackward {
+    /// The slots and the number of tokens.
+    type State = (IntTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (slot, tokens) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::permute_backward(grad, slot, tokens));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CombineBackward;
+
+impl<B: MoeBackend> Backward<B, 2> for CombineBackward {
+    /// The expert outputs, the slots and the combine weights.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_buffer, node_weights] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (buffer, slot, weights) = ops.state;
+        let (d_buffer, d_weights) = B::combine_backward(buffer, slot, weights, grad);
+        for (node, grad) in [(node_buffer, d_buffer), (node_weights, d_weights)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GroupedMatmulBackward;
+
+impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
+    /// The rows, the expert weights and the segment sizes.
+    type State = (FloatTensor<B>, FloatTensor<B>, Vec<usize>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weights] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weights, counts) = ops.state;
+        let (d_x, d_weights) = B::grouped_matmul_backward(x, weights, &counts, grad);
+        for (node, grad) in [(node_x, d_x), (node_weights, d_weights)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
 impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         match SwigluBackward
@@ -159,6 +217,73 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::causal_attention(q.primitive, k.primitive, v.primitive))
             }
+        }
+    }
+
+    fn permute(x: FloatTensor<Self>, slot: IntTensor<Self>, rows: usize) -> FloatTensor<Self> {
+        let [tokens, _] = x.primitive.shape().dims();
+        match PermuteBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::permute_forward(x.primitive, slot.clone(), rows);
+                prep.finish((slot, tokens), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::permute_forward(x.primitive, slot, rows)),
+        }
+    }
+
+    fn combine(
+        buffer: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match CombineBackward
+            .prepare::<C>([buffer.node.clone(), weights.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::combine_forward(
+                    buffer.primitive.clone(),
+                    slot.clone(),
+                    weights.primitive.clone(),
+                );
+                prep.finish((buffer.primitive, slot, weights.primitive), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::combine_forward(
+                buffer.primitive,
+                slot,
+                weights.primitive,
+            )),
+        }
+    }
+
+    fn grouped_matmul(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        match GroupedMatmulBackward
+            .prepare::<C>([x.node.clone(), weights.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::grouped_matmul_forward(
+                    x.primitive.clone(),
+                    weights.primitive.clone(),
+                    counts,
+                );
+                prep.finish((x.primitive, weights.primitive, counts.to_vec()), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::grouped_matmul_forward(
+                x.primitive,
+                weights.primitive,
+                counts,
+            )),
         }
     }
 

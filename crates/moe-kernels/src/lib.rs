@@ -9,6 +9,8 @@
 //! records the dozen intermediate tensors of the decomposed forms.
 
 mod autodiff;
+#[cfg(feature = "cubecl")]
+mod cube;
 #[cfg(feature = "flex")]
 mod flex;
 pub mod reference;
@@ -120,6 +122,118 @@ pub trait MoeBackend: Backend {
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
         Self::cross_entropy_forward(logits, targets).0
     }
+
+    /// Counting sort of the routed assignments `experts: [A]` (token-major, so stable in
+    /// token order): `(slot, counts)`, each assignment's row in the expert-major buffer and
+    /// the per-expert counts before dropping. See [`reference::dispatch::expert_slots`] for
+    /// the two layouts (capacity-padded or packed).
+    fn expert_slots(
+        experts: IntTensor<Self>,
+        n_experts: usize,
+        capacity: Option<usize>,
+    ) -> (IntTensor<Self>, IntTensor<Self>) {
+        reference::dispatch::expert_slots::<Self>(experts, n_experts, capacity)
+    }
+
+    /// Gathers token rows `x: [T, d]` into the expert-major buffer `[rows, d]` (each token
+    /// at the slots of its `A / T` assignments; unfilled rows zero).
+    fn permute_forward(
+        x: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        reference::dispatch::permute_forward::<Self>(x, slot, rows)
+    }
+
+    /// Gradient of [`MoeBackend::permute_forward`]: `[T, d]`, each token's rows summed.
+    fn permute_backward(
+        grad: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        tokens: usize,
+    ) -> FloatTensor<Self> {
+        reference::dispatch::permute_backward::<Self>(grad, slot, tokens)
+    }
+
+    /// Weighted sum of each token's rows of `buffer: [rows, d]` with `weights: [T, k]`,
+    /// back in token order, `[T, d]`; dropped assignments contribute zero.
+    fn combine_forward(
+        buffer: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::dispatch::combine_forward::<Self>(buffer, slot, weights)
+    }
+
+    /// Gradients `(d_buffer, d_weights)` of [`MoeBackend::combine_forward`].
+    fn combine_backward(
+        buffer: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::dispatch::combine_backward::<Self>(buffer, slot, weights, grad)
+    }
+
+    /// Grouped matmul: segment `e` of the packed rows `x: [rows, d_in]` (`counts[e]` rows)
+    /// times `weights[e]` of `weights: [E, d_in, d_out]`, `[rows, d_out]`.
+    fn grouped_matmul_forward(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        reference::dispatch::grouped_matmul_forward::<Self>(x, weights, counts)
+    }
+
+    /// Gradients `(d_x, d_weights)` of [`MoeBackend::grouped_matmul_forward`].
+    fn grouped_matmul_backward(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        counts: &[usize],
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::dispatch::grouped_matmul_backward::<Self>(x, weights, counts, grad)
+    }
+
+    /// Differentiable permute; see [`MoeBackend::permute_forward`]. Slots carry no gradient.
+    fn permute(x: FloatTensor<Self>, slot: IntTensor<Self>, rows: usize) -> FloatTensor<Self> {
+        Self::permute_forward(x, slot, rows)
+    }
+
+    /// Differentiable combine; see [`MoeBackend::combine_forward`].
+    fn combine(
+        buffer: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::combine_forward(buffer, slot, weights)
+    }
+
+    /// Differentiable grouped matmul; see [`MoeBackend::grouped_matmul_forward`].
+    fn grouped_matmul(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        Self::grouped_matmul_forward(x, weights, counts)
+    }
+}
+
+thread_local! {
+    static REFERENCE_DISPATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the dispatch operations on their tensor-op reference even where a backend
+/// has kernels (on this thread): to compare the two paths, in tests and benchmarks.
+pub fn with_reference_dispatch<T>(f: impl FnOnce() -> T) -> T {
+    let previous = REFERENCE_DISPATCH.with(|flag| flag.replace(true));
+    let output = f();
+    REFERENCE_DISPATCH.with(|flag| flag.set(previous));
+    output
+}
+
+/// Whether [`with_reference_dispatch`] is in force on this thread.
+pub fn reference_dispatch() -> bool {
+    REFERENCE_DISPATCH.with(|flag| flag.get())
 }
 
 /// An autodiff backend whose inner backend also has the fused operations, as training
@@ -136,16 +250,6 @@ where
     Q: burn::backend::ndarray::QuantElement,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
-{
-}
-
-#[cfg(feature = "cubecl")]
-impl<R, F, I, BT> MoeBackend for burn_cubecl::CubeBackend<R, F, I, BT>
-where
-    R: burn_cubecl::CubeRuntime,
-    F: burn_cubecl::FloatElement,
-    I: burn_cubecl::IntElement,
-    BT: burn_cubecl::BoolElement,
 {
 }
 
@@ -182,6 +286,59 @@ pub fn rotary<B: MoeBackend>(
         x.into_primitive().tensor(),
         cos.into_primitive().tensor(),
         sin.into_primitive().tensor(),
+    ))
+}
+
+/// `(slot, counts)` of the routed assignments `experts: [A]`; see
+/// [`MoeBackend::expert_slots`].
+pub fn expert_slots<B: MoeBackend>(
+    experts: Tensor<B, 1, Int>,
+    n_experts: usize,
+    capacity: Option<usize>,
+) -> (Tensor<B, 1, Int>, Tensor<B, 1, Int>) {
+    let (slot, counts) = B::expert_slots(experts.into_primitive(), n_experts, capacity);
+    (Tensor::from_primitive(slot), Tensor::from_primitive(counts))
+}
+
+/// Token rows `x: [T, d]` gathered into the expert-major buffer `[rows, d]`; see
+/// [`MoeBackend::permute_forward`].
+pub fn permute<B: MoeBackend>(
+    x: Tensor<B, 2>,
+    slot: Tensor<B, 1, Int>,
+    rows: usize,
+) -> Tensor<B, 2> {
+    float(B::permute(
+        x.into_primitive().tensor(),
+        slot.into_primitive(),
+        rows,
+    ))
+}
+
+/// Weighted sum of each token's expert outputs back in token order, `[T, d]`; see
+/// [`MoeBackend::combine_forward`].
+pub fn combine<B: MoeBackend>(
+    buffer: Tensor<B, 2>,
+    slot: Tensor<B, 1, Int>,
+    weights: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    float(B::combine(
+        buffer.into_primitive().tensor(),
+        slot.into_primitive(),
+        weights.into_primitive().tensor(),
+    ))
+}
+
+/// Segment `e` of the packed rows `x` times `weights[e]`; see
+/// [`MoeBackend::grouped_matmul_forward`].
+pub fn grouped_matmul<B: MoeBackend>(
+    x: Tensor<B, 2>,
+    weights: Tensor<B, 3>,
+    counts: &[usize],
+) -> Tensor<B, 2> {
+    float(B::grouped_matmul(
+        x.into_primitive().tensor(),
+        weights.into_primitive().tensor(),
+        counts,
     ))
 }
 

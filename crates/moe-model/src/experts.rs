@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 use crate::dispatch::BufferLayout;
-use moe_kernels::{MoeBackend, swiglu};
+use moe_kernels::{MoeBackend, grouped_matmul, swiglu};
 
 /// Dense SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases.
 #[derive(Module, Debug)]
@@ -79,7 +79,7 @@ impl<B: Backend> Experts<B> {
     }
 
     /// Runs every expert on its own rows of the expert-major buffer `[rows, d]`: one
-    /// batched matmul over the padded layout, one matmul per non-empty segment of the
+    /// batched matmul over the padded layout, a grouped matmul over the segments of the
     /// packed layout.
     pub fn forward(&self, x: Tensor<B, 2>, layout: &BufferLayout) -> Tensor<B, 2>
     where
@@ -93,20 +93,9 @@ impl<B: Backend> Experts<B> {
                 swiglu_ffn(x, self.w1.val(), self.w3.val(), self.w2.val()).reshape([rows, d])
             }
             BufferLayout::Packed { counts } => {
-                let expert = |w: &Param<Tensor<B, 3>>, e: usize| w.val().narrow(0, e, 1);
-                let mut start = 0;
-                let mut outputs = Vec::new();
-                for (e, &count) in counts.iter().enumerate().filter(|(_, c)| **c > 0) {
-                    let segment = x.clone().narrow(0, start, count).unsqueeze::<3>();
-                    let (w1, w3, w2) = (
-                        expert(&self.w1, e),
-                        expert(&self.w3, e),
-                        expert(&self.w2, e),
-                    );
-                    outputs.push(swiglu_ffn(segment, w1, w3, w2).reshape([count, d]));
-                    start += count;
-                }
-                Tensor::cat(outputs, 0)
+                let gate = grouped_matmul(x.clone(), self.w1.val(), counts);
+                let up = grouped_matmul(x, self.w3.val(), counts);
+                grouped_matmul(swiglu(gate, up), self.w2.val(), counts)
             }
         }
     }

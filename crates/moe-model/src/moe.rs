@@ -111,7 +111,7 @@ impl<B: Backend> MoeLayer<B> {
             self.config.capacity(tokens, training),
             self.config.drop_policy,
         );
-        let expert_in = plan.permute(x.clone(), self.config.top_k);
+        let expert_in = plan.permute(x.clone());
         let expert_out = self.experts.forward(expert_in, &plan.layout);
         let mut output = plan.combine(expert_out, weights);
         if let Some(shared) = &self.shared {

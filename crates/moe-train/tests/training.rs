@@ -232,3 +232,38 @@ fn load_metrics_match_hand_computed_values() {
     assert_eq!(layer.load, vec![0.75, 0.25]);
     assert!((layer.dropped - 0.125).abs() < 1e-12);
 }
+
+#[test]
+fn wgpu_kernels_train_like_the_reference_path() {
+    // Five steps on wgpu with the CubeCL dispatch kernels and with the tensor-op reference
+    // path, dropless (packed, grouped matmul) and with a capacity (padded, dropping).
+    type W = Autodiff<burn::backend::Wgpu>;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&dataset(dir.path()));
+    for capacity in [None, Some("1.0")] {
+        let mut overrides = vec![
+            "train.steps=5".to_string(),
+            "train.log_every=1".into(),
+            "train.eval_every=5".into(),
+            "train.checkpoint_every=5".into(),
+        ];
+        overrides.extend(capacity.map(|cf| format!("moe.capacity_factor={cf}")));
+        let config = RunConfig::parse(&text, &overrides).unwrap();
+        let run = |name: &str| {
+            let run_dir = dir.path().join(format!("{name}-{capacity:?}"));
+            train::<W>(&config, &run_dir, false, &Default::default(), |_| {}).unwrap();
+            train_losses(&run_dir)
+        };
+        let kernels = run("kernels");
+        let reference = moe_model::ops::with_reference_dispatch(|| run("reference"));
+        assert_eq!(kernels.len(), 5);
+        assert_eq!(kernels.len(), reference.len());
+        for ((step, a), (_, b)) in kernels.iter().zip(&reference) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "step {step}: kernels {a}, reference {b}"
+            );
+        }
+    }
+}
