@@ -4,9 +4,6 @@
 
 use cubecl::prelude::*;
 
-/// Side of the square tiles of the grouped matmul kernels.
-pub const TILE: u32 = 16;
-
 /// Counting sort, pass 1: `block_counts[b * E + e]` = assignments among `experts[b * block
 /// .. (b + 1) * block]` routed to expert `e`. One unit per (block, expert).
 #[cube(launch)]
@@ -191,105 +188,4 @@ pub fn slot_dot_kernel<F: Float, I: Numeric>(
         }
     }
     out[a] = sum;
-}
-
-/// Grouped matmul `out[r] = x[r] w[e]` over packed segments, tiled through shared memory.
-/// Cube `(x, y)` computes output columns `x * TILE ..` of the row tile `y`, described by
-/// `tiles[3 y .. 3 y + 3] = (expert, first row, end row)`; a tile never crosses segments.
-#[cube(launch)]
-pub fn grouped_matmul_kernel<F: Float, I: Numeric>(
-    x: &Tensor<F>,
-    w: &Tensor<F>,
-    tiles: &Tensor<I>,
-    out: &mut Tensor<F>,
-    #[define(F, I)] _dtypes: [StorageType; 2],
-) {
-    let tile = TILE as usize;
-    let k_dim = x.shape(1);
-    let n_dim = out.shape(1);
-    let ux = UNIT_POS_X as usize;
-    let uy = UNIT_POS_Y as usize;
-    let descriptor = CUBE_POS_Y as usize * 3;
-    let expert = u32::cast_from(tiles[descriptor]) as usize;
-    let row_end = u32::cast_from(tiles[descriptor + 2]) as usize;
-    let row = u32::cast_from(tiles[descriptor + 1]) as usize + uy;
-    let col = CUBE_POS_X as usize * tile + ux;
-    let w_offset = expert * k_dim * n_dim;
-
-    let mut x_tile = SharedMemory::<F>::new(TILE as usize * TILE as usize);
-    let mut w_tile = SharedMemory::<F>::new(TILE as usize * TILE as usize);
-    let mut sum = F::new(0.0);
-    let mut k0 = 0;
-    while k0 < k_dim {
-        let mut xv = F::new(0.0);
-        if row < row_end && k0 + ux < k_dim {
-            xv = x[row * k_dim + k0 + ux];
-        }
-        x_tile[uy * tile + ux] = xv;
-        let mut wv = F::new(0.0);
-        if k0 + uy < k_dim && col < n_dim {
-            wv = w[w_offset + (k0 + uy) * n_dim + col];
-        }
-        w_tile[uy * tile + ux] = wv;
-        sync_cube();
-        for kk in 0..tile {
-            sum += x_tile[uy * tile + kk] * w_tile[kk * tile + ux];
-        }
-        sync_cube();
-        k0 += tile;
-    }
-    if row < row_end && col < n_dim {
-        out[row * n_dim + col] = sum;
-    }
-}
-
-/// Weight gradient of the grouped matmul, `out[e] = x[seg e]^T grad[seg e]` (`[E, K, N]`,
-/// zero for empty segments). Cube `(x, y, e)` computes the `TILE x TILE` block at rows
-/// `y * TILE ..` (input features) and columns `x * TILE ..` (output features) of expert `e`,
-/// whose rows are `offsets[e] .. offsets[e + 1]`.
-#[cube(launch)]
-pub fn grouped_matmul_weight_grad_kernel<F: Float, I: Numeric>(
-    x: &Tensor<F>,
-    grad: &Tensor<F>,
-    offsets: &Tensor<I>,
-    out: &mut Tensor<F>,
-    #[define(F, I)] _dtypes: [StorageType; 2],
-) {
-    let tile = TILE as usize;
-    let k_dim = x.shape(1);
-    let n_dim = grad.shape(1);
-    let ux = UNIT_POS_X as usize;
-    let uy = UNIT_POS_Y as usize;
-    let expert = CUBE_POS_Z as usize;
-    let feature = CUBE_POS_Y as usize * tile + uy;
-    let col = CUBE_POS_X as usize * tile + ux;
-    let feature_base = CUBE_POS_Y as usize * tile;
-    let row_end = u32::cast_from(offsets[expert + 1]) as usize;
-
-    let mut x_tile = SharedMemory::<F>::new(TILE as usize * TILE as usize);
-    let mut g_tile = SharedMemory::<F>::new(TILE as usize * TILE as usize);
-    let mut sum = F::new(0.0);
-    let mut r0 = u32::cast_from(offsets[expert]) as usize;
-    while r0 < row_end {
-        // x_tile[f][r] = x[r0 + r][feature_base + f], loaded with unit x walking rows.
-        let mut xv = F::new(0.0);
-        if r0 + ux < row_end && feature_base + uy < k_dim {
-            xv = x[(r0 + ux) * k_dim + feature_base + uy];
-        }
-        x_tile[uy * tile + ux] = xv;
-        let mut gv = F::new(0.0);
-        if r0 + uy < row_end && col < n_dim {
-            gv = grad[(r0 + uy) * n_dim + col];
-        }
-        g_tile[uy * tile + ux] = gv;
-        sync_cube();
-        for rr in 0..tile {
-            sum += x_tile[uy * tile + rr] * g_tile[rr * tile + ux];
-        }
-        sync_cube();
-        r0 += tile;
-    }
-    if feature < k_dim && col < n_dim {
-        out[(expert * k_dim + feature) * n_dim + col] = sum;
-    }
 }

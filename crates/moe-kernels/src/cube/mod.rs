@@ -1,12 +1,14 @@
 //! The dispatch pipeline as CubeCL kernels for every CubeCL backend (wgpu, CUDA): counting
-//! sort, permute, combine and the grouped matmul, forward and backward. The other fused
-//! operations keep the tensor-op reference here, and so does dispatch inside
+//! sort, permute and combine, forward and backward. The grouped matmul runs burn's own
+//! (autotuned) matmul once per non-empty segment: a first shared-memory tiled kernel was
+//! ten times slower than that. The other fused operations keep the tensor-op reference
+//! here, and so does dispatch inside
 //! [`with_reference_dispatch`](crate::with_reference_dispatch).
 
 mod kernels;
 
-use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor, IntTensorOps};
-use burn::tensor::{DType, Shape, TensorData, TensorMetadata};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_dtype, ones, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
@@ -15,7 +17,6 @@ use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use crate::reference::dispatch;
 use crate::{MoeBackend, reference_dispatch};
-use kernels::TILE;
 
 /// Assignments per block of the counting sort (one unit per block and expert).
 const SORT_BLOCK: usize = 128;
@@ -87,36 +88,6 @@ where
         let weights_shape = weights.shape();
         let d_weights = slot_dot(buffer, slot.clone(), grad.clone(), weights_shape);
         (scatter_rows(grad, slot, weights, rows), d_weights)
-    }
-
-    fn grouped_matmul_forward(
-        x: FloatTensor<Self>,
-        weights: FloatTensor<Self>,
-        counts: &[usize],
-    ) -> FloatTensor<Self> {
-        if reference_dispatch() {
-            return dispatch::grouped_matmul_forward::<Self>(x, weights, counts);
-        }
-        let tiles = Self::int_from_data(row_tiles::<I>(counts), &x.device);
-        grouped_matmul(x, weights, tiles)
-    }
-
-    fn grouped_matmul_backward(
-        x: FloatTensor<Self>,
-        weights: FloatTensor<Self>,
-        counts: &[usize],
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if reference_dispatch() {
-            return dispatch::grouped_matmul_backward::<Self>(x, weights, counts, grad);
-        }
-        // d_x = grad w^T: the same kernel over the transposed (small) weights.
-        let tiles = Self::int_from_data(row_tiles::<I>(counts), &x.device);
-        let offsets = Self::int_from_data(segment_offsets::<I>(counts), &x.device);
-        let weights_shape = weights.shape();
-        let d_x = grouped_matmul(grad.clone(), Self::float_swap_dims(weights, 1, 2), tiles);
-        let d_w = grouped_matmul_weight_grad(x, grad, offsets, weights_shape);
-        (d_x, d_w)
     }
 }
 
@@ -280,92 +251,6 @@ fn slot_dot<R: CubeRuntime>(
         grad.into_tensor_arg(),
         out.clone().into_tensor_arg(),
         top_k as u32,
-        dtypes,
-    );
-    out
-}
-
-/// Row tiles of the packed segments, `(expert, first row, end row)` flattened: no tile
-/// crosses from one expert's rows into the next.
-fn row_tiles<I: IntElement>(counts: &[usize]) -> TensorData {
-    let mut tiles = Vec::new();
-    let mut start = 0;
-    for (expert, &count) in counts.iter().enumerate() {
-        let end = start + count;
-        for first in (start..end).step_by(TILE as usize) {
-            let last = (first + TILE as usize).min(end);
-            tiles.extend([expert, first, last].map(|v| I::from_elem(v as i64)));
-        }
-        start = end;
-    }
-    let len = tiles.len();
-    TensorData::new::<I, _>(tiles, [len])
-}
-
-/// `[E + 1]` first row of each expert's segment, then the total.
-fn segment_offsets<I: IntElement>(counts: &[usize]) -> TensorData {
-    let offsets: Vec<I> = std::iter::once(0)
-        .chain(counts.iter().scan(0, |end, &count| {
-            *end += count;
-            Some(*end)
-        }))
-        .map(|v| I::from_elem(v as i64))
-        .collect();
-    TensorData::new(offsets, [counts.len() + 1])
-}
-
-/// Grouped matmul over the row `tiles` of [`row_tiles`], `[rows, d_out]`.
-fn grouped_matmul<R: CubeRuntime>(
-    x: CubeTensor<R>,
-    weights: CubeTensor<R>,
-    tiles: CubeTensor<R>,
-) -> CubeTensor<R> {
-    let (x, weights) = (into_contiguous(x), into_contiguous(weights));
-    let rows = x.shape()[0];
-    let d_out = weights.shape()[2];
-    let n_tiles = tiles.shape()[0] / 3;
-    let out = empty_like(&x, Shape::new([rows, d_out]), x.dtype);
-    if n_tiles == 0 {
-        return out;
-    }
-    let dtypes = [x.dtype.into(), tiles.dtype.into()];
-    kernels::grouped_matmul_kernel::launch::<R>(
-        &x.client,
-        CubeCount::Static((d_out as u32).div_ceil(TILE), n_tiles as u32, 1),
-        CubeDim::new_2d(TILE, TILE),
-        x.clone().into_tensor_arg(),
-        weights.into_tensor_arg(),
-        tiles.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        dtypes,
-    );
-    out
-}
-
-/// `[E, d_in, d_out]` weight gradient of the grouped matmul; segment `e` is rows
-/// `offsets[e] .. offsets[e + 1]` (see [`segment_offsets`]).
-fn grouped_matmul_weight_grad<R: CubeRuntime>(
-    x: CubeTensor<R>,
-    grad: CubeTensor<R>,
-    offsets: CubeTensor<R>,
-    weights_shape: Shape,
-) -> CubeTensor<R> {
-    let (x, grad) = (into_contiguous(x), into_contiguous(grad));
-    let [n_experts, d_in, d_out] = weights_shape.dims();
-    let out = empty_like(&x, weights_shape, x.dtype);
-    let dtypes = [x.dtype.into(), offsets.dtype.into()];
-    kernels::grouped_matmul_weight_grad_kernel::launch::<R>(
-        &out.client,
-        CubeCount::Static(
-            (d_out as u32).div_ceil(TILE),
-            (d_in as u32).div_ceil(TILE),
-            n_experts as u32,
-        ),
-        CubeDim::new_2d(TILE, TILE),
-        x.into_tensor_arg(),
-        grad.into_tensor_arg(),
-        offsets.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
         dtypes,
     );
     out
