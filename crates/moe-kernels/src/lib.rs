@@ -225,10 +225,15 @@ thread_local! {
 /// Runs `f` with the dispatch operations on their tensor-op reference even where a backend
 /// has kernels (on this thread): to compare the two paths, in tests and benchmarks.
 pub fn with_reference_dispatch<T>(f: impl FnOnce() -> T) -> T {
-    let previous = REFERENCE_DISPATCH.with(|flag| flag.replace(true));
-    let output = f();
-    REFERENCE_DISPATCH.with(|flag| flag.set(previous));
-    output
+    /// Restores the previous setting when dropped, also if `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            REFERENCE_DISPATCH.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(REFERENCE_DISPATCH.with(|flag| flag.replace(true)));
+    f()
 }
 
 /// Whether [`with_reference_dispatch`] is in force on this thread.
