@@ -10,7 +10,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::TensorMetadata;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 
-use super::{MoeBackend, reference};
+use super::{Gate, MoeBackend, reference};
 
 /// Saved for attention's backward: the inputs and the attention probabilities.
 type AttentionState<B> = (
@@ -157,7 +157,51 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
     }
 }
 
+#[derive(Debug)]
+struct RouteBackward;
+
+impl<B: MoeBackend> Backward<B, 1> for RouteBackward {
+    /// The logits, the chosen experts, the weights and the gate.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, Gate);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_logits] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (logits, experts, weights, gate) = ops.state;
+        if let Some(node) = node_logits {
+            let d_logits = B::route_backward(logits, experts, weights, grad, gate);
+            grads.register::<B>(node.id, d_logits);
+        }
+    }
+}
+
 impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
+    fn route(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        // The bias only orders the experts: it is not a parent.
+        let bias = bias.primitive;
+        match RouteBackward
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (weights, experts) =
+                    B::route_forward(logits.primitive.clone(), bias, gate, top_k);
+                let state = (logits.primitive, experts.clone(), weights.clone(), gate);
+                (prep.finish(state, weights), experts)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (weights, experts) = B::route_forward(logits.primitive, bias, gate, top_k);
+                (prep.finish(weights), experts)
+            }
+        }
+    }
+
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         match SwigluBackward
             .prepare::<C>([gate.node.clone(), up.node.clone()])

@@ -21,6 +21,25 @@ use burn::tensor::{Int, Tensor};
 
 use reference::float;
 
+/// How the router turns its logits into combine weights for the chosen experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Gate {
+    /// Softmax over all experts, top-k by probability; the weights are the chosen
+    /// probabilities, renormalised to sum to one if `renormalize` (Mixtral).
+    Softmax {
+        /// Divide the chosen probabilities by their sum.
+        renormalize: bool,
+    },
+    /// Top-k by logit, then a softmax over the chosen logits.
+    TopkSoftmax,
+    /// Sigmoid scores, top-k by score; the weights are the chosen scores over their sum,
+    /// times `scale` (DeepSeek-V3).
+    Sigmoid {
+        /// Route scale multiplying the normalised weights.
+        scale: f32,
+    },
+}
+
 /// A backend with the model's fused operations.
 ///
 /// The `*_forward`/`*_backward` methods are kernels on plain tensors; `causal_attention`
@@ -121,6 +140,40 @@ pub trait MoeBackend: Backend {
     /// Per-row negative log-likelihood of `targets: [N]` under `logits: [N, V]`, `[N]`.
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
         Self::cross_entropy_forward(logits, targets).0
+    }
+
+    /// Routing of `logits: [T, E]`: `(weights, experts)`, both `[T, k]`, the `top_k`
+    /// experts of each token by score plus the selection-only `bias: [E]` (best first) and
+    /// their combine weights under `gate`; see [`reference::routing::route_forward`].
+    fn route_forward(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        reference::routing::route_forward::<Self>(logits, bias, gate, top_k)
+    }
+
+    /// Gradient of the logits `[T, E]` given the weights' gradient `grad: [T, k]`.
+    fn route_backward(
+        logits: FloatTensor<Self>,
+        experts: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        gate: Gate,
+    ) -> FloatTensor<Self> {
+        reference::routing::route_backward::<Self>(logits, experts, weights, grad, gate)
+    }
+
+    /// Differentiable routing; see [`MoeBackend::route_forward`]. The bias and the chosen
+    /// experts carry no gradient.
+    fn route(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        Self::route_forward(logits, bias, gate, top_k)
     }
 
     /// Counting sort of the routed assignments `experts: [A]` (token-major, so stable in
@@ -292,6 +345,23 @@ pub fn rotary<B: MoeBackend>(
         cos.into_primitive().tensor(),
         sin.into_primitive().tensor(),
     ))
+}
+
+/// `(weights, experts)`, both `[T, k]`, of the router `logits: [T, E]`; see
+/// [`MoeBackend::route_forward`].
+pub fn route<B: MoeBackend>(
+    logits: Tensor<B, 2>,
+    bias: Tensor<B, 1>,
+    gate: Gate,
+    top_k: usize,
+) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    let (weights, experts) = B::route(
+        logits.into_primitive().tensor(),
+        bias.into_primitive().tensor(),
+        gate,
+        top_k,
+    );
+    (float(weights), Tensor::from_primitive(experts))
 }
 
 /// `(slot, counts)` of the routed assignments `experts: [A]`; see

@@ -6,6 +6,8 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 
+use moe_kernels::{Gate, MoeBackend};
+
 use crate::config::{MoeConfig, RouterKind};
 
 /// The routing decision for a flat batch of `T` tokens.
@@ -51,8 +53,24 @@ impl<B: Backend> Router<B> {
         }
     }
 
+    /// How the chosen experts' weights come from the logits.
+    fn gate_kind(&self) -> Gate {
+        match self.config.router {
+            RouterKind::SoftmaxTopk => Gate::Softmax {
+                renormalize: self.config.renormalize,
+            },
+            RouterKind::TopkSoftmax => Gate::TopkSoftmax,
+            RouterKind::Sigmoid => Gate::Sigmoid {
+                scale: self.config.route_scale as f32,
+            },
+        }
+    }
+
     /// Routes `x` (`[T, d]`). Jitter applies only when autodiff is on (training).
-    pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B> {
+    pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B>
+    where
+        B: MoeBackend,
+    {
         let device = x.device();
         let x = if self.config.jitter > 0.0 && B::ad_enabled(&device) {
             let eps = self.config.jitter;
@@ -66,31 +84,17 @@ impl<B: Backend> Router<B> {
             x
         };
         let logits = self.gate.forward(x);
-        let scores = match self.config.router {
-            RouterKind::SoftmaxTopk => softmax(logits.clone(), 1),
-            RouterKind::TopkSoftmax => logits.clone(),
-            RouterKind::Sigmoid => sigmoid(logits.clone()),
-        };
-        let selection = if self.config.bias_update_rate > 0.0 {
-            scores.clone().detach() + self.expert_bias.val().detach().unsqueeze_dim(0)
-        } else {
-            scores.clone().detach()
-        };
-        let (_, experts) = selection.topk_with_indices(self.config.top_k, 1);
-        let chosen = scores.clone().gather(1, experts.clone());
-        let (weights, probs) = match self.config.router {
-            RouterKind::SoftmaxTopk => {
-                let weights = if self.config.renormalize {
-                    chosen.clone() / chosen.sum_dim(1)
-                } else {
-                    chosen
-                };
-                (weights, scores)
-            }
-            RouterKind::TopkSoftmax => (softmax(chosen, 1), softmax(logits.clone(), 1)),
+        let (weights, experts) = moe_kernels::route(
+            logits.clone(),
+            self.expert_bias.val().detach(),
+            self.gate_kind(),
+            self.config.top_k,
+        );
+        let probs = match self.config.router {
+            RouterKind::SoftmaxTopk | RouterKind::TopkSoftmax => softmax(logits.clone(), 1),
             RouterKind::Sigmoid => {
-                let weights = chosen.clone() / chosen.sum_dim(1) * self.config.route_scale;
-                (weights, scores.clone() / scores.sum_dim(1))
+                let scores = sigmoid(logits.clone());
+                scores.clone() / scores.sum_dim(1)
             }
         };
         Routing {

@@ -16,7 +16,7 @@ fn silu(x: f64) -> f64 {
 }
 
 /// The MoE output computed token by token on the host from the layer's own routing.
-fn naive_output<B: Backend>(layer: &MoeLayer<B>, x: Tensor<B, 2>) -> Vec<f64> {
+fn naive_output<B: MoeBackend>(layer: &MoeLayer<B>, x: Tensor<B, 2>) -> Vec<f64> {
     let [tokens, d] = x.dims();
     let routing = layer.router.forward(x.clone());
     let k = routing.weights.dims()[1];
@@ -100,7 +100,7 @@ fn top_k(row: &[f64], k: usize) -> Vec<usize> {
     idx
 }
 
-pub fn router_weights_follow_their_rule<B: Backend>(device: &B::Device) {
+pub fn router_weights_follow_their_rule<B: MoeBackend>(device: &B::Device) {
     let (tokens, d, experts, k) = (9, 6, 5, 2);
     for router in [
         RouterKind::SoftmaxTopk,

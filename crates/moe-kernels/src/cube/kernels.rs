@@ -189,3 +189,155 @@ pub fn slot_dot_kernel<F: Float, I: Numeric>(
     }
     out[a] = sum;
 }
+
+/// Routing of one token per unit: the `top_k` experts of row `t` of `logits: [T, E]` by
+/// score plus `bias` (best first, ties to the lower index), and their combine weights.
+/// `scoring`: 0 softmax (weights the chosen probabilities), 1 logits (weights a softmax
+/// over the chosen logits), 2 sigmoid (weights the chosen scores); `normalize` divides
+/// the weights by their sum, then `scale` multiplies them.
+#[cube(launch)]
+pub fn route_kernel<F: Float, I: Numeric>(
+    logits: &Tensor<F>,
+    bias: &Tensor<F>,
+    weights: &mut Tensor<F>,
+    experts: &mut Tensor<I>,
+    scoring: u32,
+    normalize: u32,
+    scale: f32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let t = ABSOLUTE_POS;
+    if t >= weights.shape(0) {
+        terminate!();
+    }
+    let n_experts = logits.shape(1);
+    let top_k = weights.shape(1);
+    let row = t * n_experts;
+    let out = t * top_k;
+    // Softmax statistics of the row (used by scoring 0).
+    let mut max = logits[row];
+    for e in 1..n_experts {
+        max = F::max(max, logits[row + e]);
+    }
+    let mut total = F::new(0.0);
+    for e in 0..n_experts {
+        total += (logits[row + e] - max).exp();
+    }
+    for j in 0..top_k {
+        let mut best = F::new(0.0);
+        let mut best_score = F::new(0.0);
+        let mut best_expert = n_experts;
+        for e in 0..n_experts {
+            let mut taken = false;
+            for i in 0..j {
+                if u32::cast_from(experts[out + i]) as usize == e {
+                    taken = true;
+                }
+            }
+            let logit = logits[row + e];
+            let mut score = logit;
+            if scoring == 0 {
+                score = (logit - max).exp() / total;
+            } else if scoring == 2 {
+                score = F::new(1.0) / (F::new(1.0) + (F::new(0.0) - logit).exp());
+            }
+            let selection = score + bias[e];
+            if !taken && (best_expert == n_experts || selection > best) {
+                best = selection;
+                best_score = score;
+                best_expert = e;
+            }
+        }
+        experts[out + j] = I::cast_from(best_expert as u32);
+        weights[out + j] = best_score;
+    }
+    if scoring == 1 {
+        // A softmax over the chosen logits, shifted by the largest of them.
+        let mut chosen_max = weights[out];
+        for j in 1..top_k {
+            chosen_max = F::max(chosen_max, weights[out + j]);
+        }
+        for j in 0..top_k {
+            weights[out + j] = (weights[out + j] - chosen_max).exp();
+        }
+    }
+    if normalize == 1 {
+        let mut sum = F::new(0.0);
+        for j in 0..top_k {
+            sum += weights[out + j];
+        }
+        let factor = F::cast_from(scale) / sum;
+        for j in 0..top_k {
+            weights[out + j] = weights[out + j] * factor;
+        }
+    }
+}
+
+/// Gradient of the router logits for one token per unit (`d_logits: [T, E]`), given the
+/// chosen `experts`, their `weights` and the weights' gradient `grad` (`[T, k]`): the
+/// formulas of `reference::routing::route_backward`, same `scoring` codes as
+/// [`route_kernel`]; `normalize` tells the softmax gates apart.
+#[cube(launch)]
+pub fn route_backward_kernel<F: Float, I: Numeric>(
+    logits: &Tensor<F>,
+    experts: &Tensor<I>,
+    weights: &Tensor<F>,
+    grad: &Tensor<F>,
+    d_logits: &mut Tensor<F>,
+    scoring: u32,
+    normalize: u32,
+    scale: f32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let t = ABSOLUTE_POS;
+    if t >= weights.shape(0) {
+        terminate!();
+    }
+    let n_experts = logits.shape(1);
+    let top_k = weights.shape(1);
+    let row = t * n_experts;
+    let out = t * top_k;
+    let mut dot = F::new(0.0);
+    for j in 0..top_k {
+        dot += grad[out + j] * weights[out + j];
+    }
+    if scoring == 0 && normalize == 0 {
+        // Weights are probabilities: d_logits = p * (onehot(grad) - dot).
+        let mut max = logits[row];
+        for e in 1..n_experts {
+            max = F::max(max, logits[row + e]);
+        }
+        let mut total = F::new(0.0);
+        for e in 0..n_experts {
+            total += (logits[row + e] - max).exp();
+        }
+        for e in 0..n_experts {
+            d_logits[row + e] = F::new(0.0) - (logits[row + e] - max).exp() / total * dot;
+        }
+        for j in 0..top_k {
+            let e = u32::cast_from(experts[out + j]) as usize;
+            d_logits[row + e] += weights[out + j] * grad[out + j];
+        }
+    } else {
+        for e in 0..n_experts {
+            d_logits[row + e] = F::new(0.0);
+        }
+        let mut total = F::new(0.0);
+        if scoring == 2 {
+            for j in 0..top_k {
+                let e = u32::cast_from(experts[out + j]) as usize;
+                total += F::new(1.0) / (F::new(1.0) + (F::new(0.0) - logits[row + e]).exp());
+            }
+        }
+        let scale = F::cast_from(scale);
+        for j in 0..top_k {
+            let e = u32::cast_from(experts[out + j]) as usize;
+            let mut d = weights[out + j] * (grad[out + j] - dot);
+            if scoring == 2 {
+                let s = F::new(1.0) / (F::new(1.0) + (F::new(0.0) - logits[row + e]).exp());
+                d = scale / total * (grad[out + j] - dot / scale) * s * (F::new(1.0) - s);
+            }
+            d_logits[row + e] = d;
+        }
+    }
+}

@@ -1,5 +1,5 @@
-//! The dispatch pipeline as CubeCL kernels for every CubeCL backend (wgpu, CUDA): counting
-//! sort, permute and combine, forward and backward. The grouped matmul runs burn's own
+//! The dispatch pipeline as CubeCL kernels for every CubeCL backend (wgpu, CUDA): routing
+//! (scores, top-k, weights), counting sort, permute and combine, forward and backward. The grouped matmul runs burn's own
 //! (autotuned) matmul once per non-empty segment: a first shared-memory tiled kernel was
 //! ten times slower than that. The other fused operations keep the tensor-op reference
 //! here, and so does dispatch inside
@@ -15,8 +15,8 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
-use crate::reference::dispatch;
-use crate::{MoeBackend, reference_dispatch};
+use crate::reference::{dispatch, routing};
+use crate::{Gate, MoeBackend, reference_dispatch};
 
 /// Assignments per block of the counting sort (one unit per block and expert).
 const SORT_BLOCK: usize = 128;
@@ -28,6 +28,31 @@ where
     I: IntElement,
     BT: BoolElement,
 {
+    fn route_forward(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        if reference_dispatch() {
+            return routing::route_forward::<Self>(logits, bias, gate, top_k);
+        }
+        route::<R>(logits, bias, gate, top_k, I::dtype())
+    }
+
+    fn route_backward(
+        logits: FloatTensor<Self>,
+        experts: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        gate: Gate,
+    ) -> FloatTensor<Self> {
+        if reference_dispatch() {
+            return routing::route_backward::<Self>(logits, experts, weights, grad, gate);
+        }
+        route_backward(logits, experts, weights, grad, gate)
+    }
+
     fn expert_slots(
         experts: IntTensor<Self>,
         n_experts: usize,
@@ -107,6 +132,80 @@ fn unit_weights<R: CubeRuntime>(like: &CubeTensor<R>, slot: &CubeTensor<R>) -> C
 
 fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
     empty_device_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+/// The kernels' encoding of a gate: `(scoring, normalize, scale)`; see
+/// [`kernels::route_kernel`].
+fn gate_codes(gate: Gate) -> (u32, u32, f32) {
+    match gate {
+        Gate::Softmax { renormalize } => (0, renormalize as u32, 1.0),
+        Gate::TopkSoftmax => (1, 1, 1.0),
+        Gate::Sigmoid { scale } => (2, 1, scale),
+    }
+}
+
+fn route<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    bias: CubeTensor<R>,
+    gate: Gate,
+    top_k: usize,
+    int_dtype: DType,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let (logits, bias) = (into_contiguous(logits), into_contiguous(bias));
+    let tokens = logits.shape()[0];
+    let weights = empty_like(&logits, Shape::new([tokens, top_k]), logits.dtype);
+    let experts = empty_like(&logits, Shape::new([tokens, top_k]), int_dtype);
+    let (scoring, normalize, scale) = gate_codes(gate);
+    let (count, dim) = elementwise(&logits, tokens);
+    let dtypes = [logits.dtype.into(), int_dtype.into()];
+    kernels::route_kernel::launch::<R>(
+        &logits.client,
+        count,
+        dim,
+        logits.clone().into_tensor_arg(),
+        bias.into_tensor_arg(),
+        weights.clone().into_tensor_arg(),
+        experts.clone().into_tensor_arg(),
+        scoring,
+        normalize,
+        scale,
+        dtypes,
+    );
+    (weights, experts)
+}
+
+fn route_backward<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    experts: CubeTensor<R>,
+    weights: CubeTensor<R>,
+    grad: CubeTensor<R>,
+    gate: Gate,
+) -> CubeTensor<R> {
+    let (logits, experts, weights, grad) = (
+        into_contiguous(logits),
+        into_contiguous(experts),
+        into_contiguous(weights),
+        into_contiguous(grad),
+    );
+    let d_logits = empty_like(&logits, logits.shape(), logits.dtype);
+    let (scoring, normalize, scale) = gate_codes(gate);
+    let (count, dim) = elementwise(&logits, logits.shape()[0]);
+    let dtypes = [logits.dtype.into(), experts.dtype.into()];
+    kernels::route_backward_kernel::launch::<R>(
+        &d_logits.client,
+        count,
+        dim,
+        logits.into_tensor_arg(),
+        experts.into_tensor_arg(),
+        weights.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        d_logits.clone().into_tensor_arg(),
+        scoring,
+        normalize,
+        scale,
+        dtypes,
+    );
+    d_logits
 }
 
 fn expert_slots<R: CubeRuntime>(

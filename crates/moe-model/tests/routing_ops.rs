@@ -1,0 +1,216 @@
+//! The routing operation (scores, top-k, combine weights): each backend's implementation
+//! against the tensor-op reference, forward and gradient. On wgpu that is the CubeCL
+//! kernel; elsewhere the reference itself. Every backend's gradient is also checked against
+//! finite differences of the weights computed on the host in f64.
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+use common::{assert_close, host, host_int, tensor};
+use moe_model::MoeBackend;
+use moe_model::ops::{self, Gate, reference::routing as reference};
+
+const GATES: [Gate; 4] = [
+    Gate::Softmax { renormalize: true },
+    Gate::Softmax { renormalize: false },
+    Gate::TopkSoftmax,
+    Gate::Sigmoid { scale: 2.5 },
+];
+
+/// `(tokens, n_experts, top_k)`: T not a multiple of a workgroup, k = 1, 2, 4, E = 1, 8, 64.
+const SHAPES: [(usize, usize, usize); 4] = [(300, 8, 2), (257, 1, 1), (100, 64, 4), (70, 8, 1)];
+
+/// Logits with a visible spread; with `one_expert`, expert 0 wins every token by far.
+fn logits<B: Backend>(
+    tokens: usize,
+    n_experts: usize,
+    one_expert: bool,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let logits = tensor::<B, 2>([tokens, n_experts], 11, device) * 3.0;
+    if one_expert {
+        let boost = Tensor::<B, 2>::zeros([tokens, n_experts], device)
+            .slice_assign([0..tokens, 0..1], Tensor::ones([tokens, 1], device) * 20.0);
+        logits + boost
+    } else {
+        logits
+    }
+}
+
+fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+#[test]
+fn wgpu_routing_kernels_match_reference() {
+    type B = burn::backend::Wgpu;
+    let device = Default::default();
+    for (tokens, n_experts, top_k) in SHAPES {
+        for gate in GATES {
+            for (one_expert, with_bias) in [(false, false), (false, true), (true, false)] {
+                let what = format!(
+                    "T={tokens} E={n_experts} k={top_k} {gate:?} one_expert={one_expert} bias={with_bias}"
+                );
+                let logits = logits::<B>(tokens, n_experts, one_expert, &device);
+                let bias = if with_bias {
+                    tensor::<B, 1>([n_experts], 12, &device) * 0.5
+                } else {
+                    Tensor::zeros([n_experts], &device)
+                };
+                let grad = tensor::<B, 2>([tokens, top_k], 13, &device);
+                let p = |t: &Tensor<B, 2>| t.clone().into_primitive().tensor();
+
+                let (weights, experts) = B::route_forward(
+                    p(&logits),
+                    bias.clone().into_primitive().tensor(),
+                    gate,
+                    top_k,
+                );
+                let (ref_weights, ref_experts) = reference::route_forward::<B>(
+                    p(&logits),
+                    bias.into_primitive().tensor(),
+                    gate,
+                    top_k,
+                );
+                let experts: Tensor<B, 2, Int> = Tensor::from_primitive(experts);
+                let ref_experts: Tensor<B, 2, Int> = Tensor::from_primitive(ref_experts);
+                assert_eq!(
+                    host_int(experts.clone()),
+                    host_int(ref_experts),
+                    "experts {what}"
+                );
+                let weights: Tensor<B, 2> = float(weights);
+                let ref_weights: Tensor<B, 2> = float(ref_weights);
+                assert_close(
+                    &host(weights.clone()),
+                    &host(ref_weights),
+                    1e-5,
+                    &format!("weights {what}"),
+                );
+
+                let d_logits = B::route_backward(
+                    p(&logits),
+                    experts.clone().into_primitive(),
+                    p(&weights),
+                    p(&grad),
+                    gate,
+                );
+                let ref_d_logits = reference::route_backward::<B>(
+                    p(&logits),
+                    experts.into_primitive(),
+                    p(&weights),
+                    p(&grad),
+                    gate,
+                );
+                assert_close(
+                    &host(float::<B, 2>(d_logits)),
+                    &host(float::<B, 2>(ref_d_logits)),
+                    1e-5,
+                    &format!("d_logits {what}"),
+                );
+            }
+        }
+    }
+}
+
+/// The weights of one token's chosen `experts` computed on the host in f64.
+fn host_weights(logits: &[f64], experts: &[usize], gate: Gate) -> Vec<f64> {
+    let normalise = |v: Vec<f64>, scale: f64| {
+        let sum: f64 = v.iter().sum();
+        v.iter().map(|x| x / sum * scale).collect()
+    };
+    match gate {
+        Gate::Softmax { renormalize } => {
+            let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+            let chosen = experts
+                .iter()
+                .map(|&e| (logits[e] - max).exp() / total)
+                .collect();
+            if renormalize {
+                normalise(chosen, 1.0)
+            } else {
+                chosen
+            }
+        }
+        Gate::TopkSoftmax => normalise(experts.iter().map(|&e| logits[e].exp()).collect(), 1.0),
+        Gate::Sigmoid { scale } => normalise(
+            experts
+                .iter()
+                .map(|&e| 1.0 / (1.0 + (-logits[e]).exp()))
+                .collect(),
+            scale as f64,
+        ),
+    }
+}
+
+/// `ops::route`'s weights and logit gradient (of `sum(weights * probe)`) against f64
+/// host values and central finite differences, for every gate.
+fn route_gradient_matches_finite_differences<B: MoeBackend>(device: &B::Device) {
+    type A<B> = Autodiff<B>;
+    for (tokens, n_experts, top_k) in SHAPES {
+        for gate in GATES {
+            let what = format!("T={tokens} E={n_experts} k={top_k} {gate:?}");
+            let init = logits::<B>(tokens, n_experts, false, device);
+            let logits = Tensor::<A<B>, 2>::from_inner(init.clone()).require_grad();
+            let probe = tensor::<A<B>, 2>([tokens, top_k], 14, device);
+            let bias = Tensor::<A<B>, 1>::zeros([n_experts], device);
+
+            let (weights, experts) = ops::route(logits.clone(), bias, gate, top_k);
+            let grads = (weights.clone() * probe.clone()).sum().backward();
+            let fused = host(logits.grad(&grads).expect("gradient"));
+            let (weights, experts) = (host(weights), host_int(experts));
+            let (values, probe) = (host(init), host(probe));
+
+            let (mut expected_weights, mut expected_grad) = (Vec::new(), Vec::new());
+            for t in 0..tokens {
+                let row = &values[t * n_experts..(t + 1) * n_experts];
+                let chosen: Vec<usize> = experts[t * top_k..(t + 1) * top_k]
+                    .iter()
+                    .map(|&e| e as usize)
+                    .collect();
+                let g = &probe[t * top_k..(t + 1) * top_k];
+                let objective = |row: &[f64]| -> f64 {
+                    host_weights(row, &chosen, gate)
+                        .iter()
+                        .zip(g)
+                        .map(|(w, g)| w * g)
+                        .sum()
+                };
+                expected_weights.extend(host_weights(row, &chosen, gate));
+                for e in 0..n_experts {
+                    let h = 1e-5;
+                    let (mut up, mut down) = (row.to_vec(), row.to_vec());
+                    up[e] += h;
+                    down[e] -= h;
+                    expected_grad.push((objective(&up) - objective(&down)) / (2.0 * h));
+                }
+            }
+            assert_close(
+                &weights,
+                &expected_weights,
+                1e-5,
+                &format!("weights {what}"),
+            );
+            assert_close(&fused, &expected_grad, 1e-5, &format!("d_logits {what}"));
+        }
+    }
+}
+
+macro_rules! backend_tests {
+    ($name:ident, $backend:ty) => {
+        mod $name {
+            type B = $backend;
+            #[test]
+            fn route_gradient_matches_finite_differences() {
+                super::route_gradient_matches_finite_differences::<B>(&Default::default());
+            }
+        }
+    };
+}
+
+backend_tests!(flex, burn::backend::Flex);
+backend_tests!(ndarray, burn::backend::NdArray);
+backend_tests!(wgpu, burn::backend::Wgpu);
