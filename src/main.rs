@@ -1,4 +1,5 @@
-//! `moe`: train, evaluate and sample sparse Mixture-of-Experts language models.
+//! `moe`: train, evaluate, sample, export and import sparse Mixture-of-Experts language
+//! models.
 
 mod backend;
 
@@ -6,9 +7,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use burn::backend::Flex;
 use clap::{Parser, Subcommand};
 use moe_model::{MoeAutodiffBackend, SamplingConfig, generate};
-use moe_train::{RunConfig, evaluate, load_model, train};
+use moe_train::{ExportFormat, RunConfig, evaluate, export, import, load_model, train};
 
 use crate::backend::{BackendJob, BackendKind, run_on};
 
@@ -31,6 +33,10 @@ enum Command {
     Eval(EvalArgs),
     /// Generate text from a checkpoint.
     Generate(GenerateArgs),
+    /// Write a checkpoint as safetensors (our names) or as a Hugging Face Mixtral.
+    Export(ExportArgs),
+    /// Make a checkpoint from a Hugging Face Mixtral directory or a safetensors export.
+    Import(ImportArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,6 +103,41 @@ struct GenerateArgs {
     /// Compute backend.
     #[arg(long, value_enum, default_value = "flex")]
     backend: BackendKind,
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// A checkpoint directory, or a run directory (its latest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `safetensors`: our parameter names; `hf`: a directory transformers loads as
+    /// MixtralForCausalLM.
+    #[arg(long, value_enum)]
+    format: FormatArg,
+    /// Output directory (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `--format` of `moe export`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    /// model.safetensors with our parameter names, config.toml, tokenizer.json.
+    Safetensors,
+    /// Hugging Face Mixtral: config.json, model.safetensors, tokenizer.json,
+    /// generation_config.json.
+    Hf,
+}
+
+#[derive(clap::Args, Debug)]
+struct ImportArgs {
+    /// A Hugging Face Mixtral directory (config.json + safetensors) or a
+    /// `moe export --format safetensors` directory.
+    #[arg(long)]
+    from: PathBuf,
+    /// The checkpoint directory to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 impl BackendJob for TrainArgs {
@@ -237,12 +278,45 @@ impl BackendJob for GenerateArgs {
     }
 }
 
+fn export_checkpoint(args: ExportArgs) -> Result<()> {
+    let format = match args.format {
+        FormatArg::Safetensors => ExportFormat::Safetensors,
+        FormatArg::Hf => ExportFormat::Hf,
+    };
+    export::<Flex>(&args.checkpoint, format, &args.out, &Default::default())?;
+    eprintln!(
+        "exported {} to {}",
+        args.checkpoint.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn import_checkpoint(args: ImportArgs) -> Result<()> {
+    let has_tokenizer = import::<Flex>(&args.from, &args.out, &Default::default())?;
+    eprintln!(
+        "imported {} as checkpoint {}",
+        args.from.display(),
+        args.out.display()
+    );
+    if !has_tokenizer {
+        eprintln!(
+            "note: {} has no tokenizer.json; copy one into {} to evaluate or generate text",
+            args.from.display(),
+            args.out.display()
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => run_on(args.backend, args),
         Command::Eval(args) => run_on(args.backend, args),
         Command::Generate(args) => run_on(args.backend, args),
+        Command::Export(args) => export_checkpoint(args),
+        Command::Import(args) => import_checkpoint(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

@@ -138,6 +138,75 @@ fn train_then_eval_and_generate() {
     let out = moe(&["train", "--config", &config, "--out", &run_str]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--resume"), "{}", stderr(&out));
+
+    // Export: Mixtral cannot hold the dense first layer; our safetensors format can, and
+    // importing it back evaluates to the same loss.
+    let hf = dir.path().join("hf").display().to_string();
+    let out = moe(&[
+        "export",
+        "--checkpoint",
+        &run_str,
+        "--format",
+        "hf",
+        "--out",
+        &hf,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("dense FFN layers"),
+        "{}",
+        stderr(&out)
+    );
+    let exported = dir.path().join("exported").display().to_string();
+    let out = moe(&[
+        "export",
+        "--checkpoint",
+        &run_str,
+        "--format",
+        "safetensors",
+        "--out",
+        &exported,
+    ]);
+    assert!(out.status.success(), "export failed: {}", stderr(&out));
+    let back = dir.path().join("back").display().to_string();
+    let out = moe(&["import", "--from", &exported, "--out", &back]);
+    assert!(out.status.success(), "import failed: {}", stderr(&out));
+    let val_loss = |checkpoint: &str| {
+        let out = moe(&[
+            "eval",
+            "--checkpoint",
+            checkpoint,
+            "--json",
+            "--batches",
+            "2",
+        ]);
+        assert!(out.status.success(), "eval failed: {}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["val_loss"].clone()
+    };
+    assert_eq!(val_loss(&run_str), val_loss(&back));
+    let out = moe(&["import", "--from", &exported, "--out", &back]);
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+}
+
+#[test]
+fn imports_a_transformers_mixtral_without_a_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("mixtral").display().to_string();
+    let fixture = "crates/moe-train/tests/fixtures/hf-tiny-mixtral";
+    let out = moe(&["import", "--from", fixture, "--out", &checkpoint]);
+    assert!(out.status.success(), "import failed: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no tokenizer.json"),
+        "{}",
+        stderr(&out)
+    );
+    let out = moe(&["eval", "--checkpoint", &checkpoint]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("has no tokenizer.json"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

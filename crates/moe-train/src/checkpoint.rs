@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use burn::module::Module;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::Backend;
@@ -145,23 +145,71 @@ pub struct LoadedModel<B: Backend> {
 
 /// Loads the model of `path` (a checkpoint or a run directory) onto `device`.
 pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
-    let checkpoint = resolve_checkpoint(path)?;
-    let config_path = checkpoint.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {}", config_path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
-    let config: RunConfig = table
-        .try_into()
-        .with_context(|| format!("parsing {}", config_path.display()))?;
-    let tokenizer = TextTokenizer::load(&checkpoint.join(TOKENIZER_FILE))?;
-    let model = Transformer::new(&config.model, &config.moe, device)?
-        .load_file(checkpoint.join(MODEL_FILE), &recorder(), device)
-        .with_context(|| format!("loading model weights from {}", checkpoint.display()))?;
+    let (model, config, checkpoint) = load_weights(path, device)?;
+    let tokenizer_path = checkpoint.join(TOKENIZER_FILE);
+    ensure!(
+        tokenizer_path.is_file(),
+        "checkpoint {} has no {TOKENIZER_FILE} (imported from a directory without one?): \
+         copy the model's tokenizer.json into it",
+        checkpoint.display()
+    );
+    let tokenizer = TextTokenizer::load(&tokenizer_path)?;
     Ok(LoadedModel {
         model,
         config,
         tokenizer,
         checkpoint,
     })
+}
+
+/// The model and config of `path` (a checkpoint or a run directory), and the checkpoint
+/// directory it resolved to; no tokenizer needed.
+pub fn load_weights<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<(Transformer<B>, RunConfig, PathBuf)> {
+    let checkpoint = resolve_checkpoint(path)?;
+    let config = RunConfig::parse_saved(&checkpoint.join(CONFIG_FILE))?;
+    let model = Transformer::new(&config.model, &config.moe, device)?
+        .load_file(checkpoint.join(MODEL_FILE), &recorder(), device)
+        .with_context(|| format!("loading model weights from {}", checkpoint.display()))?;
+    Ok((model, config, checkpoint))
+}
+
+/// Writes `model` as a fresh checkpoint directory `dir` (step 0, no optimiser state), for
+/// imported and converted models: built under a temporary name and renamed into place.
+/// An existing `dir` is never overwritten.
+pub fn save_model_checkpoint<B: Backend>(
+    dir: &Path,
+    model: &Transformer<B>,
+    config: &RunConfig,
+    tokenizer: Option<&TextTokenizer>,
+) -> Result<()> {
+    ensure!(
+        !dir.exists(),
+        "{} already exists; choose another output path (nothing was overwritten)",
+        dir.display()
+    );
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{} has no directory name", dir.display()))?;
+    let tmp = dir.with_file_name(format!(".tmp-{}", name.to_string_lossy()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    model
+        .clone()
+        .save_file(tmp.join(MODEL_FILE), &recorder())
+        .context("writing the model record")?;
+    std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
+    if let Some(tokenizer) = tokenizer {
+        tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
+    }
+    let state = TrainingState {
+        step: 0,
+        elapsed_secs: 0.0,
+    };
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+    std::fs::rename(&tmp, dir).with_context(|| format!("moving checkpoint to {}", dir.display()))
 }

@@ -165,6 +165,50 @@ impl RunConfig {
         Ok(config)
     }
 
+    /// Reads a config saved beside a model (a checkpoint's or an export's), without the
+    /// checks that concern training on this machine (such as the dataset being present).
+    pub fn parse_saved(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let config: RunConfig = table
+            .try_into()
+            .with_context(|| format!("parsing {}", path.display()))?;
+        config
+            .model
+            .validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        config
+            .moe
+            .validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// A run config around an imported or converted model: its shapes, the shipped corpus
+    /// and fine-tuning defaults (batch 8, 1000 steps, lr 3e-4, 100 warm-up steps, sequences
+    /// of min(256, model.max_seq_len) tokens). Edit the checkpoint's config.toml or pass
+    /// `--set` to change them.
+    pub fn for_model(model: ModelConfig, moe: MoeConfig) -> Self {
+        #[derive(Deserialize)]
+        struct Rest {
+            data: DataConfig,
+            train: TrainConfig,
+        }
+        let seq_len = model.max_seq_len.min(256);
+        let text = format!(
+            "[data]\nseq_len = {seq_len}\n[train]\nbatch_size = 8\nsteps = 1000\nlr = 3e-4\nwarmup_steps = 100\n"
+        );
+        let rest: Rest = toml::from_str(&text).expect("the fine-tuning defaults parse");
+        Self {
+            model,
+            moe,
+            data: rest.data,
+            train: rest.train,
+        }
+    }
+
     /// The config as TOML, as saved in run directories and checkpoints.
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)

@@ -3,14 +3,21 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod export;
 pub mod grad_clip;
+pub mod hf_mixtral;
+pub mod import;
 pub mod logger;
 pub mod metrics;
+pub mod model_tensors;
 pub mod router_stats;
+pub mod safetensors_file;
 pub mod schedule;
 pub mod trainer;
 
-pub use checkpoint::{LoadedModel, load_model, resolve_checkpoint};
+pub use checkpoint::{LoadedModel, load_model, load_weights, resolve_checkpoint};
 pub use config::RunConfig;
 pub use eval::{EvalResult, evaluate};
+pub use export::{ExportFormat, export};
+pub use import::{Imported, import, read_model};
 pub use trainer::{TrainOutcome, train};

@@ -1,0 +1,96 @@
+//! `moe export`: a checkpoint as a directory of portable files, either every parameter
+//! under our own module paths (`safetensors`) or a Hugging Face `MixtralForCausalLM`
+//! (`hf`).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::tensor::backend::Backend;
+
+use crate::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, load_weights};
+use crate::hf_mixtral;
+use crate::model_tensors::model_tensors;
+use crate::safetensors_file::write_file;
+
+/// The weights file of an exported directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// What `moe export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// `model.safetensors` with our parameter names and layouts (see
+    /// [`crate::model_tensors`]), `config.toml` and `tokenizer.json`.
+    Safetensors,
+    /// A Hugging Face Mixtral directory (see [`crate::hf_mixtral`]): `config.json`,
+    /// `model.safetensors`, `generation_config.json` and `tokenizer.json`.
+    Hf,
+}
+
+/// Exports the checkpoint `checkpoint` (or a run directory's latest) to the new directory
+/// `out`, built under a temporary name and renamed into place; an existing `out` is never
+/// touched.
+pub fn export<B: Backend>(
+    checkpoint: &Path,
+    format: ExportFormat,
+    out: &Path,
+    device: &B::Device,
+) -> Result<()> {
+    ensure!(
+        !out.exists(),
+        "{} already exists; choose another --out (nothing was overwritten)",
+        out.display()
+    );
+    let (model, config, checkpoint) = load_weights::<B>(checkpoint, device)?;
+    if format == ExportFormat::Hf
+        && let Some(feature) = hf_mixtral::unsupported_feature(&config.model, &config.moe)
+    {
+        bail!(
+            "cannot export as Hugging Face Mixtral: the model uses {feature}, which Mixtral lacks"
+        );
+    }
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} has no directory name", out.display()))?;
+    let tmp = out.with_file_name(format!(".tmp-{}", name.to_string_lossy()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let tensors = model_tensors(&model)?;
+    let tokenizer_path = checkpoint.join(TOKENIZER_FILE);
+    let tokenizer = tokenizer_path
+        .is_file()
+        .then(|| moe_data::TextTokenizer::load(&tokenizer_path))
+        .transpose()?;
+    match format {
+        ExportFormat::Safetensors => {
+            let metadata = [("format", "moe"), ("layout", "burn module paths")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into();
+            write_file(&tmp.join(WEIGHTS_FILE), &tensors, metadata)?;
+            std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
+        }
+        ExportFormat::Hf => {
+            let eos = tokenizer.as_ref().and_then(|t| t.end_of_text());
+            let tensors = hf_mixtral::to_mixtral(tensors, &config.model, &config.moe)?;
+            write_file(
+                &tmp.join(WEIGHTS_FILE),
+                &tensors,
+                hf_mixtral::safetensors_metadata(),
+            )?;
+            let json = |value: serde_json::Value| serde_json::to_string_pretty(&value);
+            std::fs::write(
+                tmp.join("config.json"),
+                json(hf_mixtral::config_json(&config.model, &config.moe, eos))?,
+            )?;
+            std::fs::write(
+                tmp.join("generation_config.json"),
+                json(hf_mixtral::generation_config_json(eos))?,
+            )?;
+        }
+    }
+    if let Some(tokenizer) = &tokenizer {
+        tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("moving the export to {}", out.display()))
+}
