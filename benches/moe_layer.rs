@@ -81,7 +81,7 @@ fn bench_layer<B: AutodiffBackend + MoeBackend>(c: &mut Criterion, name: &str, r
 }
 
 /// The dropless MoE layer's stages one at a time, each forward + backward.
-fn bench_stages<B: AutodiffBackend + MoeBackend>(c: &mut Criterion, name: &str) {
+fn bench_stages<B: AutodiffBackend + MoeBackend>(c: &mut Criterion, name: &str, reference: bool) {
     let device = Default::default();
     let config = config(None);
     let layer = MoeLayer::<B>::new(D, &config, 0.02, 0.02, &device);
@@ -99,19 +99,23 @@ fn bench_stages<B: AutodiffBackend + MoeBackend>(c: &mut Criterion, name: &str) 
 
     let mut group = c.benchmark_group(format!("moe_stages/{name}"));
     group.sample_size(10);
-    group.bench_function("routing", |b| {
-        b.iter(|| {
-            let routing = layer.router.forward(x.clone().require_grad());
-            let _plan = dispatch::plan(
-                routing.experts,
-                routing.weights.clone(),
-                EXPERTS,
-                None,
-                DropPolicy::Position,
-            );
-            backward(routing.weights)
-        })
-    });
+    let route_and_sort = || {
+        let routing = layer.router.forward(x.clone().require_grad());
+        let _plan = dispatch::plan(
+            routing.experts,
+            routing.weights.clone(),
+            EXPERTS,
+            None,
+            DropPolicy::Position,
+        );
+        backward(routing.weights)
+    };
+    group.bench_function("routing", |b| b.iter(route_and_sort));
+    if reference {
+        group.bench_function("routing_reference_dispatch", |b| {
+            b.iter(|| with_reference_dispatch(route_and_sort))
+        });
+    }
     group.bench_function("permute", |b| {
         b.iter(|| backward(fixed_plan.permute(x.clone().require_grad())))
     });
@@ -137,10 +141,10 @@ fn bench_stages<B: AutodiffBackend + MoeBackend>(c: &mut Criterion, name: &str) 
 
 fn benches(c: &mut Criterion) {
     bench_layer::<Autodiff<Flex>>(c, "flex", false);
-    bench_stages::<Autodiff<Flex>>(c, "flex");
+    bench_stages::<Autodiff<Flex>>(c, "flex", false);
     bench_layer::<Autodiff<NdArray>>(c, "ndarray", false);
     bench_layer::<Autodiff<Wgpu>>(c, "wgpu", true);
-    bench_stages::<Autodiff<Wgpu>>(c, "wgpu");
+    bench_stages::<Autodiff<Wgpu>>(c, "wgpu", true);
 }
 
 criterion_group!(moe_layer, benches);
