@@ -10,7 +10,11 @@ use anyhow::{Context, Result};
 use burn::backend::Flex;
 use clap::{Parser, Subcommand};
 use moe_model::{MoeAutodiffBackend, SamplingConfig, generate};
-use moe_train::{ExportFormat, RunConfig, evaluate, export, import, load_model, train};
+use moe_train::checkpoint::CONFIG_FILE;
+use moe_train::{
+    ExportFormat, RunConfig, UpcycleOptions, evaluate, export, import, load_model,
+    resolve_checkpoint, train, upcycle_checkpoint,
+};
 
 use crate::backend::{BackendJob, BackendKind, run_on};
 
@@ -37,14 +41,20 @@ enum Command {
     Export(ExportArgs),
     /// Make a checkpoint from a Hugging Face Mixtral directory or a safetensors export.
     Import(ImportArgs),
+    /// Turn a dense checkpoint into an MoE one whose experts start as copies of its FFNs.
+    Upcycle(UpcycleArgs),
 }
 
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
-    /// Run config (TOML).
-    #[arg(long, default_value = "configs/tiny.toml")]
-    config: PathBuf,
-    /// Run directory [default: checkpoints/<config name>].
+    /// Run config (TOML) [default: configs/tiny.toml, or the --init checkpoint's config].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Start a new run from this checkpoint's weights and tokenizer (fine-tuning; imported
+    /// or upcycled models). Its [model] section must match the run config's.
+    #[arg(long, value_name = "CKPT")]
+    init: Option<PathBuf>,
+    /// Run directory [default: checkpoints/<config name>, or checkpoints/<init name>-finetune].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Override train.steps.
@@ -59,6 +69,14 @@ struct TrainArgs {
     /// Override a config value: --set section.key=value (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
+}
+
+/// The file name of `path` without its extension, for default run directory names.
+fn file_name(path: &std::path::Path) -> Result<String> {
+    let stem = path
+        .file_stem()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    Ok(stem.to_string_lossy().into_owned())
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,6 +158,25 @@ struct ImportArgs {
     out: PathBuf,
 }
 
+#[derive(clap::Args, Debug)]
+struct UpcycleArgs {
+    /// A dense checkpoint directory, or a run directory (its latest checkpoint).
+    #[arg(long)]
+    from: PathBuf,
+    /// Experts per MoE layer.
+    #[arg(long)]
+    experts: usize,
+    /// Experts each token is sent to.
+    #[arg(long)]
+    top_k: usize,
+    /// Standard deviation of the new router weights [default: model.init_std / 10].
+    #[arg(long)]
+    router_std: Option<f64>,
+    /// The checkpoint directory to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+}
+
 impl BackendJob for TrainArgs {
     type Output = ();
 
@@ -148,17 +185,26 @@ impl BackendJob for TrainArgs {
         if let Some(steps) = self.steps {
             overrides.push(format!("train.steps={steps}"));
         }
-        let config = RunConfig::load(&self.config, &overrides)?;
-        let run_dir = match self.out {
-            Some(out) => out,
-            None => PathBuf::from("checkpoints").join(
-                self.config
-                    .file_stem()
-                    .context("the config path has no file name")?,
-            ),
+        let (config_path, default_name) = match (&self.config, &self.init) {
+            (Some(path), _) => (path.clone(), file_name(path)?),
+            (None, Some(init)) => {
+                let checkpoint = resolve_checkpoint(init)?;
+                let name = format!("{}-finetune", file_name(init)?);
+                (checkpoint.join(CONFIG_FILE), name)
+            }
+            (None, None) => {
+                let path = PathBuf::from("configs/tiny.toml");
+                let name = file_name(&path)?;
+                (path, name)
+            }
         };
+        let config = RunConfig::load(&config_path, &overrides)?;
+        let run_dir = self
+            .out
+            .unwrap_or_else(|| PathBuf::from("checkpoints").join(default_name));
         eprintln!("run directory: {}", run_dir.display());
-        let outcome = train::<B>(&config, &run_dir, self.resume, &device, |line| {
+        let init = self.init.as_deref();
+        let outcome = train::<B>(&config, &run_dir, self.resume, init, &device, |line| {
             eprintln!("{line}")
         })?;
         eprintln!(
@@ -309,6 +355,24 @@ fn import_checkpoint(args: ImportArgs) -> Result<()> {
     Ok(())
 }
 
+fn upcycle_dense(args: UpcycleArgs) -> Result<()> {
+    let options = UpcycleOptions {
+        n_experts: args.experts,
+        top_k: args.top_k,
+        router_std: args.router_std,
+    };
+    upcycle_checkpoint::<Flex>(&args.from, &args.out, &options, &Default::default())?;
+    eprintln!(
+        "upcycled {} into {} ({} experts, top-{}); train it with: moe train --init {}",
+        args.from.display(),
+        args.out.display(),
+        args.experts,
+        args.top_k,
+        args.out.display()
+    );
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -317,6 +381,7 @@ fn main() {
         Command::Generate(args) => run_on(args.backend, args),
         Command::Export(args) => export_checkpoint(args),
         Command::Import(args) => import_checkpoint(args),
+        Command::Upcycle(args) => upcycle_dense(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

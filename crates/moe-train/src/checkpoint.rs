@@ -57,29 +57,24 @@ pub fn save_checkpoint<B: Backend, M: Module<B>, R: burn::record::Record<B>>(
 ) -> Result<PathBuf> {
     let root = run_dir.join(CHECKPOINTS_DIR);
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let name = step_dir_name(state.step);
-    let tmp = root.join(format!(".tmp-{name}"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    let recorder = recorder();
-    model
-        .clone()
-        .save_file(tmp.join(MODEL_FILE), &recorder)
-        .context("writing the model record")?;
-    recorder
-        .record(optimizer, tmp.join(OPTIMIZER_FILE))
-        .context("writing the optimizer record")?;
-    std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
-    tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-    let dest = root.join(&name);
+    let dest = root.join(step_dir_name(state.step));
     if dest.exists() {
         std::fs::remove_dir_all(&dest)?;
     }
-    std::fs::rename(&tmp, &dest)
-        .with_context(|| format!("moving checkpoint to {}", dest.display()))?;
+    write_new_dir(&dest, |tmp| {
+        let recorder = recorder();
+        model
+            .clone()
+            .save_file(tmp.join(MODEL_FILE), &recorder)
+            .context("writing the model record")?;
+        recorder
+            .record(optimizer, tmp.join(OPTIMIZER_FILE))
+            .context("writing the optimizer record")?;
+        std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
+        tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
+        std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+        Ok(())
+    })?;
     let all = list_checkpoints(run_dir)?;
     for old in all.iter().take(all.len().saturating_sub(keep)) {
         std::fs::remove_dir_all(old)
@@ -146,20 +141,33 @@ pub struct LoadedModel<B: Backend> {
 /// Loads the model of `path` (a checkpoint or a run directory) onto `device`.
 pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
     let (model, config, checkpoint) = load_weights(path, device)?;
-    let tokenizer_path = checkpoint.join(TOKENIZER_FILE);
-    ensure!(
-        tokenizer_path.is_file(),
-        "checkpoint {} has no {TOKENIZER_FILE} (imported from a directory without one?): \
-         copy the model's tokenizer.json into it",
-        checkpoint.display()
-    );
-    let tokenizer = TextTokenizer::load(&tokenizer_path)?;
+    let tokenizer = load_tokenizer(&checkpoint)?;
     Ok(LoadedModel {
         model,
         config,
         tokenizer,
         checkpoint,
     })
+}
+
+/// The tokenizer of the checkpoint directory `checkpoint`; an error says what to do if it
+/// has none.
+pub fn load_tokenizer(checkpoint: &Path) -> Result<TextTokenizer> {
+    read_tokenizer(checkpoint)?.with_context(|| {
+        format!(
+            "checkpoint {} has no {TOKENIZER_FILE} (imported from a directory without one?): \
+             copy the model's tokenizer.json into it",
+            checkpoint.display()
+        )
+    })
+}
+
+/// The `tokenizer.json` of `dir`, if it has one.
+pub fn read_tokenizer(dir: &Path) -> Result<Option<TextTokenizer>> {
+    let path = dir.join(TOKENIZER_FILE);
+    path.is_file()
+        .then(|| TextTokenizer::load(&path))
+        .transpose()
 }
 
 /// The model and config of `path` (a checkpoint or a run directory), and the checkpoint
@@ -185,6 +193,28 @@ pub fn save_model_checkpoint<B: Backend>(
     config: &RunConfig,
     tokenizer: Option<&TextTokenizer>,
 ) -> Result<()> {
+    write_new_dir(dir, |tmp| {
+        model
+            .clone()
+            .save_file(tmp.join(MODEL_FILE), &recorder())
+            .context("writing the model record")?;
+        std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
+        if let Some(tokenizer) = tokenizer {
+            tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
+        }
+        let state = TrainingState {
+            step: 0,
+            elapsed_secs: 0.0,
+        };
+        std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+        Ok(())
+    })
+}
+
+/// Creates the directory `dir`, which must not exist, all or nothing: `fill` writes its
+/// files into a temporary sibling that is then renamed to `dir`; on failure the
+/// temporary directory is removed and `dir` does not appear.
+pub fn write_new_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     ensure!(
         !dir.exists(),
         "{} already exists; choose another output path (nothing was overwritten)",
@@ -198,18 +228,11 @@ pub fn save_model_checkpoint<B: Backend>(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    model
-        .clone()
-        .save_file(tmp.join(MODEL_FILE), &recorder())
-        .context("writing the model record")?;
-    std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
-    if let Some(tokenizer) = tokenizer {
-        tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
+    let filled = fill(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, dir).with_context(|| format!("moving into {}", dir.display()))
+    });
+    if filled.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    let state = TrainingState {
-        step: 0,
-        elapsed_secs: 0.0,
-    };
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-    std::fs::rename(&tmp, dir).with_context(|| format!("moving checkpoint to {}", dir.display()))
+    filled
 }

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use burn::tensor::backend::Backend;
 
-use crate::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, load_weights};
+use crate::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, load_weights, read_tokenizer, write_new_dir};
 use crate::hf_mixtral;
 use crate::model_tensors::model_tensors;
 use crate::safetensors_file::write_file;
@@ -48,49 +48,39 @@ pub fn export<B: Backend>(
             "cannot export as Hugging Face Mixtral: the model uses {feature}, which Mixtral lacks"
         );
     }
-    let name = out
-        .file_name()
-        .with_context(|| format!("{} has no directory name", out.display()))?;
-    let tmp = out.with_file_name(format!(".tmp-{}", name.to_string_lossy()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let tensors = model_tensors(&model)?;
-    let tokenizer_path = checkpoint.join(TOKENIZER_FILE);
-    let tokenizer = tokenizer_path
-        .is_file()
-        .then(|| moe_data::TextTokenizer::load(&tokenizer_path))
-        .transpose()?;
-    match format {
-        ExportFormat::Safetensors => {
-            let metadata = [("format", "moe"), ("layout", "burn module paths")]
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .into();
-            write_file(&tmp.join(WEIGHTS_FILE), &tensors, metadata)?;
-            std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
+    let tokenizer = read_tokenizer(&checkpoint)?;
+    write_new_dir(out, |tmp| {
+        match format {
+            ExportFormat::Safetensors => {
+                let metadata = [("format", "moe"), ("layout", "burn module paths")]
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .into();
+                write_file(&tmp.join(WEIGHTS_FILE), &tensors, metadata)?;
+                std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
+            }
+            ExportFormat::Hf => {
+                let eos = tokenizer.as_ref().and_then(|t| t.end_of_text());
+                let tensors = hf_mixtral::to_mixtral(tensors, &config.model, &config.moe)?;
+                write_file(
+                    &tmp.join(WEIGHTS_FILE),
+                    &tensors,
+                    hf_mixtral::safetensors_metadata(),
+                )?;
+                let json = |value: serde_json::Value| serde_json::to_string_pretty(&value);
+                std::fs::write(
+                    tmp.join("config.json"),
+                    json(hf_mixtral::config_json(&config.model, &config.moe, eos))?,
+                )?;
+                std::fs::write(
+                    tmp.join("generation_config.json"),
+                    json(hf_mixtral::generation_config_json(eos))?,
+                )?;
+            }
         }
-        ExportFormat::Hf => {
-            let eos = tokenizer.as_ref().and_then(|t| t.end_of_text());
-            let tensors = hf_mixtral::to_mixtral(tensors, &config.model, &config.moe)?;
-            write_file(
-                &tmp.join(WEIGHTS_FILE),
-                &tensors,
-                hf_mixtral::safetensors_metadata(),
-            )?;
-            let json = |value: serde_json::Value| serde_json::to_string_pretty(&value);
-            std::fs::write(
-                tmp.join("config.json"),
-                json(hf_mixtral::config_json(&config.model, &config.moe, eos))?,
-            )?;
-            std::fs::write(
-                tmp.join("generation_config.json"),
-                json(hf_mixtral::generation_config_json(eos))?,
-            )?;
+        if let Some(tokenizer) = &tokenizer {
+            tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
         }
-    }
-    if let Some(tokenizer) = &tokenizer {
-        tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("moving the export to {}", out.display()))
+        Ok(())
+    })
 }

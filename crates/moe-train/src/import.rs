@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use moe_data::TextTokenizer;
 use moe_model::Transformer;
 
-use crate::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, save_model_checkpoint};
+use crate::checkpoint::{CONFIG_FILE, read_tokenizer, save_model_checkpoint};
 use crate::config::RunConfig;
 use crate::hf_mixtral;
 use crate::model_tensors::load_model_tensors;
@@ -42,11 +42,7 @@ pub fn read_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<Imported
     let model = Transformer::new(&config.model, &config.moe, device)?;
     let model = load_model_tensors(model, tensors)
         .with_context(|| format!("loading the weights of {}", dir.display()))?;
-    let tokenizer_path = dir.join(TOKENIZER_FILE);
-    let tokenizer = tokenizer_path
-        .is_file()
-        .then(|| TextTokenizer::load(&tokenizer_path))
-        .transpose()?;
+    let tokenizer = read_tokenizer(dir)?;
     Ok(Imported {
         model,
         config,

@@ -14,6 +14,7 @@ pub mod router_stats;
 pub mod safetensors_file;
 pub mod schedule;
 pub mod trainer;
+pub mod upcycle;
 
 pub use checkpoint::{LoadedModel, load_model, load_weights, resolve_checkpoint};
 pub use config::RunConfig;
@@ -21,3 +22,4 @@ pub use eval::{EvalResult, evaluate};
 pub use export::{ExportFormat, export};
 pub use import::{Imported, import, read_model};
 pub use trainer::{TrainOutcome, train};
+pub use upcycle::{UpcycleOptions, upcycle, upcycle_checkpoint};

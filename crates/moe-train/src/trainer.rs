@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use burn::data::dataloader::batcher::Batcher;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::Recorder;
+use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 use moe_data::{
     EpochBatches, LmBatch, LmBatcher, TextTokenizer, TokenizerKind, load_corpus, tokenize_works,
@@ -19,12 +20,13 @@ use moe_model::{MoeAutodiffBackend, Transformer};
 
 use crate::checkpoint::{
     self, CONFIG_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TrainingState, list_checkpoints, load_state,
-    recorder, save_checkpoint,
+    load_tokenizer, load_weights, recorder, resolve_checkpoint, save_checkpoint,
 };
 use crate::config::RunConfig;
 use crate::eval::{EvalResult, evaluate};
 use crate::grad_clip::clip_global_norm;
 use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
+use crate::model_tensors::{load_model_tensors, model_tensors};
 use crate::router_stats::RouterStatsAccumulator;
 use crate::schedule::learning_rate;
 
@@ -45,12 +47,15 @@ pub struct TrainOutcome {
 
 /// Trains per `config` in `run_dir`. With `resume`, continues from the run's newest
 /// checkpoint (model, optimiser state, step; the LR schedule and data order are functions
-/// of the step); without it, refuses a directory that already holds checkpoints.
+/// of the step); without it, refuses a directory that already holds checkpoints. A new
+/// run with `init` starts from that checkpoint's weights and tokenizer (fine-tuning,
+/// training an imported or upcycled model) with a fresh optimiser and step count.
 /// `progress` receives one human-readable line per log interval and evaluation.
 pub fn train<B: MoeAutodiffBackend>(
     config: &RunConfig,
     run_dir: &Path,
     resume: bool,
+    init: Option<&Path>,
     device: &B::Device,
     mut progress: impl FnMut(&str),
 ) -> Result<TrainOutcome> {
@@ -77,8 +82,13 @@ pub fn train<B: MoeAutodiffBackend>(
     }
 
     let corpus = load_corpus(&config.data.dataset, &config.data.validation_works)?;
-    let tokenizer = match &resume_from {
-        Some(ckpt) => TextTokenizer::load(&ckpt.join(TOKENIZER_FILE))?,
+    // A new run from `init` starts from its weights, so it keeps its tokenizer too.
+    let init = match (&resume_from, init) {
+        (None, Some(init)) => Some(resolve_checkpoint(init)?),
+        _ => None,
+    };
+    let tokenizer = match resume_from.as_ref().or(init.as_ref()) {
+        Some(ckpt) => load_tokenizer(ckpt)?,
         None => match config.data.tokenizer {
             TokenizerKind::Byte => TextTokenizer::bytes()?,
             TokenizerKind::Bpe => {
@@ -120,6 +130,10 @@ pub fn train<B: MoeAutodiffBackend>(
 
     B::seed(device, config.train.seed);
     let mut model = Transformer::<B>::new(&config.model, &config.moe, device)?;
+    if let Some(init) = &init {
+        model = initial_weights(model, config, init, device)?;
+        progress(&format!("initialised from {}", init.display()));
+    }
     let train = &config.train;
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(train.beta1 as f32)
@@ -277,6 +291,26 @@ pub fn train<B: MoeAutodiffBackend>(
 
 /// A resumed run must use the checkpoint's model, MoE, data and optimiser settings; only
 /// the step budget and the logging/eval/checkpoint intervals may change.
+/// `model` with the weights of the checkpoint `init`, whose `[model]` section must equal
+/// the run's (`[moe]` may differ where the parameter shapes allow, e.g. the losses).
+fn initial_weights<B: Backend>(
+    model: Transformer<B>,
+    config: &RunConfig,
+    init: &Path,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let (source, source_config, _) = load_weights::<B>(init, device)?;
+    ensure!(
+        source_config.model == config.model,
+        "cannot initialise from {}: its [model] section differs from the run's; leave out \
+         --config to train with the checkpoint's own config, and change [moe], [data] or \
+         [train] with --set",
+        init.display()
+    );
+    load_model_tensors(model, model_tensors(&source)?)
+        .with_context(|| format!("initialising from {}", init.display()))
+}
+
 fn check_resumable(config: &RunConfig, saved: &Path) -> Result<()> {
     let text =
         std::fs::read_to_string(saved).with_context(|| format!("reading {}", saved.display()))?;

@@ -95,7 +95,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let config = RunConfig::parse(&config_text(&dataset(dir.path())), &[]).unwrap();
     let run = dir.path().join("run");
-    let outcome = train::<B>(&config, &run, false, &Default::default(), |_| {}).unwrap();
+    let outcome = train::<B>(&config, &run, false, None, &Default::default(), |_| {}).unwrap();
     assert_eq!(outcome.steps, 40);
     let losses = train_losses(&run);
     assert_eq!(losses.len(), 8);
@@ -125,7 +125,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     assert!(err.contains("step-00000040"), "{err}");
 
     // Refuses to overwrite without --resume.
-    let err = train::<B>(&config, &run, false, &Default::default(), |_| {}).unwrap_err();
+    let err = train::<B>(&config, &run, false, None, &Default::default(), |_| {}).unwrap_err();
     assert!(err.to_string().contains("--resume"), "{err}");
 }
 
@@ -149,12 +149,20 @@ fn resume_matches_the_uninterrupted_run() {
     let text = config_text(&data);
     let full = RunConfig::parse(&text, &overrides(6)).unwrap();
     let straight = dir.path().join("straight");
-    train::<B>(&full, &straight, false, &Default::default(), |_| {}).unwrap();
+    train::<B>(&full, &straight, false, None, &Default::default(), |_| {}).unwrap();
 
     let interrupted = dir.path().join("interrupted");
     let first_leg = RunConfig::parse(&text, &overrides(3)).unwrap();
-    train::<B>(&first_leg, &interrupted, false, &Default::default(), |_| {}).unwrap();
-    train::<B>(&full, &interrupted, true, &Default::default(), |_| {}).unwrap();
+    train::<B>(
+        &first_leg,
+        &interrupted,
+        false,
+        None,
+        &Default::default(),
+        |_| {},
+    )
+    .unwrap();
+    train::<B>(&full, &interrupted, true, None, &Default::default(), |_| {}).unwrap();
 
     let (a, b) = (train_losses(&straight), train_losses(&interrupted));
     assert_eq!(a.len(), 6);
@@ -170,7 +178,15 @@ fn resume_matches_the_uninterrupted_run() {
     // A different model cannot resume this run.
     let other =
         RunConfig::parse(&text, &[overrides(6), vec!["moe.top_k=1".into()]].concat()).unwrap();
-    let err = train::<B>(&other, &interrupted, true, &Default::default(), |_| {}).unwrap_err();
+    let err = train::<B>(
+        &other,
+        &interrupted,
+        true,
+        None,
+        &Default::default(),
+        |_| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("[moe]"), "{err}");
 }
 
@@ -252,7 +268,7 @@ fn wgpu_kernels_train_like_the_reference_path() {
         let config = RunConfig::parse(&text, &overrides).unwrap();
         let run = |name: &str| {
             let run_dir = dir.path().join(format!("{name}-{capacity:?}"));
-            train::<W>(&config, &run_dir, false, &Default::default(), |_| {}).unwrap();
+            train::<W>(&config, &run_dir, false, None, &Default::default(), |_| {}).unwrap();
             train_losses(&run_dir)
         };
         let kernels = run("kernels");

@@ -215,14 +215,8 @@ pub fn route_kernel<F: Float, I: Numeric>(
     let row = t * n_experts;
     let out = t * top_k;
     // Softmax statistics of the row (used by scoring 0).
-    let mut max = logits[row];
-    for e in 1..n_experts {
-        max = F::max(max, logits[row + e]);
-    }
-    let mut total = F::new(0.0);
-    for e in 0..n_experts {
-        total += (logits[row + e] - max).exp();
-    }
+    let max = row_max::<F>(logits, row, n_experts);
+    let total = row_exp_sum::<F>(logits, row, n_experts, max);
     for j in 0..top_k {
         let mut best = F::new(0.0);
         let mut best_score = F::new(0.0);
@@ -239,7 +233,7 @@ pub fn route_kernel<F: Float, I: Numeric>(
             if scoring == 0 {
                 score = (logit - max).exp() / total;
             } else if scoring == 2 {
-                score = F::new(1.0) / (F::new(1.0) + (F::new(0.0) - logit).exp());
+                score = sigmoid::<F>(logit);
             }
             let selection = score + bias[e];
             if !taken && (best_expert == n_experts || selection > best) {
@@ -303,14 +297,8 @@ pub fn route_backward_kernel<F: Float, I: Numeric>(
     }
     if scoring == 0 && normalize == 0 {
         // Weights are probabilities: d_logits = p * (onehot(grad) - dot).
-        let mut max = logits[row];
-        for e in 1..n_experts {
-            max = F::max(max, logits[row + e]);
-        }
-        let mut total = F::new(0.0);
-        for e in 0..n_experts {
-            total += (logits[row + e] - max).exp();
-        }
+        let max = row_max::<F>(logits, row, n_experts);
+        let total = row_exp_sum::<F>(logits, row, n_experts, max);
         for e in 0..n_experts {
             d_logits[row + e] = F::new(0.0) - (logits[row + e] - max).exp() / total * dot;
         }
@@ -326,7 +314,7 @@ pub fn route_backward_kernel<F: Float, I: Numeric>(
         if scoring == 2 {
             for j in 0..top_k {
                 let e = u32::cast_from(experts[out + j]) as usize;
-                total += F::new(1.0) / (F::new(1.0) + (F::new(0.0) - logits[row + e]).exp());
+                total += sigmoid::<F>(logits[row + e]);
             }
         }
         let scale = F::cast_from(scale);
@@ -334,10 +322,36 @@ pub fn route_backward_kernel<F: Float, I: Numeric>(
             let e = u32::cast_from(experts[out + j]) as usize;
             let mut d = weights[out + j] * (grad[out + j] - dot);
             if scoring == 2 {
-                let s = F::new(1.0) / (F::new(1.0) + (F::new(0.0) - logits[row + e]).exp());
+                let s = sigmoid::<F>(logits[row + e]);
                 d = scale / total * (grad[out + j] - dot / scale) * s * (F::new(1.0) - s);
             }
             d_logits[row + e] = d;
         }
     }
+}
+
+/// Largest of `values[row .. row + n]`.
+#[cube]
+fn row_max<F: Float>(values: &Tensor<F>, row: usize, n: usize) -> F {
+    let mut max = values[row];
+    for e in 1..n {
+        max = F::max(max, values[row + e]);
+    }
+    max
+}
+
+/// `sum exp(values[row + e] - max)` over the row: a softmax denominator.
+#[cube]
+fn row_exp_sum<F: Float>(values: &Tensor<F>, row: usize, n: usize, max: F) -> F {
+    let mut total = F::new(0.0);
+    for e in 0..n {
+        total += (values[row + e] - max).exp();
+    }
+    total
+}
+
+/// The logistic function.
+#[cube]
+fn sigmoid<F: Float>(x: F) -> F {
+    F::new(1.0) / (F::new(1.0) + (F::new(0.0) - x).exp())
 }
