@@ -43,6 +43,10 @@ enum Command {
     Import(ImportArgs),
     /// Turn a dense checkpoint into an MoE one whose experts start as copies of its FFNs.
     Upcycle(UpcycleArgs),
+    /// Serve a checkpoint over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Run a Mixture-of-Agents pipeline over OpenAI-compatible endpoints.
+    Moa(MoaArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -175,6 +179,51 @@ struct UpcycleArgs {
     /// The checkpoint directory to create (must not exist).
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// A checkpoint directory, or a run directory (its latest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Model name in responses and /v1/models [default: the checkpoint's directory name].
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1 requests.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Chat prompt format: chatml or plain.
+    #[arg(long, default_value = "chatml")]
+    template: moe_serve::ChatTemplate,
+    /// Requests that may wait for the model; more get 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Longest time one answer may take, in seconds (it then ends with "length").
+    #[arg(long, default_value_t = 60.0)]
+    max_time_secs: f64,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: BackendKind,
+}
+
+#[derive(clap::Args, Debug)]
+struct MoaArgs {
+    /// The pipeline (TOML): layers of proposers and an aggregator.
+    #[arg(long, default_value = "configs/moa.toml")]
+    config: PathBuf,
+    /// The user's prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Write the per-call records (agent, layer, latency, tokens, error) as JSON here
+    /// instead of printing them to stderr.
+    #[arg(long)]
+    records: Option<PathBuf>,
 }
 
 impl BackendJob for TrainArgs {
@@ -311,6 +360,7 @@ impl BackendJob for GenerateArgs {
                         printed = text.len();
                     }
                 }
+                std::ops::ControlFlow::Continue(())
             },
             &device,
         );
@@ -322,6 +372,72 @@ impl BackendJob for GenerateArgs {
         writeln!(out)?;
         Ok(())
     }
+}
+
+impl BackendJob for ServeArgs {
+    type Output = ();
+
+    fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<()> {
+        anyhow::ensure!(
+            self.max_time_secs.is_finite() && self.max_time_secs > 0.0,
+            "--max-time-secs must be a positive number of seconds"
+        );
+        anyhow::ensure!(self.queue > 0, "--queue must be at least 1");
+        let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        let model_id = match self.model_id {
+            Some(id) => id,
+            None => file_name(&self.checkpoint)?,
+        };
+        let options = moe_serve::EngineOptions {
+            queue_capacity: self.queue,
+            time_limit: std::time::Duration::from_secs_f64(self.max_time_secs),
+        };
+        let engine = moe_serve::Engine::start(loaded.model, loaded.tokenizer, device, options)
+            .context("starting the generation thread")?;
+        let app = moe_serve::router(
+            engine,
+            moe_serve::ServerOptions {
+                model_id: model_id.clone(),
+                api_key: self.api_key,
+                template: self.template,
+            },
+        );
+        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        runtime.block_on(async {
+            let address = format!("{}:{}", self.host, self.port);
+            let listener = tokio::net::TcpListener::bind(&address)
+                .await
+                .with_context(|| format!("listening on {address}"))?;
+            eprintln!(
+                "serving {model_id} ({}) on http://{}/v1",
+                loaded.checkpoint.display(),
+                listener.local_addr()?
+            );
+            moe_serve::serve(listener, app, moe_serve::shutdown_signal()).await?;
+            eprintln!("shut down");
+            Ok(())
+        })
+    }
+}
+
+fn run_moa(args: MoaArgs) -> Result<()> {
+    let config = moe_serve::MoaConfig::load(&args.config)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut out = std::io::stdout();
+    let result = runtime.block_on(moe_serve::moa::run(&config, &args.prompt, |text| {
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+    }));
+    writeln!(out)?;
+    let outcome = result?;
+    let records = serde_json::to_string_pretty(&outcome.calls)?;
+    match &args.records {
+        Some(path) => {
+            std::fs::write(path, records).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => eprintln!("{records}"),
+    }
+    Ok(())
 }
 
 fn export_checkpoint(args: ExportArgs) -> Result<()> {
@@ -378,10 +494,12 @@ fn main() {
     let result = match cli.command {
         Command::Train(args) => run_on(args.backend, args),
         Command::Eval(args) => run_on(args.backend, args),
+        Command::Serve(args) => run_on(args.backend, args),
         Command::Generate(args) => run_on(args.backend, args),
         Command::Export(args) => export_checkpoint(args),
         Command::Import(args) => import_checkpoint(args),
         Command::Upcycle(args) => upcycle_dense(args),
+        Command::Moa(args) => run_moa(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

@@ -247,3 +247,102 @@ fn errors_name_the_problem() {
     let out = moe(&["generate", "--checkpoint", "x", "--top-p", "0"]);
     assert!(stderr(&out).contains("--top-p"), "{}", stderr(&out));
 }
+
+#[test]
+fn upcycle_a_dense_run_then_fine_tune_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let (dense, up, tuned) = (path("dense"), path("up"), path("tuned"));
+    let out = moe(&[
+        "train",
+        "--config",
+        &config,
+        "--set",
+        "model.n_dense_layers=2",
+        "--steps",
+        "2",
+        "--out",
+        &dense,
+    ]);
+    assert!(out.status.success(), "dense train failed: {}", stderr(&out));
+
+    let out = moe(&[
+        "upcycle",
+        "--from",
+        &dense,
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--out",
+        &up,
+    ]);
+    assert!(out.status.success(), "upcycle failed: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("moe train --init"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The checkpoint's own config; --set changes the rest.
+    let out = moe(&[
+        "train",
+        "--init",
+        &up,
+        "--steps",
+        "2",
+        "--set",
+        "train.lr=1e-3",
+        "--out",
+        &tuned,
+    ]);
+    assert!(
+        out.status.success(),
+        "train --init failed: {}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("initialised from"),
+        "{}",
+        stderr(&out)
+    );
+    let out = moe(&["eval", "--checkpoint", &tuned, "--json", "--batches", "1"]);
+    assert!(out.status.success(), "eval failed: {}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["expert_load"].as_array().unwrap().len(), 2, "{json}");
+
+    // A config of another shape, and upcycling a model that is already sparse.
+    let out = moe(&[
+        "train",
+        "--init",
+        &up,
+        "--config",
+        &config,
+        "--out",
+        &path("x"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("[model] section differs"),
+        "{}",
+        stderr(&out)
+    );
+    let out = moe(&[
+        "upcycle",
+        "--from",
+        &tuned,
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--out",
+        &path("y"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("already an MoE layer"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,5 +1,7 @@
 //! Autoregressive generation with a KV cache.
 
+use std::ops::ControlFlow;
+
 use burn::tensor::{Int, Tensor};
 
 use crate::sampling::{Sampler, SamplingConfig};
@@ -13,6 +15,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` were produced or the context window is full.
     Length,
+    /// The caller's `on_token` asked to stop (a stop string, a time limit, a client gone).
+    Interrupted,
 }
 
 /// Generated token ids and why generation ended.
@@ -26,14 +30,15 @@ pub struct Generation {
 
 /// Generates up to `max_tokens` after `prompt`, stopping early at any of `stop_tokens` or
 /// when prompt plus output fill the context window (`max_seq_len`). Prompts longer than the window keep
-/// their last tokens. `on_token` sees each new token as it is produced.
+/// their last tokens. `on_token` sees each new token as it is produced and may end
+/// generation by returning `ControlFlow::Break`.
 pub fn generate<B: MoeBackend>(
     model: &Transformer<B>,
     prompt: &[u32],
     max_tokens: usize,
     stop_tokens: &[u32],
     sampling: SamplingConfig,
-    mut on_token: impl FnMut(u32),
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     device: &B::Device,
 ) -> Generation {
     let window = model.model_config().max_seq_len;
@@ -74,7 +79,12 @@ pub fn generate<B: MoeBackend>(
             };
         }
         tokens.push(next);
-        on_token(next);
+        if on_token(next).is_break() {
+            return Generation {
+                tokens,
+                finish_reason: FinishReason::Interrupted,
+            };
+        }
         input = vec![next];
     }
 }

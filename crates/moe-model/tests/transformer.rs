@@ -3,9 +3,12 @@
 
 mod common;
 
+use std::ops::ControlFlow;
+
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor};
 use common::*;
+
 use moe_model::{FinishReason, KvCache, ModelConfig, SamplingConfig, Transformer, generate};
 
 type B = Flex;
@@ -127,7 +130,10 @@ fn generation_stops_at_the_window_or_a_stop_token() {
         100,
         &[],
         greedy.clone(),
-        |t| seen.push(t),
+        |t| {
+            seen.push(t);
+            ControlFlow::Continue(())
+        },
         &device,
     );
     assert_eq!(out.finish_reason, FinishReason::Length);
@@ -143,12 +149,39 @@ fn generation_stops_at_the_window_or_a_stop_token() {
         100,
         &[],
         greedy.clone(),
-        |_| {},
+        |_| ControlFlow::Continue(()),
         &device,
     );
     assert_eq!(again, out, "greedy decoding is deterministic");
+    let mut count = 0;
+    let interrupted = generate(
+        &model,
+        &[1, 2, 3],
+        100,
+        &[],
+        greedy.clone(),
+        |_| {
+            count += 1;
+            if count == 4 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+        &device,
+    );
+    assert_eq!(interrupted.finish_reason, FinishReason::Interrupted);
+    assert_eq!(interrupted.tokens, out.tokens[..4]);
     let stop = out.tokens[2];
-    let stopped = generate(&model, &[1, 2, 3], 100, &[stop], greedy, |_| {}, &device);
+    let stopped = generate(
+        &model,
+        &[1, 2, 3],
+        100,
+        &[stop],
+        greedy,
+        |_| ControlFlow::Continue(()),
+        &device,
+    );
     assert_eq!(stopped.finish_reason, FinishReason::Stop);
     assert_eq!(
         stopped.tokens,

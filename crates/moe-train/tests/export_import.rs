@@ -351,3 +351,73 @@ fn broken_checkpoints_give_errors_that_name_the_problem() {
         .to_string();
     assert!(error.contains("already exists"), "{error}");
 }
+
+/// Last-position logits of candle-transformers' Mixtral fed `ids` (one sequence) token by
+/// token through its KV cache: one row per position.
+fn candle_mixtral_logits(dir: &Path, ids: &[i64]) -> Vec<f32> {
+    use candle_core::{DType, Device, Tensor as CandleTensor};
+    use candle_transformers::models::mixtral;
+
+    let device = Device::Cpu;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    // candle's config has no optional window and a flash-attention switch of its own.
+    config["sliding_window"] = serde_json::json!(ids.len() + 1);
+    config["use_flash_attn"] = serde_json::json!(false);
+    let config: mixtral::Config = serde_json::from_value(config).unwrap();
+    // SAFETY: the file is not modified while the map is alive.
+    let weights = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &device,
+        )
+        .unwrap()
+    };
+    let mut model = mixtral::Model::new(&config, weights).unwrap();
+    let mut rows = Vec::new();
+    for (position, &id) in ids.iter().enumerate() {
+        let input = CandleTensor::new(&[[id as u32]], &device).unwrap();
+        let logits = model.forward(&input, position).unwrap();
+        rows.extend(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    rows
+}
+
+#[test]
+fn candle_transformers_mixtral_computes_our_logits_from_the_hf_export() {
+    // Both Mixtral-compatible gates; grouped-query attention; weights large enough that
+    // routing is decisive and the logits far from zero.
+    for router in [RouterKind::SoftmaxTopk, RouterKind::TopkSoftmax] {
+        let mut config = small_config(router, 0, false);
+        config.model.vocab_size = 64;
+        config.model.d_model = 32;
+        config.moe.expert_ffn_dim = 24;
+        config.model.init_std = 0.15;
+        let dir = tempfile::tempdir().unwrap();
+        let (checkpoint, model) = saved_model(dir.path(), &config);
+        let exported = dir.path().join("hf");
+        export::<B>(
+            &checkpoint,
+            ExportFormat::Hf,
+            &exported,
+            &Default::default(),
+        )
+        .unwrap();
+
+        let ids: Vec<i64> = (0..24).map(|i| (i * 29 + 5) % 64).collect();
+        let ours = logits(&model, &ids, [1, ids.len()]);
+        let theirs = candle_mixtral_logits(&exported, &ids);
+        let largest = ours.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            largest > 0.5,
+            "{router:?}: logits too small to compare ({largest})"
+        );
+        let diff = max_abs_diff(&ours, &theirs);
+        eprintln!("{router:?}: max abs diff {diff:e}, largest |logit| {largest}");
+        assert!(
+            diff <= 1e-4,
+            "{router:?}: max abs diff to candle-transformers' Mixtral: {diff}"
+        );
+    }
+}

@@ -1,0 +1,72 @@
+//! A test server: a small random byte-level model behind the real router.
+
+use std::net::SocketAddr;
+
+use burn::backend::Flex;
+use moe_data::TextTokenizer;
+use moe_model::{ModelConfig, MoeConfig, RouterKind, Transformer};
+use moe_serve::{ChatTemplate, Engine, EngineOptions, ServerOptions, router, serve};
+
+/// A small random model over bytes, `d_model` wide, attending over `window` tokens.
+pub fn engine(options: EngineOptions, d_model: usize, window: usize) -> Engine {
+    let model = ModelConfig {
+        vocab_size: 256,
+        d_model,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: Some(2),
+        max_seq_len: window,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+        dense_ffn_dim: 0,
+        n_dense_layers: 0,
+        moe_layer_interval: 1,
+        init_std: 0.3,
+    };
+    let moe = MoeConfig {
+        n_experts: 4,
+        top_k: 2,
+        expert_ffn_dim: 32,
+        router: RouterKind::SoftmaxTopk,
+        renormalize: true,
+        route_scale: 1.0,
+        jitter: 0.0,
+        n_shared_experts: 0,
+        capacity_factor: None,
+        eval_capacity_factor: None,
+        drop_policy: moe_model::DropPolicy::Position,
+        aux_loss_weight: 0.0,
+        z_loss_weight: 0.0,
+        bias_update_rate: 0.0,
+    };
+    let device = Default::default();
+    let model = Transformer::<Flex>::new(&model, &moe, &device).unwrap();
+    Engine::start(model, TextTokenizer::bytes().unwrap(), device, options).unwrap()
+}
+
+/// Serves a fresh engine on an ephemeral port; the server stops with the runtime.
+pub async fn start(options: EngineOptions, api_key: Option<&str>) -> SocketAddr {
+    start_model(options, api_key, 32, 256).await
+}
+
+/// Serves a fresh `engine(options, d_model, window)` on an ephemeral port.
+pub async fn start_model(
+    options: EngineOptions,
+    api_key: Option<&str>,
+    d_model: usize,
+    window: usize,
+) -> SocketAddr {
+    let app = router(
+        engine(options, d_model, window),
+        ServerOptions {
+            model_id: "tiny-moe".into(),
+            api_key: api_key.map(str::to_string),
+            template: ChatTemplate::ChatMl,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, app, std::future::pending()));
+    addr
+}
