@@ -424,12 +424,11 @@ fn run_moa(args: MoaArgs) -> Result<()> {
     let config = moe_serve::MoaConfig::load(&args.config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let mut out = std::io::stdout();
-    let result = runtime.block_on(moe_serve::moa::run(&config, &args.prompt, |text| {
+    let outcome = runtime.block_on(moe_serve::moa::run(&config, &args.prompt, |text| {
         let _ = write!(out, "{text}");
         let _ = out.flush();
     }));
     writeln!(out)?;
-    let outcome = result?;
     let records = serde_json::to_string_pretty(&outcome.calls)?;
     match &args.records {
         Some(path) => {
@@ -437,7 +436,7 @@ fn run_moa(args: MoaArgs) -> Result<()> {
         }
         None => eprintln!("{records}"),
     }
-    Ok(())
+    outcome.answer.map(|_| ())
 }
 
 fn export_checkpoint(args: ExportArgs) -> Result<()> {

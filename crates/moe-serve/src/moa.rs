@@ -193,11 +193,12 @@ pub struct CallRecord {
     pub error: Option<String>,
 }
 
-/// The final answer and the record of every call.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The final answer, or why there is none, and the record of every call made (kept
+/// either way, to see what went wrong).
+#[derive(Debug)]
 pub struct MoaOutcome {
     /// The aggregator's answer.
-    pub answer: String,
+    pub answer: Result<String>,
     /// Every call in order of layer.
     pub calls: Vec<CallRecord>,
 }
@@ -221,13 +222,19 @@ pub fn with_references(
 }
 
 /// Runs the pipeline on `prompt`; `on_text` receives the final answer as it streams in.
-pub async fn run(
+pub async fn run(config: &MoaConfig, prompt: &str, on_text: impl FnMut(&str)) -> MoaOutcome {
+    let mut calls = Vec::new();
+    let answer = run_layers(config, prompt, on_text, &mut calls).await;
+    MoaOutcome { answer, calls }
+}
+
+async fn run_layers(
     config: &MoaConfig,
     prompt: &str,
     mut on_text: impl FnMut(&str),
-) -> Result<MoaOutcome> {
+    calls: &mut Vec<CallRecord>,
+) -> Result<String> {
     let http = reqwest::Client::new();
-    let mut calls = Vec::new();
     let mut references: Vec<String> = Vec::new();
     for (index, layer) in config.layers.iter().enumerate() {
         let layer_number = index + 1;
@@ -272,7 +279,7 @@ pub async fn run(
     .await;
     calls.push(record.clone());
     match answer {
-        Some(answer) => Ok(MoaOutcome { answer, calls }),
+        Some(answer) => Ok(answer),
         None => bail!(
             "the aggregator `{}` failed: {}",
             record.agent,
@@ -377,7 +384,7 @@ async fn attempt<'f>(
         request = request.bearer_auth(key);
     }
     let response = request.send().await.map_err(|e| Failure {
-        message: format!("{url}: {e}"),
+        message: format!("{url}: {}", with_causes(&e)),
         retryable: true,
     })?;
     let status = response.status();
@@ -409,7 +416,7 @@ async fn attempt<'f>(
     let mut bytes = response.bytes_stream();
     while let Some(chunk) = bytes.next().await {
         let chunk = chunk.map_err(|e| Failure {
-            message: format!("{url}: the stream broke: {e}"),
+            message: format!("{url}: the stream broke: {}", with_causes(&e)),
             retryable: answer.is_empty(),
         })?;
         pending.push_str(&String::from_utf8_lossy(&chunk));
@@ -434,6 +441,18 @@ async fn attempt<'f>(
         }
     }
     Ok(answer)
+}
+
+/// An error and its sources, `outer: inner: ...` (reqwest hides the cause, such as a
+/// refused connection, in the source chain).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 fn record_usage(record: &mut CallRecord, usage: &Value) {

@@ -57,11 +57,10 @@ async fn proposers_and_an_aggregator_answer_and_failures_are_dropped() {
     );
     config.validate().unwrap();
     let mut streamed = String::new();
-    let outcome = moa::run(&config, "What is a king?", |text| streamed.push_str(text))
-        .await
-        .unwrap();
-    assert_eq!(streamed, outcome.answer);
-    assert!(!outcome.answer.is_empty());
+    let outcome = moa::run(&config, "What is a king?", |text| streamed.push_str(text)).await;
+    let answer = outcome.answer.unwrap();
+    assert_eq!(streamed, answer);
+    assert!(!answer.is_empty());
     let layers: Vec<usize> = outcome.calls.iter().map(|c| c.layer).collect();
     assert_eq!(layers, [1, 1, 2, 2, 3]);
     for call in &outcome.calls {
@@ -85,8 +84,8 @@ async fn proposers_and_an_aggregator_answer_and_failures_are_dropped() {
         agent("aggregator", aggregator),
         1,
     );
-    let outcome = moa::run(&config, "What is a king?", |_| {}).await.unwrap();
-    assert!(!outcome.answer.is_empty());
+    let outcome = moa::run(&config, "What is a king?", |_| {}).await;
+    assert!(!outcome.answer.unwrap().is_empty());
     let call = |name: &str| outcome.calls.iter().find(|c| c.agent == name).unwrap();
     assert!(call("a").error.is_none());
     assert_eq!(call("dead").attempts, 2, "connection errors are retried");
@@ -109,11 +108,13 @@ async fn proposers_and_an_aggregator_answer_and_failures_are_dropped() {
         agent("aggregator", aggregator),
         2,
     );
-    let err = moa::run(&config, "Hi", |_| {})
-        .await
-        .unwrap_err()
-        .to_string();
+    let outcome = moa::run(&config, "Hi", |_| {}).await;
+    let err = outcome.answer.unwrap_err().to_string();
     assert!(err.contains("layer 1") && err.contains("dead"), "{err}");
+    assert!(err.contains("refused"), "the cause is named: {err}");
+    // The calls made are still on record; the aggregator was never called.
+    let agents: Vec<&str> = outcome.calls.iter().map(|c| c.agent.as_str()).collect();
+    assert_eq!(agents, ["small", "dead"]);
 }
 
 #[test]

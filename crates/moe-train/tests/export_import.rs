@@ -2,10 +2,12 @@
 //! transformers (with the logits transformers computed), round trips through both export
 //! formats, and the errors for models Mixtral cannot express and for broken files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
-use burn::tensor::{Int, Tensor, TensorData};
+use common::{logits, max_abs_diff};
 use moe_model::{ModelConfig, MoeConfig, RouterKind, Transformer};
 use moe_train::checkpoint::save_model_checkpoint;
 use moe_train::model_tensors::model_tensors;
@@ -38,25 +40,6 @@ fn expected() -> (Vec<i64>, [usize; 2], Vec<f32>) {
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect();
     (ids, shape, logits)
-}
-
-fn logits(model: &Transformer<B>, ids: &[i64], shape: [usize; 2]) -> Vec<f32> {
-    let tokens =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), shape), &Default::default());
-    model
-        .forward(tokens)
-        .logits
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Training end to end on a small slice of the corpus: the loss falls, a resumed run
 //! matches an uninterrupted one, checkpoints load, and bad configs are rejected by name.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
@@ -20,18 +22,14 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// A small dataset: slices of three shipped works (two to train on, one held out).
 fn dataset(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/shakespeare");
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    for (name, bytes) in [
-        ("hamlet", 60_000),
-        ("macbeth", 60_000),
-        ("twelfth_night", 8_000),
-    ] {
-        let text = std::fs::read_to_string(source.join(format!("{name}.txt"))).unwrap();
-        std::fs::write(data.join(format!("{name}.txt")), &text[..bytes]).unwrap();
-    }
-    data
+    common::dataset(
+        dir,
+        &[
+            ("hamlet", 60_000),
+            ("macbeth", 60_000),
+            ("twelfth_night", 8_000),
+        ],
+    )
 }
 
 fn config_text(data: &Path) -> String {

@@ -3,10 +3,12 @@
 //! a run initialised from a checkpoint starts at exactly its weights, and the refusals
 //! name the problem.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{Int, Tensor, TensorData};
+use common::max_abs_diff;
 use moe_data::TextTokenizer;
 use moe_model::{RouterKind, Transformer};
 use moe_train::checkpoint::save_model_checkpoint;
@@ -64,18 +66,14 @@ const MOE: &str = "n_experts = 2\ntop_k = 1\nexpert_ffn_dim = 16";
 
 /// Slices of three shipped works (two to train on, one held out).
 fn dataset(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/shakespeare");
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    for (name, bytes) in [
-        ("hamlet", 20_000),
-        ("macbeth", 20_000),
-        ("twelfth_night", 4_000),
-    ] {
-        let text = std::fs::read_to_string(source.join(format!("{name}.txt"))).unwrap();
-        std::fs::write(data.join(format!("{name}.txt")), &text[..bytes]).unwrap();
-    }
-    data
+    common::dataset(
+        dir,
+        &[
+            ("hamlet", 20_000),
+            ("macbeth", 20_000),
+            ("twelfth_night", 4_000),
+        ],
+    )
 }
 
 /// A randomly initialised dense checkpoint of `config` at `dir`, with the byte tokenizer.
@@ -87,21 +85,7 @@ fn dense_checkpoint(config: &RunConfig, dir: &Path) {
 
 fn logits(model: &Transformer<B>) -> Vec<f32> {
     let ids: Vec<i64> = (0..2 * 24).map(|i| (i * 37 + 11) % 256).collect();
-    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2, 24]), &Default::default());
-    model
-        .forward(tokens)
-        .logits
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    common::logits(model, &ids, [2, 24])
 }
 
 fn std_dev(values: &[f32]) -> f64 {
