@@ -150,6 +150,23 @@ pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedM
     })
 }
 
+/// The model, config and tokenizer (if it has one) of `path`, for a command that writes
+/// the new directory `out` from them: an existing `out` is refused before anything loads.
+pub fn load_source<B: Backend>(
+    path: &Path,
+    out: &Path,
+    device: &B::Device,
+) -> Result<(Transformer<B>, RunConfig, Option<TextTokenizer>)> {
+    ensure!(
+        !out.exists(),
+        "{} already exists; choose another --out (nothing was overwritten)",
+        out.display()
+    );
+    let (model, config, checkpoint) = load_weights::<B>(path, device)?;
+    let tokenizer = read_tokenizer(&checkpoint)?;
+    Ok((model, config, tokenizer))
+}
+
 /// The tokenizer of the checkpoint directory `checkpoint`; an error says what to do if it
 /// has none.
 pub fn load_tokenizer(checkpoint: &Path) -> Result<TextTokenizer> {

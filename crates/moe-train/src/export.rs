@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, bail};
 use burn::tensor::backend::Backend;
 
-use crate::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, load_weights, read_tokenizer, write_new_dir};
+use crate::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, load_source, write_new_dir};
 use crate::hf_mixtral;
 use crate::model_tensors::model_tensors;
 use crate::safetensors_file::write_file;
@@ -35,12 +35,7 @@ pub fn export<B: Backend>(
     out: &Path,
     device: &B::Device,
 ) -> Result<()> {
-    ensure!(
-        !out.exists(),
-        "{} already exists; choose another --out (nothing was overwritten)",
-        out.display()
-    );
-    let (model, config, checkpoint) = load_weights::<B>(checkpoint, device)?;
+    let (model, config, tokenizer) = load_source::<B>(checkpoint, out, device)?;
     if format == ExportFormat::Hf
         && let Some(feature) = hf_mixtral::unsupported_feature(&config.model, &config.moe)
     {
@@ -49,7 +44,6 @@ pub fn export<B: Backend>(
         );
     }
     let tensors = model_tensors(&model)?;
-    let tokenizer = read_tokenizer(&checkpoint)?;
     write_new_dir(out, |tmp| {
         match format {
             ExportFormat::Safetensors => {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::backend::Backend;
 use moe_model::Transformer;
 
-use crate::checkpoint::{load_weights, read_tokenizer, save_model_checkpoint};
+use crate::checkpoint::{load_source, save_model_checkpoint};
 use crate::config::RunConfig;
 use crate::model_tensors::{load_model_tensors, model_tensors, take};
 use crate::safetensors_file::HostTensor;
@@ -120,13 +120,7 @@ pub fn upcycle_checkpoint<B: Backend>(
     options: &UpcycleOptions,
     device: &B::Device,
 ) -> Result<()> {
-    ensure!(
-        !out.exists(),
-        "{} already exists; choose another --out (nothing was overwritten)",
-        out.display()
-    );
-    let (dense, dense_config, checkpoint) = load_weights::<B>(from, device)?;
+    let (dense, dense_config, tokenizer) = load_source::<B>(from, out, device)?;
     let (model, config) = upcycle(&dense, &dense_config, options, device)?;
-    let tokenizer = read_tokenizer(&checkpoint)?;
     save_model_checkpoint(out, &model, &config, tokenizer.as_ref())
 }
