@@ -186,24 +186,17 @@ struct ServeArgs {
     /// A checkpoint directory, or a run directory (its latest checkpoint).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// Port to listen on.
-    #[arg(long, default_value_t = 8080)]
-    port: u16,
-    /// Model name in responses and /v1/models [default: the checkpoint's directory name].
-    #[arg(long)]
-    model_id: Option<String>,
-    /// Require `Authorization: Bearer KEY` on /v1 requests.
-    #[arg(long)]
-    api_key: Option<String>,
+    #[command(flatten)]
+    http: HttpArgs,
     /// Chat prompt format: chatml or plain.
     #[arg(long, default_value = "chatml")]
     template: moe_serve::ChatTemplate,
-    /// Requests that may wait for the model; more get 429.
+    /// Requests that may wait for a free slot; more get 429.
     #[arg(long, default_value_t = 64)]
     queue: usize,
+    /// Answers generated together (one forward pass gives each its next token).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
     /// Longest time one answer may take, in seconds (it then ends with "length").
     #[arg(long, default_value_t = 60.0)]
     max_time_secs: f64,
@@ -212,18 +205,54 @@ struct ServeArgs {
     backend: BackendKind,
 }
 
+/// Where and how an OpenAI-compatible server listens.
 #[derive(clap::Args, Debug)]
+struct HttpArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Model name in responses and /v1/models [default: the checkpoint's directory name,
+    /// or "moa" for a pipeline].
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1 requests.
+    #[arg(long)]
+    api_key: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct MoaArgs {
+    #[command(subcommand)]
+    command: Option<MoaCommand>,
     /// The pipeline (TOML): layers of proposers and an aggregator.
     #[arg(long, default_value = "configs/moa.toml")]
     config: PathBuf,
     /// The user's prompt.
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required = true)]
+    prompt: Option<String>,
     /// Write the per-call records (agent, layer, latency, tokens, error) as JSON here
     /// instead of printing them to stderr.
     #[arg(long)]
     records: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum MoaCommand {
+    /// Serve the pipeline itself as an OpenAI-compatible chat endpoint.
+    Serve(MoaServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MoaServeArgs {
+    /// The pipeline (TOML): layers of proposers and an aggregator.
+    #[arg(long, default_value = "configs/moa.toml")]
+    config: PathBuf,
+    #[command(flatten)]
+    http: HttpArgs,
 }
 
 impl BackendJob for TrainArgs {
@@ -383,13 +412,15 @@ impl BackendJob for ServeArgs {
             "--max-time-secs must be a positive number of seconds"
         );
         anyhow::ensure!(self.queue > 0, "--queue must be at least 1");
+        anyhow::ensure!(self.max_batch > 0, "--max-batch must be at least 1");
         let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
-        let model_id = match self.model_id {
+        let model_id = match self.http.model_id.clone() {
             Some(id) => id,
             None => file_name(&self.checkpoint)?,
         };
         let options = moe_serve::EngineOptions {
             queue_capacity: self.queue,
+            max_batch: self.max_batch,
             time_limit: std::time::Duration::from_secs_f64(self.max_time_secs),
         };
         let engine = moe_serve::Engine::start(loaded.model, loaded.tokenizer, device, options)
@@ -398,33 +429,56 @@ impl BackendJob for ServeArgs {
             engine,
             moe_serve::ServerOptions {
                 model_id: model_id.clone(),
-                api_key: self.api_key,
+                api_key: self.http.api_key.clone(),
                 template: self.template,
             },
         );
-        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-        runtime.block_on(async {
-            let address = format!("{}:{}", self.host, self.port);
-            let listener = tokio::net::TcpListener::bind(&address)
-                .await
-                .with_context(|| format!("listening on {address}"))?;
-            eprintln!(
-                "serving {model_id} ({}) on http://{}/v1",
-                loaded.checkpoint.display(),
-                listener.local_addr()?
-            );
-            moe_serve::serve(listener, app, moe_serve::shutdown_signal()).await?;
-            eprintln!("shut down");
-            Ok(())
-        })
+        let what = format!("{model_id} ({})", loaded.checkpoint.display());
+        serve_http(app, &self.http, &what)
     }
 }
 
+/// Serves `app` where `http` says until SIGINT/SIGTERM, then lets requests in flight end.
+fn serve_http(app: axum::Router, http: &HttpArgs, what: &str) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let address = format!("{}:{}", http.host, http.port);
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("listening on {address}"))?;
+        eprintln!("serving {what} on http://{}/v1", listener.local_addr()?);
+        moe_serve::serve(listener, app, moe_serve::shutdown_signal()).await?;
+        eprintln!("shut down");
+        Ok(())
+    })
+}
+
+fn serve_moa(args: MoaServeArgs) -> Result<()> {
+    let config = moe_serve::MoaConfig::load(&args.config)?;
+    let model_id = args.http.model_id.clone().unwrap_or_else(|| "moa".into());
+    let what = format!("the pipeline {} as {model_id}", args.config.display());
+    let options = moe_serve::ServerOptions {
+        model_id,
+        api_key: args.http.api_key.clone(),
+        template: moe_serve::ChatTemplate::ChatMl,
+    };
+    serve_http(
+        moe_serve::pipeline_router(config, options),
+        &args.http,
+        &what,
+    )
+}
+
 fn run_moa(args: MoaArgs) -> Result<()> {
+    let prompt = match args.command {
+        Some(MoaCommand::Serve(serve)) => return serve_moa(serve),
+        None => args.prompt.unwrap_or_default(),
+    };
     let config = moe_serve::MoaConfig::load(&args.config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let mut out = std::io::stdout();
-    let outcome = runtime.block_on(moe_serve::moa::run(&config, &args.prompt, |text| {
+    let conversation = [moe_serve::openai::ChatMessage::new("user", &prompt)];
+    let outcome = runtime.block_on(moe_serve::moa::run(&config, &conversation, |text| {
         let _ = write!(out, "{text}");
         let _ = out.flush();
     }));

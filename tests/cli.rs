@@ -1,7 +1,10 @@
-//! The `moe` binary end to end: train, eval --json, generate, and its error messages.
+//! The `moe` binary end to end: train, eval --json, generate, export/import, serve (and
+//! its graceful shutdown), and its error messages.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 fn moe(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_moe"))
@@ -186,6 +189,66 @@ fn train_then_eval_and_generate() {
     assert_eq!(val_loss(&run_str), val_loss(&back));
     let out = moe(&["import", "--from", &exported, "--out", &back]);
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+
+    serve_then_terminate(&run_str);
+}
+
+/// `moe serve` on an ephemeral port streams a completion; SIGTERM lets the answer in
+/// flight finish, then the server exits cleanly and stops listening.
+fn serve_then_terminate(checkpoint: &str) {
+    let mut server = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["serve", "--checkpoint", checkpoint, "--port", "0"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run moe serve");
+    let mut log = BufReader::new(server.stderr.take().unwrap()).lines();
+    let addr = log
+        .by_ref()
+        .map(|line| line.unwrap())
+        .find_map(|line| {
+            Some(
+                line.split("http://")
+                    .nth(1)?
+                    .trim_end_matches("/v1")
+                    .to_string(),
+            )
+        })
+        .expect("the server announces its address");
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    let body = r#"{"model":"m","prompt":"The","max_tokens":40,"temperature":0,"stream":true}"#;
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read up to the first event: the answer is being generated.
+    let mut response = BufReader::new(stream);
+    let mut head = String::new();
+    while !head.contains("data: ") {
+        let read = response.read_line(&mut head).unwrap();
+        assert!(read > 0, "the connection closed early: {head}");
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let pid = server.id().to_string();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(kill.success());
+    let mut rest = String::new();
+    response.read_to_string(&mut rest).unwrap();
+    assert!(
+        rest.contains("data: [DONE]"),
+        "the answer in flight finishes: {rest}"
+    );
+    let status = server.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let log: Vec<String> = log.map(|line| line.unwrap()).collect();
+    assert!(log.iter().any(|line| line == "shut down"), "{log:?}");
+    assert!(
+        TcpStream::connect(&addr).is_err(),
+        "nothing listens any more"
+    );
 }
 
 #[test]
@@ -246,6 +309,16 @@ fn errors_name_the_problem() {
 
     let out = moe(&["generate", "--checkpoint", "x", "--top-p", "0"]);
     assert!(stderr(&out).contains("--top-p"), "{}", stderr(&out));
+
+    let out = moe(&["moa"]);
+    assert!(stderr(&out).contains("--prompt"), "{}", stderr(&out));
+    let out = moe(&["moa", "serve", "--config", "configs/no-such-moa.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no-such-moa.toml"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

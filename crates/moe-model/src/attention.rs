@@ -68,11 +68,56 @@ impl<B: MoeBackend> Attention<B> {
         rope: &RopeAngles<B>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
-        let [batch, seq, _] = x.dims();
+        let [q, k, v] = self.project(x);
+        self.o_proj.forward(self.attend(q, k, v, rope, cache))
+    }
+
+    /// Attends several independent sequences packed one after another in `x: [1, T, d]`:
+    /// sequence i owns the next `lens[i]` positions, continues its own cache `caches[i]`
+    /// at the positions of `ropes[i]`, and sees nothing of the others. The projections run
+    /// once over all T positions; only the attention itself is per sequence.
+    pub fn forward_packed(
+        &self,
+        x: Tensor<B, 3>,
+        lens: &[usize],
+        ropes: &[RopeAngles<B>],
+        caches: &mut [&mut Option<LayerCache<B>>],
+    ) -> Tensor<B, 3> {
+        let [q, k, v] = self.project(x);
+        let mut start = 0;
+        let mut outputs = Vec::with_capacity(lens.len());
+        for ((&len, rope), cache) in lens.iter().zip(ropes).zip(caches.iter_mut()) {
+            let part = |t: &Tensor<B, 3>| t.clone().narrow(1, start, len);
+            outputs.push(self.attend(part(&q), part(&k), part(&v), rope, Some(&mut **cache)));
+            start += len;
+        }
+        self.o_proj.forward(Tensor::cat(outputs, 1))
+    }
+
+    /// Query, key and value projections of `x: [B, S, d]`.
+    fn project(&self, x: Tensor<B, 3>) -> [Tensor<B, 3>; 3] {
+        [
+            self.q_proj.forward(x.clone()),
+            self.k_proj.forward(x.clone()),
+            self.v_proj.forward(x),
+        ]
+    }
+
+    /// Causal attention of projected `q, k, v: [B, S, heads * head_dim]` at the positions of
+    /// `rope`, after the cached ones (which it extends); returns `[B, S, heads * head_dim]`.
+    fn attend(
+        &self,
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        rope: &RopeAngles<B>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = q.dims();
         let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.n_heads));
-        let mut k = rope.apply(split(self.k_proj.forward(x.clone()), self.n_kv_heads));
-        let mut v = split(self.v_proj.forward(x), self.n_kv_heads).swap_dims(1, 2);
+        let q = rope.apply(split(q, self.n_heads));
+        let mut k = rope.apply(split(k, self.n_kv_heads));
+        let mut v = split(v, self.n_kv_heads).swap_dims(1, 2);
         if let Some(cache) = cache {
             if let Some(past) = cache.take() {
                 k = Tensor::cat(vec![past.keys, k], 2);
@@ -84,10 +129,8 @@ impl<B: MoeBackend> Attention<B> {
             });
         }
         let out = causal_attention(q, self.repeat_kv(k), self.repeat_kv(v));
-        self.o_proj.forward(
-            out.swap_dims(1, 2)
-                .reshape([batch, seq, self.n_heads * self.head_dim]),
-        )
+        out.swap_dims(1, 2)
+            .reshape([batch, seq, self.n_heads * self.head_dim])
     }
 
     /// Repeats each key/value head for the query heads that share it.

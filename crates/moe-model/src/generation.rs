@@ -1,8 +1,13 @@
-//! Autoregressive generation with a KV cache.
+//! Autoregressive generation with a KV cache, for one answer or many at once.
+//!
+//! A [`Sequence`] is one answer in progress (its cache, sampler and tokens);
+//! [`decode_step`] advances any number of them by one token with a single forward pass,
+//! which is how the server batches concurrent requests. [`generate`] is the one-sequence
+//! loop on top.
 
 use std::ops::ControlFlow;
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::backend::Backend;
 
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::transformer::{KvCache, Transformer};
@@ -15,7 +20,7 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` were produced or the context window is full.
     Length,
-    /// The caller's `on_token` asked to stop (a stop string, a time limit, a client gone).
+    /// The caller asked to stop (a stop string, a time limit, a client gone).
     Interrupted,
 }
 
@@ -28,10 +33,146 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
-/// Generates up to `max_tokens` after `prompt`, stopping early at any of `stop_tokens` or
-/// when prompt plus output fill the context window (`max_seq_len`). Prompts longer than the window keep
-/// their last tokens. `on_token` sees each new token as it is produced and may end
-/// generation by returning `ControlFlow::Break`.
+/// One answer being generated: its KV cache, sampler, the tokens the next step feeds and
+/// the tokens produced so far.
+#[derive(Debug)]
+pub struct Sequence<B: Backend> {
+    cache: KvCache<B>,
+    sampler: Sampler,
+    /// Fed by the next step: the prompt first, then the last new token.
+    input: Vec<u32>,
+    prompt_len: usize,
+    tokens: Vec<u32>,
+    max_tokens: usize,
+    stop_tokens: Vec<u32>,
+    window: usize,
+    finish: Option<FinishReason>,
+}
+
+impl<B: Backend> Sequence<B> {
+    /// An answer of up to `max_tokens` after `prompt` for `model`, ending early at any of
+    /// `stop_tokens` or when prompt plus output fill the context window (`max_seq_len`).
+    /// A prompt longer than the window keeps its last tokens.
+    pub fn new(
+        model: &Transformer<B>,
+        prompt: &[u32],
+        max_tokens: usize,
+        stop_tokens: &[u32],
+        sampling: SamplingConfig,
+    ) -> Self {
+        let config = model.model_config();
+        let window = config.max_seq_len;
+        let prompt = &prompt[prompt.len().saturating_sub(window.saturating_sub(1))..];
+        let mut sequence = Self {
+            cache: KvCache::new(config.n_layers),
+            sampler: Sampler::new(sampling),
+            input: if prompt.is_empty() {
+                vec![0]
+            } else {
+                prompt.to_vec()
+            },
+            prompt_len: prompt.len(),
+            tokens: Vec::new(),
+            max_tokens,
+            stop_tokens: stop_tokens.to_vec(),
+            window,
+            finish: None,
+        };
+        sequence.check_length();
+        sequence
+    }
+
+    /// The tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Why the answer ended, once it has.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Whether the answer has ended.
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Ends the answer at the caller's request (finish reason `Interrupted`).
+    pub fn interrupt(&mut self) {
+        self.finish = Some(FinishReason::Interrupted);
+    }
+
+    /// The finished answer.
+    pub fn into_generation(self) -> Generation {
+        Generation {
+            tokens: self.tokens,
+            finish_reason: self.finish.unwrap_or(FinishReason::Interrupted),
+        }
+    }
+
+    fn check_length(&mut self) {
+        let full = self.prompt_len + self.tokens.len() >= self.window;
+        if self.finish.is_none() && (self.tokens.len() >= self.max_tokens || full) {
+            self.finish = Some(FinishReason::Length);
+        }
+    }
+
+    /// Samples the next token from its logits; `None` when it is a stop token.
+    fn accept(&mut self, logits: &[f32]) -> Option<u32> {
+        let next = self.sampler.sample(logits) as u32;
+        if self.stop_tokens.contains(&next) {
+            self.finish = Some(FinishReason::Stop);
+            return None;
+        }
+        self.tokens.push(next);
+        self.input = vec![next];
+        self.check_length();
+        Some(next)
+    }
+}
+
+/// Advances every unfinished sequence by one token with one forward pass over all of them
+/// (a new sequence reads its whole prompt in that pass). Returns each sequence's new
+/// token, `None` for one that was already finished or just produced a stop token.
+pub fn decode_step<B: MoeBackend>(
+    model: &Transformer<B>,
+    sequences: &mut [&mut Sequence<B>],
+    device: &B::Device,
+) -> Vec<Option<u32>> {
+    let mut new_tokens = vec![None; sequences.len()];
+    let live: Vec<usize> = (0..sequences.len())
+        .filter(|&i| !sequences[i].is_finished())
+        .collect();
+    if live.is_empty() {
+        return new_tokens;
+    }
+    let inputs: Vec<Vec<u32>> = live
+        .iter()
+        .map(|&i| std::mem::take(&mut sequences[i].input))
+        .collect();
+    let inputs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+    let logits = {
+        let mut caches: Vec<&mut KvCache<B>> = sequences
+            .iter_mut()
+            .filter(|s| !s.is_finished())
+            .map(|s| &mut s.cache)
+            .collect();
+        model.forward_packed(&inputs, &mut caches, device)
+    };
+    let [_, vocab] = logits.dims();
+    let rows: Vec<f32> = logits
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default();
+    for (row, &i) in live.iter().enumerate() {
+        new_tokens[i] = sequences[i].accept(&rows[row * vocab..(row + 1) * vocab]);
+    }
+    new_tokens
+}
+
+/// Generates one answer (see [`Sequence::new`]). `on_token` sees each new token as it is
+/// produced and may end generation by returning `ControlFlow::Break`.
 pub fn generate<B: MoeBackend>(
     model: &Transformer<B>,
     prompt: &[u32],
@@ -41,50 +182,13 @@ pub fn generate<B: MoeBackend>(
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     device: &B::Device,
 ) -> Generation {
-    let window = model.model_config().max_seq_len;
-    let prompt = &prompt[prompt.len().saturating_sub(window.saturating_sub(1))..];
-    let mut sampler = Sampler::new(sampling);
-    let mut cache = KvCache::new(model.model_config().n_layers);
-    let mut tokens = Vec::new();
-    let mut input: Vec<u32> = if prompt.is_empty() {
-        vec![0]
-    } else {
-        prompt.to_vec()
-    };
-    loop {
-        if tokens.len() >= max_tokens || prompt.len() + tokens.len() >= window {
-            return Generation {
-                tokens,
-                finish_reason: FinishReason::Length,
-            };
+    let mut sequence = Sequence::new(model, prompt, max_tokens, stop_tokens, sampling);
+    while !sequence.is_finished() {
+        if let Some(token) = decode_step(model, &mut [&mut sequence], device)[0]
+            && on_token(token).is_break()
+        {
+            sequence.interrupt();
         }
-        let ids: Vec<i64> = input.iter().map(|&t| t as i64).collect();
-        let len = ids.len();
-        let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), device).reshape([1, len]);
-        let logits = model.forward_cached(x, Some(&mut cache)).logits;
-        let vocab = logits.dims()[2];
-        let last = logits
-            .slice([0..1, len - 1..len, 0..vocab])
-            .reshape([vocab]);
-        let row: Vec<f32> = last
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap_or_default();
-        let next = sampler.sample(&row) as u32;
-        if stop_tokens.contains(&next) {
-            return Generation {
-                tokens,
-                finish_reason: FinishReason::Stop,
-            };
-        }
-        tokens.push(next);
-        if on_token(next).is_break() {
-            return Generation {
-                tokens,
-                finish_reason: FinishReason::Interrupted,
-            };
-        }
-        input = vec![next];
     }
+    sequence.into_generation()
 }

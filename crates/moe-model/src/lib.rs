@@ -17,7 +17,7 @@ pub mod sampling;
 pub mod transformer;
 
 pub use config::{ConfigError, DropPolicy, ModelConfig, MoeConfig, RouterKind};
-pub use generation::{FinishReason, Generation, generate};
+pub use generation::{FinishReason, Generation, Sequence, decode_step, generate};
 pub use moe::{MoeLayer, MoeOutput, RouterStats};
 pub use moe_kernels::{self as ops, MoeAutodiffBackend, MoeBackend};
 pub use sampling::{Sampler, SamplingConfig};

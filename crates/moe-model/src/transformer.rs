@@ -166,29 +166,92 @@ impl<B: MoeBackend> Transformer<B> {
         tokens: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> TransformerOutput<B> {
-        let [batch, seq] = tokens.dims();
-        let device = tokens.device();
+        let seq = tokens.dims()[1];
         let start = cache.as_ref().map_or(0, |c| c.len);
-        let rope = RopeAngles::new(
+        let rope = self.rope(start, seq, &tokens.device());
+        let (x, moe) = self.run_blocks(self.embed.forward(tokens), |layer, attn, h| {
+            attn.forward(h, &rope, cache.as_deref_mut().map(|c| &mut c.layers[layer]))
+        });
+        if let Some(cache) = cache {
+            cache.len += seq;
+        }
+        TransformerOutput {
+            logits: self.head(x),
+            moe,
+        }
+    }
+
+    /// Next-token logits of several sequences from one pass through the model, `[N, vocab]`:
+    /// sequence i feeds its (non-empty) `inputs[i]` after the positions already in
+    /// `caches[i]`, which it extends. Every layer runs once over all the new tokens (the
+    /// MoE layers route them together); attention is per sequence over its own cache. This
+    /// is the serving engine's batched step: prompts being read and answers being written
+    /// share it.
+    pub fn forward_packed(
+        &self,
+        inputs: &[&[u32]],
+        caches: &mut [&mut KvCache<B>],
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
+        let lens: Vec<usize> = inputs.iter().map(|input| input.len()).collect();
+        let ids: Vec<i64> = inputs
+            .iter()
+            .flat_map(|i| i.iter().map(|&t| t as i64))
+            .collect();
+        let total = ids.len();
+        let tokens = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), device).reshape([1, total]);
+        let ropes: Vec<RopeAngles<B>> = caches
+            .iter()
+            .zip(&lens)
+            .map(|(cache, &len)| self.rope(cache.len, len, device))
+            .collect();
+        let (x, _) = self.run_blocks(self.embed.forward(tokens), |layer, attn, h| {
+            let mut layer_caches: Vec<_> =
+                caches.iter_mut().map(|c| &mut c.layers[layer]).collect();
+            attn.forward_packed(h, &lens, &ropes, &mut layer_caches)
+        });
+        for (cache, len) in caches.iter_mut().zip(&lens) {
+            cache.len += len;
+        }
+        let last: Vec<i64> = lens
+            .iter()
+            .scan(0, |end, &len| {
+                *end += len;
+                Some(*end as i64 - 1)
+            })
+            .collect();
+        let last = Tensor::<B, 1, Int>::from_ints(last.as_slice(), device);
+        let logits = self.head(x.select(1, last));
+        let [_, n, vocab] = logits.dims();
+        logits.reshape([n, vocab])
+    }
+
+    /// Rotary angles for positions `start..start + len`.
+    fn rope(&self, start: usize, len: usize, device: &B::Device) -> RopeAngles<B> {
+        RopeAngles::new(
             start,
-            seq,
+            len,
             self.model.head_dim(),
             self.model.rope_theta,
-            &device,
-        );
-        let mut x = self.embed.forward(tokens);
+            device,
+        )
+    }
+
+    /// Runs the blocks over embedded `x: [B, S, d]`; `attend(layer, attention, normed x)`
+    /// performs each layer's attention (plain, cached or packed).
+    fn run_blocks(
+        &self,
+        mut x: Tensor<B, 3>,
+        mut attend: impl FnMut(usize, &Attention<B>, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, MoeOutputs<B>) {
+        let [batch, seq, d] = x.dims();
         let mut moe = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[layer]);
-            x = x.clone()
-                + block
-                    .attn
-                    .forward(block.attn_norm.forward(x), &rope, layer_cache);
+            x = x.clone() + attend(layer, &block.attn, block.attn_norm.forward(x));
             let h = block.ffn_norm.forward(x.clone());
             let y = match &block.ffn {
                 FeedForward::Dense(ffn) => ffn.forward(h),
                 FeedForward::Moe(layer) => {
-                    let d = self.model.d_model;
                     let out = layer.forward(h.reshape([batch * seq, d]));
                     let y = out.output.clone().reshape([batch, seq, d]);
                     moe.push(out);
@@ -197,15 +260,16 @@ impl<B: MoeBackend> Transformer<B> {
             };
             x = x + y;
         }
-        if let Some(cache) = cache {
-            cache.len += seq;
-        }
+        (x, moe)
+    }
+
+    /// Final norm and output projection, `[B, S, d] -> [B, S, vocab]`.
+    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.norm.forward(x);
-        let logits = match &self.lm_head {
+        match &self.lm_head {
             Some(head) => head.forward(x),
             None => x.matmul(self.embed.weight.val().transpose().unsqueeze()),
-        };
-        TransformerOutput { logits, moe }
+        }
     }
 }
 

@@ -9,7 +9,10 @@ use burn::backend::Flex;
 use burn::tensor::{Int, Tensor};
 use common::*;
 
-use moe_model::{FinishReason, KvCache, ModelConfig, SamplingConfig, Transformer, generate};
+use moe_model::{
+    FinishReason, Generation, KvCache, ModelConfig, SamplingConfig, Sequence, Transformer,
+    decode_step, generate,
+};
 
 type B = Flex;
 
@@ -79,6 +82,88 @@ fn cached_decoding_matches_the_full_forward() {
         }
         assert_eq!(cache.len(), ids.len());
         assert_close(&stepwise, &full, 1e-4, "cached vs full logits");
+    }
+}
+
+#[test]
+fn packed_forward_equals_each_sequence_alone() {
+    let device = Default::default();
+    let model = Transformer::<B>::new(&config(), &moe_config(4, 2, 8), &device).unwrap();
+    let (a, b) = ([3u32, 14, 15, 9], [2u32, 6]);
+    let (mut cache_a, mut cache_b) = (KvCache::new(3), KvCache::new(3));
+    // b already has two positions cached; a starts empty.
+    model.forward_cached(tokens(&[7, 7]), Some(&mut cache_b));
+    let packed = host(model.forward_packed(&[&a, &b], &mut [&mut cache_a, &mut cache_b], &device));
+    assert_eq!((cache_a.len(), cache_b.len()), (4, 4));
+    let last = |ids: &[i64]| {
+        let logits = model.forward(tokens(ids)).logits;
+        host(logits.slice([0..1, ids.len() - 1..ids.len(), 0..50]))
+    };
+    let mut alone = last(&[3, 14, 15, 9]);
+    alone.extend(last(&[7, 7, 2, 6]));
+    assert_close(&packed, &alone, 1e-5, "packed vs alone");
+}
+
+#[test]
+fn batched_decoding_equals_generating_each_answer_alone() {
+    let device = Default::default();
+    let model_config = ModelConfig {
+        max_seq_len: 16,
+        ..config()
+    };
+    let model = Transformer::<B>::new(&model_config, &moe_config(4, 2, 8), &device).unwrap();
+    let prompts: [&[u32]; 4] = [&[1, 2, 3], &[7], &[4, 5, 6, 7, 8, 9, 10, 11, 12, 13], &[]];
+    let sampling = |i: usize| SamplingConfig {
+        temperature: if i == 0 { 0.0 } else { 0.9 },
+        seed: i as u64,
+        ..Default::default()
+    };
+    let max_tokens = |i: usize| 3 + 2 * i;
+    let alone: Vec<Generation> = (0..prompts.len())
+        .map(|i| {
+            let go_on = |_| ControlFlow::Continue(());
+            generate(
+                &model,
+                prompts[i],
+                max_tokens(i),
+                &[],
+                sampling(i),
+                go_on,
+                &device,
+            )
+        })
+        .collect();
+    // One sequence joins per step while the others are mid-answer; finished ones stay in
+    // the batch and are skipped.
+    let mut sequences: Vec<Sequence<B>> = Vec::new();
+    let mut produced = vec![Vec::new(); prompts.len()];
+    while sequences.len() < prompts.len() || sequences.iter().any(|s| !s.is_finished()) {
+        if let Some(&prompt) = prompts.get(sequences.len()) {
+            let i = sequences.len();
+            sequences.push(Sequence::new(
+                &model,
+                prompt,
+                max_tokens(i),
+                &[],
+                sampling(i),
+            ));
+        }
+        let mut batch: Vec<&mut Sequence<B>> = sequences.iter_mut().collect();
+        for (i, token) in decode_step(&model, &mut batch, &device)
+            .into_iter()
+            .enumerate()
+        {
+            produced[i].extend(token);
+        }
+    }
+    assert_eq!(
+        alone[2].finish_reason,
+        FinishReason::Length,
+        "the long prompt fills the window"
+    );
+    for (i, (sequence, alone)) in sequences.into_iter().zip(alone).enumerate() {
+        assert_eq!(produced[i], alone.tokens, "streamed tokens of sequence {i}");
+        assert_eq!(sequence.into_generation(), alone, "sequence {i}");
     }
 }
 

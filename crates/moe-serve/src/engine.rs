@@ -1,15 +1,18 @@
 //! The generation engine: one worker thread owns the model and serves requests from a
 //! bounded first-in-first-out queue, streaming each answer's text back as it is produced.
-//! A full queue refuses new work at once (the server answers 429), so overload never
-//! turns into unbounded memory or unbounded waiting.
+//!
+//! Requests are batched continuously: up to `max_batch` answers are in progress at once,
+//! and each step is one forward pass that gives every one of them its next token (a
+//! newly admitted request reads its prompt in the same pass). A finished answer frees its
+//! slot for the next queued request at once. A full queue refuses new work (the server
+//! answers 429), so overload never turns into unbounded memory or unbounded waiting.
 
-use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use moe_data::TextTokenizer;
-use moe_model::{FinishReason, MoeBackend, SamplingConfig, Transformer, generate};
+use moe_model::{FinishReason, MoeBackend, SamplingConfig, Sequence, Transformer, decode_step};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::detokenizer::Detokenizer;
@@ -17,8 +20,10 @@ use crate::detokenizer::Detokenizer;
 /// Limits of the engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EngineOptions {
-    /// Requests that may wait for the model; more are refused.
+    /// Requests that may wait for a slot; more are refused.
     pub queue_capacity: usize,
+    /// Answers generated together, one token each per forward pass.
+    pub max_batch: usize,
     /// Longest time one answer may take; it then ends with finish reason `length`.
     pub time_limit: Duration,
 }
@@ -27,6 +32,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         Self {
             queue_capacity: 64,
+            max_batch: 8,
             time_limit: Duration::from_secs(60),
         }
     }
@@ -73,6 +79,8 @@ pub enum GenerationEvent {
     Done {
         /// Why it ended.
         finish: Finish,
+        /// Tokens of the prompt.
+        prompt_tokens: usize,
         /// Tokens generated.
         completion_tokens: usize,
     },
@@ -119,23 +127,7 @@ impl Engine {
         let worker_tokenizer = tokenizer.clone();
         std::thread::Builder::new()
             .name("moe-engine".into())
-            .spawn(move || {
-                for job in queue {
-                    // A client that left while queued costs nothing.
-                    if job.events.is_closed() {
-                        continue;
-                    }
-                    // A panic inside the model fails its request, not the server.
-                    let events = job.events.clone();
-                    let run = std::panic::AssertUnwindSafe(|| {
-                        run_job::<B>(&model, &worker_tokenizer, &device, &options, job)
-                    });
-                    if std::panic::catch_unwind(run).is_err() {
-                        let message = "the model panicked on this request".to_string();
-                        let _ = events.send(GenerationEvent::Failed(message));
-                    }
-                }
-            })?;
+            .spawn(move || serve_queue(&model, &worker_tokenizer, &device, options, queue))?;
         Ok(Self {
             jobs,
             tokenizer,
@@ -168,67 +160,152 @@ impl Engine {
     }
 }
 
-fn run_job<B: MoeBackend>(
+/// An answer in progress: the model's sequence and the text side of the request.
+struct Active<'t, B: MoeBackend> {
+    sequence: Sequence<B>,
+    detokenizer: Detokenizer<'t>,
+    events: UnboundedSender<GenerationEvent>,
+    started: Instant,
+    prompt_tokens: usize,
+    stopped_by_string: bool,
+    /// A decoding error was reported; nothing more is sent.
+    failed: bool,
+}
+
+/// The worker loop: admits queued requests into free slots (in arrival order), advances
+/// every answer in progress by one token per forward pass, and reports each answer's end.
+/// Returns when every `Engine` handle is gone and no answer is left.
+fn serve_queue<B: MoeBackend>(
     model: &Transformer<B>,
     tokenizer: &TextTokenizer,
     device: &B::Device,
-    options: &EngineOptions,
-    job: Job,
+    options: EngineOptions,
+    queue: Receiver<Job>,
 ) {
-    let Job { request, events } = job;
-    let started = Instant::now();
-    let mut detokenizer = Detokenizer::new(tokenizer, &request.stop);
-    let mut stopped_by_string = false;
-    let mut failure = None;
     let stop_tokens: Vec<u32> = tokenizer.end_of_text().into_iter().collect();
-    let generation = generate(
-        model,
-        &request.prompt,
-        request.max_tokens,
-        &stop_tokens,
-        request.sampling,
-        |token| {
-            match detokenizer.push(token) {
-                Ok(step) => {
-                    if !step.delta.is_empty() {
-                        let _ = events.send(GenerationEvent::Text(step.delta));
-                    }
-                    stopped_by_string = step.stopped;
-                }
-                Err(error) => failure = Some(error.to_string()),
-            }
-            let over_time = started.elapsed() >= options.time_limit;
-            if stopped_by_string || failure.is_some() || over_time || events.is_closed() {
-                ControlFlow::Break(())
+    let mut active: Vec<Active<B>> = Vec::new();
+    let mut open = true;
+    loop {
+        while open && active.len() < options.max_batch.max(1) {
+            // Wait for work only when there is nothing else to do.
+            let job = if active.is_empty() {
+                queue.recv().map_err(|_| TryRecvError::Disconnected)
             } else {
-                ControlFlow::Continue(())
+                queue.try_recv()
+            };
+            let job = match job {
+                Ok(job) => job,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            };
+            // A client that left while queued costs nothing.
+            if job.events.is_closed() {
+                continue;
             }
-        },
-        device,
-    );
-    if let Some(message) = failure {
-        let _ = events.send(GenerationEvent::Failed(message));
-        return;
-    }
-    let finish = match generation.finish_reason {
-        FinishReason::Stop => Finish::Stop,
-        FinishReason::Interrupted if stopped_by_string => Finish::Stop,
-        FinishReason::Length | FinishReason::Interrupted => Finish::Length,
-    };
-    if !stopped_by_string {
-        match detokenizer.finish() {
-            Ok(rest) if !rest.is_empty() => {
-                let _ = events.send(GenerationEvent::Text(rest));
+            let Job { request, events } = job;
+            let sequence = Sequence::new(
+                model,
+                &request.prompt,
+                request.max_tokens,
+                &stop_tokens,
+                request.sampling,
+            );
+            active.push(Active {
+                sequence,
+                detokenizer: Detokenizer::new(tokenizer, &request.stop),
+                events,
+                started: Instant::now(),
+                prompt_tokens: request.prompt.len(),
+                stopped_by_string: false,
+                failed: false,
+            });
+        }
+        if active.is_empty() {
+            return;
+        }
+        // A panic inside the model fails the answers of this batch, not the server.
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut batch: Vec<&mut Sequence<B>> =
+                active.iter_mut().map(|a| &mut a.sequence).collect();
+            decode_step(model, &mut batch, device)
+        }));
+        let Ok(new_tokens) = step else {
+            for answer in active.drain(..) {
+                let message = "the model panicked on this request".to_string();
+                let _ = answer.events.send(GenerationEvent::Failed(message));
             }
-            Ok(_) => {}
-            Err(error) => {
-                let _ = events.send(GenerationEvent::Failed(error.to_string()));
-                return;
+            continue;
+        };
+        for (answer, token) in active.iter_mut().zip(new_tokens) {
+            if let Some(token) = token {
+                answer.accept(token, options.time_limit);
+            } else if answer.events.is_closed() {
+                answer.sequence.interrupt();
             }
         }
+        let (done, running) = active
+            .into_iter()
+            .partition(|answer| answer.sequence.is_finished());
+        active = running;
+        done.into_iter().for_each(Active::finish);
     }
-    let _ = events.send(GenerationEvent::Done {
-        finish,
-        completion_tokens: generation.tokens.len(),
-    });
+}
+
+impl<B: MoeBackend> Active<'_, B> {
+    /// Streams the text `token` completes; ends the answer on a stop string, a decoding
+    /// error, the time limit or a client that left.
+    fn accept(&mut self, token: u32, time_limit: Duration) {
+        match self.detokenizer.push(token) {
+            Ok(step) => {
+                if !step.delta.is_empty() {
+                    let _ = self.events.send(GenerationEvent::Text(step.delta));
+                }
+                self.stopped_by_string = step.stopped;
+            }
+            Err(error) => {
+                let _ = self.events.send(GenerationEvent::Failed(error.to_string()));
+                self.failed = true;
+            }
+        }
+        let over_time = self.started.elapsed() >= time_limit;
+        if self.stopped_by_string || self.failed || over_time || self.events.is_closed() {
+            self.sequence.interrupt();
+        }
+    }
+
+    /// Sends the end of a finished answer: the held-back text, then `Done`.
+    fn finish(self) {
+        if self.failed {
+            return;
+        }
+        let finish = match self
+            .sequence
+            .finish_reason()
+            .unwrap_or(FinishReason::Length)
+        {
+            _ if self.stopped_by_string => Finish::Stop,
+            FinishReason::Stop => Finish::Stop,
+            FinishReason::Length | FinishReason::Interrupted => Finish::Length,
+        };
+        if !self.stopped_by_string {
+            match self.detokenizer.finish() {
+                Ok(rest) if !rest.is_empty() => {
+                    let _ = self.events.send(GenerationEvent::Text(rest));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    let _ = self.events.send(GenerationEvent::Failed(error.to_string()));
+                    return;
+                }
+            }
+        }
+        let _ = self.events.send(GenerationEvent::Done {
+            finish,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.sequence.tokens().len(),
+        });
+    }
 }

@@ -12,4 +12,4 @@ pub mod server;
 pub use chat_template::ChatTemplate;
 pub use engine::{Engine, EngineOptions};
 pub use moa::{MoaConfig, MoaOutcome};
-pub use server::{ServerOptions, router, serve, shutdown_signal};
+pub use server::{ServerOptions, pipeline_router, router, serve, shutdown_signal};

@@ -14,6 +14,8 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::openai::ChatMessage;
+
 /// The aggregate-and-synthesize instruction of Wang et al. 2024.
 pub const AGGREGATE_PROMPT: &str = "You have been provided with a set of responses from \
 various open-source models to the latest user query. Your task is to synthesize these \
@@ -221,17 +223,22 @@ pub fn with_references(
     system
 }
 
-/// Runs the pipeline on `prompt`; `on_text` receives the final answer as it streams in.
-pub async fn run(config: &MoaConfig, prompt: &str, on_text: impl FnMut(&str)) -> MoaOutcome {
+/// Runs the pipeline on `conversation` (the user's messages; a one-shot prompt is one user
+/// message); `on_text` receives the final answer as it streams in.
+pub async fn run(
+    config: &MoaConfig,
+    conversation: &[ChatMessage],
+    on_text: impl FnMut(&str) + Send,
+) -> MoaOutcome {
     let mut calls = Vec::new();
-    let answer = run_layers(config, prompt, on_text, &mut calls).await;
+    let answer = run_layers(config, conversation, on_text, &mut calls).await;
     MoaOutcome { answer, calls }
 }
 
 async fn run_layers(
     config: &MoaConfig,
-    prompt: &str,
-    mut on_text: impl FnMut(&str),
+    conversation: &[ChatMessage],
+    mut on_text: impl FnMut(&str) + Send,
     calls: &mut Vec<CallRecord>,
 ) -> Result<String> {
     let http = reqwest::Client::new();
@@ -240,7 +247,7 @@ async fn run_layers(
         let layer_number = index + 1;
         let refs = &references;
         let results = join_all(layer.proposers.iter().map(|agent| {
-            let messages = messages(config, agent, refs, prompt);
+            let messages = messages(config, agent, refs, conversation);
             call(&http, config, agent, layer_number, messages, None)
         }))
         .await;
@@ -266,7 +273,7 @@ async fn run_layers(
         references = answers;
     }
     let agent = &config.aggregator;
-    let messages = messages(config, agent, &references, prompt);
+    let messages = messages(config, agent, &references, conversation);
     let aggregator_layer = config.layers.len() + 1;
     let (answer, record) = call(
         &http,
@@ -288,7 +295,14 @@ async fn run_layers(
     }
 }
 
-fn messages(config: &MoaConfig, agent: &Agent, references: &[String], prompt: &str) -> Vec<Value> {
+/// What `agent` is sent: a system message with its own prompt and the references (if any),
+/// then the conversation.
+fn messages(
+    config: &MoaConfig,
+    agent: &Agent,
+    references: &[String],
+    conversation: &[ChatMessage],
+) -> Vec<Value> {
     let system = if references.is_empty() {
         agent.system_prompt.clone()
     } else {
@@ -302,7 +316,11 @@ fn messages(config: &MoaConfig, agent: &Agent, references: &[String], prompt: &s
     if let Some(system) = system {
         messages.push(json!({"role": "system", "content": system}));
     }
-    messages.push(json!({"role": "user", "content": prompt}));
+    messages.extend(
+        conversation
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content.text()})),
+    );
     messages
 }
 
@@ -319,7 +337,7 @@ async fn call<'f>(
     agent: &Agent,
     layer: usize,
     messages: Vec<Value>,
-    mut on_text: Option<&mut (dyn FnMut(&str) + 'f)>,
+    mut on_text: Option<&mut (dyn FnMut(&str) + Send + 'f)>,
 ) -> (Option<String>, CallRecord) {
     let started = Instant::now();
     let mut record = CallRecord {
@@ -360,7 +378,7 @@ async fn attempt<'f>(
     http: &reqwest::Client,
     agent: &Agent,
     messages: &[Value],
-    on_text: Option<&mut (dyn FnMut(&str) + 'f)>,
+    on_text: Option<&mut (dyn FnMut(&str) + Send + 'f)>,
     record: &mut CallRecord,
 ) -> Result<String, Failure> {
     let url = format!("{}/chat/completions", agent.url.trim_end_matches('/'));

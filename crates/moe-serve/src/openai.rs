@@ -109,6 +109,16 @@ pub struct ChatMessage {
     pub content: MessageContent,
 }
 
+impl ChatMessage {
+    /// A message of plain text.
+    pub fn new(role: &str, text: &str) -> Self {
+        Self {
+            role: role.to_string(),
+            content: MessageContent::Text(text.to_string()),
+        }
+    }
+}
+
 /// Message content: a string or an array of parts (only text parts carry text).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -159,6 +169,14 @@ impl Usage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
         }
+    }
+
+    /// Usage of two answers to one prompt: the prompt counted once, the answers summed.
+    pub fn and(self, other: Usage) -> Self {
+        Self::new(
+            self.prompt_tokens.max(other.prompt_tokens),
+            self.completion_tokens + other.completion_tokens,
+        )
     }
 }
 

@@ -1,10 +1,13 @@
 //! The HTTP server: `POST /v1/chat/completions`, `POST /v1/completions` (both plain JSON
 //! and Server-Sent Events), `GET /v1/models` and `GET /health`, with OpenAI's response
-//! and error shapes, an optional API key and graceful shutdown.
+//! and error shapes, an optional API key and graceful shutdown. Answers come from a model
+//! (the engine) or from a whole Mixture-of-Agents pipeline (chat only), behind the same
+//! API.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -18,12 +21,14 @@ use futures_util::stream::{self, Stream, StreamExt};
 use moe_model::SamplingConfig;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::chat_template::ChatTemplate;
 use crate::engine::{Engine, Finish, GenerationEvent, GenerationRequest, SubmitError};
+use crate::moa::{self, MoaConfig};
 use crate::openai::{
-    ChatCompletionRequest, CompletionRequest, Prompt, SamplingParams, Usage, error_body,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, Prompt, SamplingParams, Usage,
+    error_body,
 };
 
 /// What the server says about itself and how it reads chat requests.
@@ -37,17 +42,38 @@ pub struct ServerOptions {
     pub template: ChatTemplate,
 }
 
+/// Where answers come from.
+#[derive(Clone)]
+enum Answerer {
+    /// A model served by the generation engine.
+    Model(Engine),
+    /// A Mixture-of-Agents pipeline over other endpoints.
+    Pipeline(Arc<MoaConfig>),
+}
+
 #[derive(Clone)]
 struct AppState {
-    engine: Engine,
+    answerer: Answerer,
     options: Arc<ServerOptions>,
     created: u64,
 }
 
 /// The application: every route, backed by `engine`.
 pub fn router(engine: Engine, options: ServerOptions) -> Router {
+    app(Answerer::Model(engine), options)
+}
+
+/// The application for a Mixture-of-Agents pipeline: each chat completion runs `pipeline`
+/// on the request's messages and answers with the aggregator's text. The request's
+/// `temperature` and `max_tokens` apply to the aggregator; `n` must be 1. `usage` reports
+/// the aggregator's call. `options.template` is not used.
+pub fn pipeline_router(pipeline: MoaConfig, options: ServerOptions) -> Router {
+    app(Answerer::Pipeline(Arc::new(pipeline)), options)
+}
+
+fn app(answerer: Answerer, options: ServerOptions) -> Router {
     let state = AppState {
-        engine,
+        answerer,
         options: Arc::new(options),
         created: unix_time(),
     };
@@ -212,8 +238,26 @@ enum Endpoint {
 struct Plan {
     request: GenerationRequest,
     n: usize,
+    stream: Streaming,
+}
+
+/// Whether to answer with Server-Sent Events, and with a usage chunk.
+#[derive(Debug, Clone, Copy)]
+struct Streaming {
     stream: bool,
     include_usage: bool,
+}
+
+impl Streaming {
+    fn of(params: &SamplingParams) -> Self {
+        Self {
+            stream: params.stream.unwrap_or(false),
+            include_usage: params
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+        }
+    }
 }
 
 async fn chat_completions(
@@ -244,13 +288,65 @@ async fn chat_completions(
             Some("messages"),
         ));
     }
-    let template = state.options.template;
-    let prompt = template.render(&request.messages);
     let mut sampling = request.sampling;
     sampling.max_tokens = sampling.max_tokens.or(request.max_completion_tokens);
+    let engine = match &state.answerer {
+        Answerer::Model(engine) => engine,
+        Answerer::Pipeline(pipeline) => {
+            let stream = Streaming::of(&sampling);
+            let receiver = run_pipeline(pipeline, request.messages, &sampling)?;
+            return Ok(reply(&state, Endpoint::Chat, vec![receiver], stream).await?);
+        }
+    };
+    let template = state.options.template;
+    let prompt = template.render(&request.messages);
     let template_stops = template.stop_strings().iter().map(|s| s.to_string());
-    let plan = plan(&state, &prompt, sampling, None, template_stops.collect())?;
-    respond(&state, Endpoint::Chat, plan).await
+    let plan = plan(engine, &prompt, sampling, None, template_stops.collect())?;
+    respond(&state, engine, Endpoint::Chat, plan).await
+}
+
+/// Starts the pipeline on `conversation`; its answer arrives as generation events. A
+/// client that leaves cancels the pipeline's calls.
+fn run_pipeline(
+    pipeline: &MoaConfig,
+    conversation: Vec<ChatMessage>,
+    params: &SamplingParams,
+) -> Result<UnboundedReceiver<GenerationEvent>, ApiError> {
+    if params.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            "a Mixture-of-Agents pipeline gives one answer: `n` must be 1",
+            Some("n"),
+        ));
+    }
+    let mut pipeline = pipeline.clone();
+    if let Some(temperature) = params.temperature {
+        pipeline.aggregator.temperature = check_temperature(temperature)?;
+    }
+    if let Some(max_tokens) = params.max_tokens {
+        pipeline.aggregator.max_tokens = check_max_tokens(max_tokens)?;
+    }
+    let (events, receiver) = unbounded_channel();
+    tokio::spawn(async move {
+        let text_events = events.clone();
+        let run = moa::run(&pipeline, &conversation, |text| {
+            let _ = text_events.send(GenerationEvent::Text(text.to_string()));
+        });
+        let outcome = tokio::select! {
+            outcome = run => outcome,
+            () = events.closed() => return,
+        };
+        let aggregator = outcome.calls.last();
+        let tokens = |count: Option<Option<u64>>| count.flatten().unwrap_or(0) as usize;
+        let _ = events.send(match outcome.answer {
+            Ok(_) => GenerationEvent::Done {
+                finish: Finish::Stop,
+                prompt_tokens: tokens(aggregator.map(|c| c.prompt_tokens)),
+                completion_tokens: tokens(aggregator.map(|c| c.completion_tokens)),
+            },
+            Err(error) => GenerationEvent::Failed(format!("{error:#}")),
+        });
+    });
+    Ok(receiver)
 }
 
 async fn completions(
@@ -259,6 +355,13 @@ async fn completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
+    let Answerer::Model(engine) = &state.answerer else {
+        return Err(ApiError::invalid(
+            "this server runs a Mixture-of-Agents pipeline, which answers chat only: \
+             use /v1/chat/completions",
+            None,
+        ));
+    };
     let request: CompletionRequest = parse_body(&body)?;
     let prompt = match request.prompt {
         Prompt::Text(text) => text,
@@ -271,26 +374,21 @@ async fn completions(
         }
     };
     // OpenAI's default for this endpoint.
-    let plan = plan(&state, &prompt, request.sampling, Some(16), Vec::new())?;
-    respond(&state, Endpoint::Completion, plan).await
+    let plan = plan(engine, &prompt, request.sampling, Some(16), Vec::new())?;
+    respond(&state, engine, Endpoint::Completion, plan).await
 }
 
 /// Validates the sampling fields and the context window; `default_max_tokens` of `None`
 /// means "the rest of the window".
 fn plan(
-    state: &AppState,
+    engine: &Engine,
     prompt: &str,
     params: SamplingParams,
     default_max_tokens: Option<usize>,
     mut stop: Vec<String>,
 ) -> Result<Plan, ApiError> {
-    let temperature = params.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(
-            format!("`temperature` must be in [0, 2], got {temperature}"),
-            Some("temperature"),
-        ));
-    }
+    let stream = Streaming::of(&params);
+    let temperature = check_temperature(params.temperature.unwrap_or(1.0))?;
     let top_p = params.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(
@@ -313,18 +411,14 @@ fn plan(
         ));
     }
     stop.extend(user_stops);
-    if params.max_tokens == Some(0) {
-        return Err(ApiError::invalid(
-            "`max_tokens` must be at least 1",
-            Some("max_tokens"),
-        ));
+    if let Some(max_tokens) = params.max_tokens {
+        check_max_tokens(max_tokens)?;
     }
-    let ids = state
-        .engine
+    let ids = engine
         .tokenizer()
         .encode(prompt)
         .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))?;
-    let window = state.engine.context_window();
+    let window = engine.context_window();
     let room = window.saturating_sub(ids.len());
     // An answer needs at least one token: a prompt that fills the window is too long.
     let max_tokens = params
@@ -351,8 +445,8 @@ fn plan(
         top_p,
         seed: params.seed.unwrap_or_else(fresh_seed),
     };
-    let stream_options = params.stream_options.unwrap_or_default();
     Ok(Plan {
+        stream,
         request: GenerationRequest {
             prompt: ids,
             max_tokens,
@@ -360,18 +454,41 @@ fn plan(
             stop,
         },
         n,
-        stream: params.stream.unwrap_or(false),
-        include_usage: stream_options.include_usage,
     })
 }
 
+fn check_temperature(temperature: f64) -> Result<f64, ApiError> {
+    if (0.0..=2.0).contains(&temperature) {
+        return Ok(temperature);
+    }
+    Err(ApiError::invalid(
+        format!("`temperature` must be in [0, 2], got {temperature}"),
+        Some("temperature"),
+    ))
+}
+
+fn check_max_tokens(max_tokens: usize) -> Result<usize, ApiError> {
+    if max_tokens > 0 {
+        return Ok(max_tokens);
+    }
+    Err(ApiError::invalid(
+        "`max_tokens` must be at least 1",
+        Some("max_tokens"),
+    ))
+}
+
 /// Queues the plan's `n` answers and responds with JSON or an event stream.
-async fn respond(state: &AppState, endpoint: Endpoint, plan: Plan) -> Result<Response, ApiError> {
+async fn respond(
+    state: &AppState,
+    engine: &Engine,
+    endpoint: Endpoint,
+    plan: Plan,
+) -> Result<Response, ApiError> {
     let mut receivers = Vec::with_capacity(plan.n);
     for i in 0..plan.n {
         let mut request = plan.request.clone();
         request.sampling.seed = request.sampling.seed.wrapping_add(i as u64);
-        let receiver = state.engine.submit(request).map_err(|error| match error {
+        let receiver = engine.submit(request).map_err(|error| match error {
             SubmitError::QueueFull => ApiError {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: "the server is busy: its request queue is full; retry shortly".into(),
@@ -389,40 +506,50 @@ async fn respond(state: &AppState, endpoint: Endpoint, plan: Plan) -> Result<Res
         })?;
         receivers.push(receiver);
     }
+    reply(state, endpoint, receivers, plan.stream).await
+}
+
+/// Responds with the answers arriving on `receivers`, as JSON once all are complete or
+/// as an event stream.
+async fn reply(
+    state: &AppState,
+    endpoint: Endpoint,
+    receivers: Vec<UnboundedReceiver<GenerationEvent>>,
+    streaming: Streaming,
+) -> Result<Response, ApiError> {
     let head = ResponseHead {
         endpoint,
         id: response_id(endpoint),
         created: unix_time(),
         model: state.options.model_id.clone(),
-        prompt_tokens: plan.request.prompt.len(),
     };
-    if plan.stream {
-        let events = event_stream(head, receivers, plan.include_usage);
+    if streaming.stream {
+        let events = event_stream(head, receivers, streaming.include_usage);
         return Ok(Sse::new(events).into_response());
     }
     let mut choices = Vec::with_capacity(receivers.len());
-    let mut completion_tokens = 0;
+    let mut usage = Usage::new(0, 0);
     for (index, receiver) in receivers.into_iter().enumerate() {
-        let (text, finish, tokens) = collect(receiver).await?;
-        completion_tokens += tokens;
+        let (text, finish, answer_usage) = collect(receiver).await?;
+        usage = usage.and(answer_usage);
         choices.push(head.choice(index, &text, Some(finish)));
     }
-    let usage = Usage::new(head.prompt_tokens, completion_tokens);
     Ok(Json(head.body(choices, Some(usage), false)).into_response())
 }
 
 /// Waits for a whole answer.
 async fn collect(
     mut receiver: UnboundedReceiver<GenerationEvent>,
-) -> Result<(String, Finish, usize), ApiError> {
+) -> Result<(String, Finish, Usage), ApiError> {
     let mut text = String::new();
     while let Some(event) = receiver.recv().await {
         match event {
             GenerationEvent::Text(delta) => text.push_str(&delta),
             GenerationEvent::Done {
                 finish,
+                prompt_tokens,
                 completion_tokens,
-            } => return Ok((text, finish, completion_tokens)),
+            } => return Ok((text, finish, Usage::new(prompt_tokens, completion_tokens))),
             GenerationEvent::Failed(message) => {
                 return Err(ApiError::internal(format!("generation failed: {message}")));
             }
@@ -437,7 +564,6 @@ struct ResponseHead {
     id: String,
     created: u64,
     model: String,
-    prompt_tokens: usize,
 }
 
 impl ResponseHead {
@@ -512,7 +638,7 @@ fn event_stream(
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let head = Arc::new(head);
-    let completion_tokens = Arc::new(AtomicUsize::new(0));
+    let usage = Arc::new(Mutex::new(Usage::new(0, 0)));
     let n = receivers.len();
     let chunk = {
         let head = head.clone();
@@ -536,14 +662,16 @@ fn event_stream(
             .boxed()
     }));
     let body = {
-        let (head, counter, chunk) = (head.clone(), completion_tokens.clone(), chunk.clone());
+        let (head, total, chunk) = (head.clone(), usage.clone(), chunk.clone());
         answers.map(move |(index, event)| match event {
             GenerationEvent::Text(text) => chunk(head.delta(index, &text, None, false)),
             GenerationEvent::Done {
                 finish,
+                prompt_tokens,
                 completion_tokens,
             } => {
-                counter.fetch_add(completion_tokens, Ordering::Relaxed);
+                let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
+                *total = total.and(Usage::new(prompt_tokens, completion_tokens));
                 chunk(head.delta(index, "", Some(finish), false))
             }
             GenerationEvent::Failed(message) => {
@@ -560,10 +688,7 @@ fn event_stream(
     let closing = stream::once(async move {
         let mut events = Vec::new();
         if include_usage {
-            let usage = Usage::new(
-                head.prompt_tokens,
-                completion_tokens.load(Ordering::Relaxed),
-            );
+            let usage = *usage.lock().unwrap_or_else(|e| e.into_inner());
             events
                 .push(Event::default().data(head.body(Vec::new(), Some(usage), true).to_string()));
         }

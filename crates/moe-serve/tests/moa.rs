@@ -1,14 +1,23 @@
 //! Mixture-of-Agents pipelines over real `moe` servers on 127.0.0.1: two proposers and an
-//! aggregator produce an answer; a dead proposer or one whose window is too small is
-//! dropped and the pipeline still answers; too few references is an error naming them.
+//! aggregator produce an answer; a dead proposer, one that dies mid-request or one whose
+//! window is too small is dropped and the pipeline still answers; too few references is
+//! an error naming them. The pipeline served as an OpenAI endpoint answers an OpenAI
+//! client with what the pipeline computes.
 
 mod common;
 
 use std::net::SocketAddr;
 
-use common::{start, start_model};
-use moe_serve::EngineOptions;
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::{ChatCompletionRequestUserMessage, CreateChatCompletionRequestArgs};
+use common::{start, start_app, start_model};
+use futures_util::StreamExt;
 use moe_serve::moa::{self, Agent, Layer, MoaConfig};
+use moe_serve::openai::ChatMessage;
+use moe_serve::{ChatTemplate, EngineOptions, ServerOptions, pipeline_router};
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
 
 fn agent(name: &str, addr: SocketAddr) -> Agent {
     Agent {
@@ -37,6 +46,11 @@ fn pipeline(layers: Vec<Vec<Agent>>, aggregator: Agent, min_references: usize) -
     }
 }
 
+/// A one-question conversation.
+fn ask(question: &str) -> [ChatMessage; 1] {
+    [ChatMessage::new("user", question)]
+}
+
 /// An address nothing listens on.
 async fn dead_address() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -57,7 +71,10 @@ async fn proposers_and_an_aggregator_answer_and_failures_are_dropped() {
     );
     config.validate().unwrap();
     let mut streamed = String::new();
-    let outcome = moa::run(&config, "What is a king?", |text| streamed.push_str(text)).await;
+    let outcome = moa::run(&config, &ask("What is a king?"), |text| {
+        streamed.push_str(text)
+    })
+    .await;
     let answer = outcome.answer.unwrap();
     assert_eq!(streamed, answer);
     assert!(!answer.is_empty());
@@ -84,7 +101,7 @@ async fn proposers_and_an_aggregator_answer_and_failures_are_dropped() {
         agent("aggregator", aggregator),
         1,
     );
-    let outcome = moa::run(&config, "What is a king?", |_| {}).await;
+    let outcome = moa::run(&config, &ask("What is a king?"), |_| {}).await;
     assert!(!outcome.answer.unwrap().is_empty());
     let call = |name: &str| outcome.calls.iter().find(|c| c.agent == name).unwrap();
     assert!(call("a").error.is_none());
@@ -108,13 +125,197 @@ async fn proposers_and_an_aggregator_answer_and_failures_are_dropped() {
         agent("aggregator", aggregator),
         2,
     );
-    let outcome = moa::run(&config, "Hi", |_| {}).await;
+    let outcome = moa::run(&config, &ask("Hi"), |_| {}).await;
     let err = outcome.answer.unwrap_err().to_string();
     assert!(err.contains("layer 1") && err.contains("dead"), "{err}");
     assert!(err.contains("refused"), "the cause is named: {err}");
     // The calls made are still on record; the aggregator was never called.
     let agents: Vec<&str> = outcome.calls.iter().map(|c| c.agent.as_str()).collect();
     assert_eq!(agents, ["small", "dead"]);
+}
+
+/// A proposer that dies mid-request: it accepts one connection, reads the request, and
+/// is gone (connection closed unanswered, nothing listening any more).
+async fn dying_proposer() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = vec![0u8; 4096];
+        let _ = socket.read(&mut request).await;
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposer_that_dies_mid_request_is_dropped() {
+    let wide = || start_model(EngineOptions::default(), None, 32, 1024);
+    let (a, aggregator) = (wide().await, wide().await);
+    let dying = dying_proposer().await;
+    let config = pipeline(
+        vec![vec![agent("a", a), agent("dying", dying)]],
+        agent("aggregator", aggregator),
+        1,
+    );
+    let outcome = moa::run(&config, &ask("What is a king?"), |_| {}).await;
+    assert!(!outcome.answer.unwrap().is_empty());
+    let dying = outcome.calls.iter().find(|c| c.agent == "dying").unwrap();
+    assert_eq!(
+        dying.attempts, 2,
+        "the broken connection is retried: {dying:?}"
+    );
+    assert!(dying.error.is_some(), "{dying:?}");
+    let agents: Vec<&str> = outcome.calls.iter().map(|c| c.agent.as_str()).collect();
+    assert_eq!(agents, ["a", "dying", "aggregator"]);
+}
+
+async fn post(addr: SocketAddr, path: &str, key: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_serves_openai_chat_completions() {
+    let wide = || start_model(EngineOptions::default(), None, 32, 1024);
+    let (a, b, aggregator) = (wide().await, wide().await, wide().await);
+    let config = pipeline(
+        vec![vec![agent("a", a), agent("b", b)]],
+        agent("aggregator", aggregator),
+        1,
+    );
+    let question = "What is a king?";
+    let direct = moa::run(&config, &ask(question), |_| {})
+        .await
+        .answer
+        .unwrap();
+    assert!(!direct.is_empty());
+    let options = ServerOptions {
+        model_id: "moa".into(),
+        api_key: Some("key".into()),
+        template: ChatTemplate::ChatMl,
+    };
+    let addr = start_app(pipeline_router(config, options)).await;
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{addr}/v1"))
+            .with_api_key("key"),
+    );
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("anything")
+        .messages([ChatCompletionRequestUserMessage::from(question).into()])
+        .build()
+        .unwrap();
+    // Every agent decodes greedily, so the served answer is the pipeline's.
+    let response = client.chat().create(request.clone()).await.unwrap();
+    assert_eq!(response.model, "moa");
+    let answer = response.choices[0].message.content.clone().unwrap();
+    assert_eq!(answer, direct);
+    let usage = response.usage.unwrap();
+    assert!(
+        usage.completion_tokens > 0 && usage.completion_tokens <= 8,
+        "{usage:?}"
+    );
+    let mut stream = client.chat().create_stream(request).await.unwrap();
+    let mut streamed = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        if let Some(text) = chunk.choices.first().and_then(|c| c.delta.content.clone()) {
+            streamed.push_str(&text);
+        }
+    }
+    assert_eq!(streamed, direct);
+
+    // The request's max_tokens bounds the aggregator's answer.
+    let ask_json = |extra: Value| {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": question}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (status, body) = post(
+        addr,
+        "/v1/chat/completions",
+        "key",
+        ask_json(json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["usage"]["completion_tokens"].as_u64().unwrap() <= 2,
+        "{body}"
+    );
+    // Bad requests get their errors.
+    let (status, body) = post(
+        addr,
+        "/v1/chat/completions",
+        "key",
+        ask_json(json!({"n": 2})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("n")),
+        "{body}"
+    );
+    let (status, body) = post(
+        addr,
+        "/v1/chat/completions",
+        "key",
+        ask_json(json!({"temperature": 5})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("temperature")),
+        "{body}"
+    );
+    let (status, body) = post(
+        addr,
+        "/v1/completions",
+        "key",
+        json!({"model": "m", "prompt": "hi"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/chat/completions")
+    );
+    let (status, body) = post(addr, "/v1/chat/completions", "wrong", ask_json(json!({}))).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+
+    // A pipeline that cannot answer says why.
+    let dead = dead_address().await;
+    let config = pipeline(
+        vec![vec![agent("dead", dead)]],
+        agent("aggregator", aggregator),
+        1,
+    );
+    let options = ServerOptions {
+        model_id: "moa".into(),
+        api_key: None,
+        template: ChatTemplate::ChatMl,
+    };
+    let addr = start_app(pipeline_router(config, options)).await;
+    let (status, body) = post(addr, "/v1/chat/completions", "", ask_json(json!({}))).await;
+    assert_eq!(status, 500, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("layer 1") && message.contains("dead"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -251,19 +251,12 @@ async fn bad_requests_get_their_status_and_error_type() {
 async fn a_full_queue_answers_429_with_retry_after() {
     let options = EngineOptions {
         queue_capacity: 1,
+        max_batch: 1,
         ..Default::default()
     };
     // Wide enough that a 240-token answer keeps the model busy for a while.
     let addr = start_model(options, None, 256, 256).await;
-    let long = json!({"model": "m", "prompt": "slow", "max_tokens": 240, "temperature": 0, "stream": true});
-    let mut busy = reqwest::Client::new()
-        .post(format!("http://{addr}/v1/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
-    // The first text chunk: the model is working on this request.
-    busy.chunk().await.unwrap().unwrap();
+    let mut busy = start_long_answer(addr).await;
     let short = json!({"model": "m", "prompt": "quick", "max_tokens": 1}).to_string();
     let queued = tokio::spawn({
         let short = short.clone();
@@ -277,6 +270,61 @@ async fn a_full_queue_answers_429_with_retry_after() {
     while busy.chunk().await.unwrap().is_some() {}
     let (status, _, body) = queued.await.unwrap();
     assert_eq!(status, 200, "the queued request is served: {body}");
+}
+
+/// Streams a long completion and returns its response once the first text has arrived:
+/// from then on the model is working on it.
+async fn start_long_answer(addr: std::net::SocketAddr) -> reqwest::Response {
+    let long = json!({"model": "m", "prompt": "slow", "max_tokens": 240, "temperature": 0, "stream": true});
+    let mut busy = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    busy.chunk().await.unwrap().unwrap();
+    busy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_request_is_answered_while_a_long_one_is_generating() {
+    let options = EngineOptions {
+        max_batch: 2,
+        ..Default::default()
+    };
+    let addr = start_model(options, None, 256, 256).await;
+    let mut long = start_long_answer(addr).await;
+    let short = json!({"model": "m", "prompt": "quick", "max_tokens": 2}).to_string();
+    let (status, _, body) = post(addr, "/v1/completions", "", &short).await;
+    assert_eq!(status, 200, "{body}");
+    // The long answer is still streaming: the short one joined its batch, not its queue.
+    let mut rest = String::new();
+    while let Some(chunk) = long.chunk().await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let chunks = rest.matches("data: {").count();
+    assert!(
+        chunks > 20,
+        "only {chunks} chunks of the long answer came after the short answer"
+    );
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_limit_ends_an_answer_with_length() {
+    let options = EngineOptions {
+        time_limit: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let addr = start_model(options, None, 256, 256).await;
+    let long = json!({"model": "m", "prompt": "slow", "max_tokens": 240, "temperature": 0});
+    let started = Instant::now();
+    let (status, _, body) = post(addr, "/v1/completions", "", &long.to_string()).await;
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    let tokens = body["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(tokens > 0 && tokens < 240, "{tokens} tokens in {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

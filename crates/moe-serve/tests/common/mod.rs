@@ -57,14 +57,16 @@ pub async fn start_model(
     d_model: usize,
     window: usize,
 ) -> SocketAddr {
-    let app = router(
-        engine(options, d_model, window),
-        ServerOptions {
-            model_id: "tiny-moe".into(),
-            api_key: api_key.map(str::to_string),
-            template: ChatTemplate::ChatMl,
-        },
-    );
+    let server = ServerOptions {
+        model_id: "tiny-moe".into(),
+        api_key: api_key.map(str::to_string),
+        template: ChatTemplate::ChatMl,
+    };
+    start_app(router(engine(options, d_model, window), server)).await
+}
+
+/// Serves `app` on an ephemeral port; the server stops with the runtime.
+pub async fn start_app(app: axum::Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(listener, app, std::future::pending()));
