@@ -295,7 +295,7 @@ async fn chat_completions(
         Answerer::Pipeline(pipeline) => {
             let stream = Streaming::of(&sampling);
             let receiver = run_pipeline(pipeline, request.messages, &sampling)?;
-            return Ok(reply(&state, Endpoint::Chat, vec![receiver], stream).await?);
+            return reply(&state, Endpoint::Chat, vec![receiver], stream).await;
         }
     };
     let template = state.options.template;
