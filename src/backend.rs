@@ -19,6 +19,15 @@ pub enum BackendKind {
     Cuda,
 }
 
+impl BackendKind {
+    /// The name `--backend` takes.
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+}
+
 /// A command that runs on any autodiff backend.
 pub trait BackendJob {
     /// What the command returns.
@@ -38,15 +47,8 @@ pub fn run_on<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output> {
         BackendKind::Cuda => job.run::<Autodiff<burn::backend::Cuda>>(Default::default()),
         #[allow(unreachable_patterns)]
         other => bail!(
-            "backend `{}` is not compiled into this binary; rebuild with `--features {}`",
-            other
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default(),
-            other
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default()
+            "backend `{0}` is not compiled into this binary; rebuild with `--features {0}`",
+            other.name()
         ),
     }
 }

@@ -1,6 +1,7 @@
 //! `moe`: train, evaluate, sample, export and import sparse Mixture-of-Experts language
 //! models.
 
+mod ablate;
 mod backend;
 
 use std::io::Write;
@@ -33,6 +34,8 @@ struct Cli {
 enum Command {
     /// Train a model from a TOML config.
     Train(TrainArgs),
+    /// Run a grid of training runs (an ablation study) and write its results and report.
+    Ablate(ablate::AblateArgs),
     /// Validation loss, bits per byte, perplexity and expert load of a checkpoint.
     Eval(EvalArgs),
     /// Generate text from a checkpoint.
@@ -546,6 +549,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => run_on(args.backend, args),
+        Command::Ablate(args) => run_on(args.backend, args),
         Command::Eval(args) => run_on(args.backend, args),
         Command::Serve(args) => run_on(args.backend, args),
         Command::Generate(args) => run_on(args.backend, args),
@@ -556,6 +560,11 @@ fn main() {
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");
-        std::process::exit(1);
+        let diverged = error.downcast_ref::<moe_train::Diverged>().is_some();
+        std::process::exit(if diverged {
+            ablate::DIVERGED_EXIT_CODE
+        } else {
+            1
+        });
     }
 }

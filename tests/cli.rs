@@ -273,6 +273,64 @@ fn imports_a_transformers_mixtral_without_a_tokenizer() {
 }
 
 #[test]
+fn ablate_runs_a_grid_in_parallel_processes_and_skips_finished_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let grid = dir.path().join("grid.toml");
+    std::fs::write(
+        &grid,
+        format!(
+            "base = \"{config}\"\nseeds = [7]\nset = {{ train.steps = 4, train.eval_every = 2 }}\n\
+             [axes]\nmoe.z_loss_weight = [0.0, 0.001]\n"
+        ),
+    )
+    .unwrap();
+    let study = dir.path().join("study").display().to_string();
+    let grid = grid.display().to_string();
+    let args = ["ablate", "--grid", &grid, "--out", &study, "--jobs", "2"];
+    let out = moe(&args);
+    assert!(out.status.success(), "ablate failed: {}", stderr(&out));
+    let report = std::fs::read_to_string(Path::new(&study).join("report.md")).unwrap();
+    for variant in ["z_loss_weight=0", "z_loss_weight=0.001"] {
+        assert!(
+            report.contains(&format!("| {variant} | 1 | 0 |")),
+            "{report}"
+        );
+        let summary = Path::new(&study).join(variant).join("seed-7/summary.json");
+        assert!(summary.is_file(), "{}", summary.display());
+    }
+    let out = moe(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).matches("skipped").count(),
+        2,
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(
+        &grid,
+        format!("base = \"{config}\"\nseeds = [1]\n[axes]\nmoe.topk = [1]\n"),
+    )
+    .unwrap();
+    let out = moe(&args);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("topk"), "{}", stderr(&out));
+}
+
+#[test]
+fn shipped_ablation_grids_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for name in ["aux_loss", "z_loss", "capacity", "gating", "top_k"] {
+        let path = root.join(format!("configs/ablations/{name}.toml"));
+        let grid = moe_train::ablation::Grid::load(&path).unwrap_or_else(|e| panic!("{e:#}"));
+        let seeds: std::collections::BTreeSet<u64> = grid.runs.iter().map(|r| r.seed).collect();
+        assert!(seeds.len() >= 2, "{name}: at least two seeds");
+        assert!(grid.runs.len() >= 4, "{name}: at least two variants");
+    }
+}
+
+#[test]
 fn errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_run(dir.path());

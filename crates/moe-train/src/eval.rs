@@ -17,10 +17,13 @@ use crate::router_stats::RouterStatsAccumulator;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
     /// Mean next-token cross-entropy in nats.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub val_loss: f64,
     /// Bits per UTF-8 byte of the predicted tokens.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub bpb: f64,
     /// exp(val_loss).
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub perplexity: f64,
     /// Tokens scored.
     pub tokens: usize,

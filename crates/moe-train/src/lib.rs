@@ -1,5 +1,6 @@
 //! Training, evaluation, metrics and checkpoints for `moe` models.
 
+pub mod ablation;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
@@ -21,5 +22,5 @@ pub use config::RunConfig;
 pub use eval::{EvalResult, evaluate};
 pub use export::{ExportFormat, export};
 pub use import::{Imported, import, read_model};
-pub use trainer::{TrainOutcome, train};
+pub use trainer::{Diverged, TrainOutcome, train};
 pub use upcycle::{UpcycleOptions, upcycle, upcycle_checkpoint};

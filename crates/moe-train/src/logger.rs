@@ -17,20 +17,28 @@ pub struct TrainRecord {
     /// Optimiser steps completed.
     pub step: usize,
     /// Mean cross-entropy over the interval.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub loss: f64,
     /// Mean weighted router loss added to the objective (balance + z terms).
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub aux_loss: f64,
     /// Mean unweighted load-balancing term, summed over MoE layers (1 per layer if balanced).
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub balance_loss: f64,
     /// Mean unweighted router z-loss, summed over MoE layers.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub z_loss: f64,
     /// Learning rate of the last step.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub lr: f64,
     /// Global gradient norm of the last step, before clipping.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub grad_norm: f64,
     /// Training tokens per second over the interval.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub tokens_per_sec: f64,
     /// Seconds since the run started (resumes included).
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub elapsed_secs: f64,
     /// Router statistics per MoE layer over the interval.
     pub layers: Vec<LayerLoad>,
@@ -50,13 +58,19 @@ pub enum MetricRecord {
         #[serde(flatten)]
         result: EvalResult,
     },
+    /// The training loss became NaN or infinite at `step`; the run stopped there.
+    Diverged {
+        /// The step whose loss was not finite.
+        step: usize,
+    },
 }
 
 impl MetricRecord {
-    fn step(&self) -> usize {
+    /// Optimiser steps completed when the record was written.
+    pub fn step(&self) -> usize {
         match self {
             MetricRecord::Train(r) => r.step,
-            MetricRecord::Eval { step, .. } => *step,
+            MetricRecord::Eval { step, .. } | MetricRecord::Diverged { step, .. } => *step,
         }
     }
 }
@@ -126,6 +140,7 @@ impl MetricsLogger {
                 tb.add_scalar("val/perplexity", result.perplexity as f32, *step);
                 log_layers(tb, "val", &result.expert_load, *step);
             }
+            MetricRecord::Diverged { .. } => {}
         }
         tb.flush();
         Ok(())

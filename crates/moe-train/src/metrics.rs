@@ -1,6 +1,12 @@
 //! Routing metrics computed on the host from per-expert counts.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Reads a float of a metrics file. JSON has no NaN or infinity (serde_json writes them
+/// as `null`): a `null` reads back as NaN, so the records of a diverging run still load.
+pub fn float_or_nan<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
 
 /// Load of one MoE layer over a logging interval or an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -8,14 +14,19 @@ pub struct LayerLoad {
     /// Fraction of routed assignments per expert (sums to 1), before dropping.
     pub load: Vec<f64>,
     /// Coefficient of variation of `load`: std / mean.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub cv: f64,
     /// MaxVio: max_i (load_i - mean) / mean.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub max_violation: f64,
     /// Fraction of assignments dropped by the capacity limit.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub dropped: f64,
     /// Mean router entropy in nats.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub entropy: f64,
     /// Largest absolute router logit.
+    #[serde(deserialize_with = "crate::metrics::float_or_nan")]
     pub max_logit: f64,
 }
 

@@ -51,6 +51,28 @@ pub struct TrainOutcome {
 /// run with `init` starts from that checkpoint's weights and tokenizer (fine-tuning,
 /// training an imported or upcycled model) with a fresh optimiser and step count.
 /// `progress` receives one human-readable line per log interval and evaluation.
+/// Training stopped because the loss became NaN or infinite (the checkpoints before it
+/// are intact).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Diverged {
+    /// The step whose loss was not finite.
+    pub step: usize,
+    /// That loss.
+    pub loss: f64,
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "training diverged at step {}: loss is {}",
+            self.step, self.loss
+        )
+    }
+}
+
+impl std::error::Error for Diverged {}
+
 pub fn train<B: MoeAutodiffBackend>(
     config: &RunConfig,
     run_dir: &Path,
@@ -214,7 +236,9 @@ pub fn train<B: MoeAutodiffBackend>(
             accumulator.accumulate(&model, grads);
             let ce = ce.into_scalar().elem::<f64>();
             if !ce.is_finite() {
-                bail!("training diverged at step {}: loss is {ce}", step + 1);
+                let step = step + 1;
+                logger.log(&MetricRecord::Diverged { step })?;
+                return Err(Diverged { step, loss: ce }.into());
             }
             interval.loss += ce;
             interval.aux += router.into_scalar().elem::<f64>();

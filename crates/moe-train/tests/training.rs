@@ -82,7 +82,7 @@ fn train_losses(run_dir: &Path) -> Vec<(usize, f64)> {
         .into_iter()
         .filter_map(|r| match r {
             MetricRecord::Train(t) => Some((t.step, t.loss)),
-            MetricRecord::Eval { .. } => None,
+            _ => None,
         })
         .collect()
 }

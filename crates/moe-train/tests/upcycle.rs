@@ -171,7 +171,7 @@ fn first_train_loss(run: &Path) -> f64 {
         .lines()
         .find_map(|line| match serde_json::from_str(line).unwrap() {
             MetricRecord::Train(record) => Some(record.loss),
-            MetricRecord::Eval { .. } => None,
+            _ => None,
         })
         .unwrap()
 }
