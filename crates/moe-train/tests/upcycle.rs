@@ -39,6 +39,9 @@ n_kv_heads = 2
 max_seq_len = 32
 dense_ffn_dim = 48
 n_dense_layers = 2
+# Large enough that two random models' first losses differ clearly (at the usual 0.02
+# both sit at ln(256) to within 1e-3).
+init_std = 0.3
 
 [moe]
 {moe}
