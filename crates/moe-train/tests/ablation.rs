@@ -201,6 +201,19 @@ tail = 2
     for name in ["results.json", "results.csv", "report.md"] {
         assert!(study.join(name).is_file(), "{name}");
     }
+    for plot in [
+        "loss.svg",
+        "val_bpb.svg",
+        "load_cv.svg",
+        "expert_load_layer0.svg",
+        "expert_load_layer1.svg",
+    ] {
+        let svg = std::fs::read_to_string(study.join(plot)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("lr=0.003"),
+            "{plot}:\n{svg}"
+        );
+    }
     for run in &grid.runs {
         let run_dir = run.dir(&study);
         for name in [SUMMARY_FILE, "metrics.jsonl", "config.toml"] {
@@ -233,6 +246,7 @@ tail = 2
     let report = std::fs::read_to_string(study.join("report.md")).unwrap();
     assert!(report.contains("| lr=0.003 | 2 | 0 |"), "{report}");
     assert!(report.contains("| lr=1e30 | 2 | 2 |"), "{report}");
+    assert!(report.contains("![loss.svg](loss.svg)"), "{report}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(study.join("results.json")).unwrap())
             .unwrap();

@@ -7,6 +7,7 @@
 //! checkpoint. A run that diverges is recorded as such; it does not stop the study.
 
 pub mod grid;
+pub mod plots;
 pub mod report;
 pub mod summary;
 

@@ -1,5 +1,5 @@
 //! A study's outputs: `results.json` (every run, and mean and spread per variant),
-//! `results.csv` (one row per run) and `report.md` (the tables).
+//! `results.csv` (one row per run), the plots and `report.md` (the tables and the plots).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -119,7 +119,11 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<()> 
     };
     put("results.json", serde_json::to_string_pretty(&json)?)?;
     put("results.csv", csv(summaries))?;
-    put("report.md", markdown(study, grid, &variants, summaries))
+    let plots = super::plots::write(study, grid, summaries)?;
+    put(
+        "report.md",
+        markdown(study, grid, &variants, summaries, &plots),
+    )
 }
 
 /// One row per run: variant, seed, steps, divergence step, then every metric.
@@ -155,6 +159,7 @@ fn markdown(
     grid: &Grid,
     variants: &[VariantResult],
     summaries: &[RunSummary],
+    plots: &[String],
 ) -> String {
     let name = study.file_name().map_or_else(
         || study.display().to_string(),
@@ -223,6 +228,12 @@ fn markdown(
             v.diverged,
             cells.join(" | ")
         );
+    }
+    if !plots.is_empty() {
+        let _ = writeln!(out, "\n## Plots\n");
+        for plot in plots {
+            let _ = writeln!(out, "![{plot}]({plot})\n");
+        }
     }
     let _ = writeln!(out, "\n## Runs\n");
     let _ = writeln!(
