@@ -72,3 +72,28 @@ pub async fn start_app(app: axum::Router) -> SocketAddr {
     tokio::spawn(serve(listener, app, std::future::pending()));
     addr
 }
+
+/// A server on its own runtime and thread, like a separate process: sending on (or
+/// dropping) the returned handle kills it, dropping its listener and every open
+/// connection at once, mid-answer or not.
+pub fn start_killable(
+    options: EngineOptions,
+    d_model: usize,
+    window: usize,
+) -> (SocketAddr, std::sync::mpsc::Sender<()>) {
+    let (address, address_rx) = std::sync::mpsc::channel();
+    let (kill, killed) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr = runtime.block_on(start_model(options, None, d_model, window));
+        address.send(addr).unwrap();
+        let _ = killed.recv();
+        // Dropping the runtime cancels the server's tasks and closes their sockets.
+        drop(runtime);
+    });
+    (address_rx.recv().unwrap(), kill)
+}
