@@ -1,4 +1,6 @@
-//! A test server: a small random byte-level model behind the real router.
+//! Test servers: a small random byte-level model behind the real router (each test crate
+//! uses a subset of these helpers).
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 
