@@ -170,15 +170,10 @@ async fn a_proposer_killed_mid_run_is_dropped() {
     );
 }
 
+/// `POST`s a JSON body: the status and the JSON answer.
 async fn post(addr: SocketAddr, path: &str, key: &str, body: Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("http://{addr}{path}"))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
+    let (status, _, body) = common::post(addr, path, key, &body.to_string()).await;
+    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::{start, start_model};
+use common::{post, start, start_model};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -20,7 +20,7 @@ use async_openai::types::{
 };
 use futures_util::StreamExt;
 use moe_serve::EngineOptions;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const KEY: &str = "test-key";
 
@@ -159,24 +159,6 @@ fn client_err<T: std::fmt::Debug>(result: Result<T, OpenAIError>) -> async_opena
 }
 
 /// Posts raw bytes; returns the status, the Retry-After header and the JSON body.
-async fn post(addr: SocketAddr, path: &str, key: &str, body: &str) -> (u16, Option<String>, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("http://{addr}{path}"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let retry = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    let body = response.json().await.unwrap_or(Value::Null);
-    (status, retry, body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_their_status_and_error_type() {
     let addr = start(EngineOptions::default(), Some(KEY)).await;

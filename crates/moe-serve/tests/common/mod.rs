@@ -4,6 +4,8 @@
 
 use std::net::SocketAddr;
 
+use serde_json::Value;
+
 use burn::backend::Flex;
 use moe_data::TextTokenizer;
 use moe_model::{ModelConfig, MoeConfig, RouterKind, Transformer};
@@ -98,4 +100,29 @@ pub fn start_killable(
         drop(runtime);
     });
     (address_rx.recv().unwrap(), kill)
+}
+
+/// `POST`s `body` (JSON text) with `Authorization: Bearer key`: the status, the
+/// Retry-After header and the JSON answer (null if it is not JSON).
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> (u16, Option<String>, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, retry, body)
 }
