@@ -179,7 +179,7 @@ fn a_study_runs_resumes_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     base_config(dir.path());
     // Two variants x two seeds, plus a learning rate that makes the loss overflow.
-    let grid = parse(
+    let mut grid = parse(
         dir.path(),
         r#"
 base = "base.toml"
@@ -205,6 +205,8 @@ tail = 2
         "loss.svg",
         "val_bpb.svg",
         "load_cv.svg",
+        "router_logit.svg",
+        "z_loss.svg",
         "expert_load_layer0.svg",
         "expert_load_layer1.svg",
     ] {
@@ -261,18 +263,33 @@ tail = 2
     std::fs::remove_dir_all(interrupted.join("checkpoints/step-00000006")).unwrap();
     log.lock().unwrap().clear();
     let again = ablation::run_study(&grid, &study, 1, &trainer, &progress).unwrap();
-    let log = log.lock().unwrap();
-    let skipped = log.iter().filter(|l| l.ends_with("skipped")).count();
-    assert_eq!(skipped, 3, "the finished runs are skipped: {log:?}");
-    assert!(
-        log.iter()
-            .any(|l| l.contains("lr=0.003 seed 2") && l.contains("resum")),
-        "the interrupted run resumes: {log:?}"
-    );
+    {
+        let log = log.lock().unwrap();
+        let skipped = log.iter().filter(|l| l.ends_with("skipped")).count();
+        assert_eq!(skipped, 3, "the finished runs are skipped: {log:?}");
+        assert!(
+            log.iter()
+                .any(|l| l.contains("lr=0.003 seed 2") && l.contains("resum")),
+            "the interrupted run resumes: {log:?}"
+        );
+    }
     let (before, after) = (&summaries[1], &again[1]);
     assert_eq!(after.steps, 6);
     assert!(
         (before.final_bpb.unwrap() - after.final_bpb.unwrap()).abs() < 1e-4,
         "{before:?} vs {after:?}"
     );
+
+    // A changed [metrics] section re-reports the finished study without training: with a
+    // dead-load threshold above 100% every expert of every layer counts as dead.
+    grid.metrics.dead_load = 1.01;
+    log.lock().unwrap().clear();
+    let reported = ablation::run_study(&grid, &study, 1, &trainer, &progress).unwrap();
+    let log = log.lock().unwrap();
+    assert!(log.iter().all(|l| l.ends_with("skipped")), "{log:?}");
+    assert_eq!(log.len(), 4, "{log:?}");
+    for s in &reported[..2] {
+        assert_eq!(s.dead_experts(), 2 * s.layers[0].load.len(), "{s:?}");
+        assert_eq!(s.final_bpb, again[s.seed as usize - 1].final_bpb);
+    }
 }

@@ -4,7 +4,9 @@
 //! Every run trains in its own directory `<study>/<variant>/seed-<seed>` (config,
 //! checkpoints, `metrics.jsonl`, TensorBoard) and ends with a `summary.json`. Running a
 //! study again skips runs that have one and resumes the others from their last
-//! checkpoint. A run that diverges is recorded as such; it does not stop the study.
+//! checkpoint. Summaries are always computed again from the runs' `metrics.jsonl`, so a
+//! changed `[metrics]` section re-reports a finished study without training. A run that
+//! diverges is recorded as such; it does not stop the study.
 
 pub mod grid;
 pub mod plots;
@@ -95,7 +97,8 @@ pub fn run_study(
     Ok(summaries)
 }
 
-/// Trains one run (or resumes it, or reads its summary if it is done) and summarises it.
+/// Trains one run (or resumes it, or skips training if it is done) and summarises it from
+/// its `metrics.jsonl`.
 fn run_one(
     run: &GridRun,
     study: &Path,
@@ -106,18 +109,15 @@ fn run_one(
     let dir = run.dir(study);
     let label = format!("[{} seed {}]", run.variant, run.seed);
     let summary_path = dir.join(SUMMARY_FILE);
-    if summary_path.exists() {
-        let text = std::fs::read_to_string(&summary_path)
-            .with_context(|| format!("reading {}", summary_path.display()))?;
-        let summary: RunSummary = serde_json::from_str(&text)
-            .with_context(|| format!("reading {}", summary_path.display()))?;
+    let finished = summary_path.exists();
+    if finished {
         progress(&format!("{label} finished earlier: skipped"));
-        return Ok(summary);
+    } else {
+        trainer(run, &dir, &|line| progress(&format!("{label} {line}")))?;
     }
-    trainer(run, &dir, &|line| progress(&format!("{label} {line}")))?;
     let records = summary::read_metrics(&dir)?;
     let summary = summary::summarize(&run.variant, run.seed, &records, options);
-    if let Some(step) = summary.diverged_at {
+    if let (Some(step), false) = (summary.diverged_at, finished) {
         progress(&format!("{label} diverged at step {step}"));
     }
     let temp = dir.join(format!(".{SUMMARY_FILE}.tmp"));

@@ -1,5 +1,5 @@
-//! The study's plots, as SVG: training loss, validation bpb and load imbalance over the
-//! steps (one line per run, one colour per variant), and each MoE layer's mean expert
+//! The study's plots, as SVG: training loss, validation bpb, load imbalance, largest
+//! router logit and z-loss over the steps (one line per run, one colour per variant), and each MoE layer's mean expert
 //! load (a variants x experts heatmap).
 
 use std::path::Path;
@@ -17,8 +17,8 @@ struct Curve {
     points: Vec<(f64, f64)>,
 }
 
-/// Writes `loss.svg`, `val_bpb.svg`, `load_cv.svg` and `expert_load_layer<L>.svg` into
-/// `study`; returns the file names.
+/// Writes `loss.svg`, `val_bpb.svg`, `load_cv.svg`, `router_logit.svg`, `z_loss.svg` and
+/// `expert_load_layer<L>.svg` into `study`; returns the file names.
 pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<String>> {
     let variants: Vec<&str> = {
         let mut names: Vec<&str> = Vec::new();
@@ -32,6 +32,8 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<
     let mut loss = Vec::new();
     let mut bpb = Vec::new();
     let mut cv = Vec::new();
+    let mut logit = Vec::new();
+    let mut z_loss = Vec::new();
     for summary in summaries {
         let Some(run) = grid
             .runs
@@ -42,7 +44,7 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<
         };
         let variant = variants.iter().position(|v| *v == run.variant).unwrap_or(0);
         let records = read_metrics(&run.dir(study))?;
-        let mut curves = [(); 3].map(|()| Curve {
+        let mut curves = [(); 5].map(|()| Curve {
             variant,
             points: Vec::new(),
         });
@@ -55,6 +57,9 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<
                         let mean =
                             t.layers.iter().map(|l| l.cv).sum::<f64>() / t.layers.len() as f64;
                         curves[2].points.push((step, mean));
+                        let max = t.layers.iter().map(|l| l.max_logit).fold(0.0, f64::max);
+                        curves[3].points.push((step, max));
+                        curves[4].points.push((step, t.z_loss));
                     }
                 }
                 MetricRecord::Eval { step, result } => {
@@ -63,10 +68,12 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<
                 MetricRecord::Diverged { .. } => {}
             }
         }
-        let [l, b, c] = curves;
+        let [l, b, c, m, z] = curves;
         loss.push(l);
         bpb.push(b);
         cv.push(c);
+        logit.push(m);
+        z_loss.push(z);
     }
     let mut written = Vec::new();
     for (name, title, y, curves) in [
@@ -77,6 +84,18 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<
             "Load imbalance (CV of expert load, mean over MoE layers)",
             "CV",
             &cv,
+        ),
+        (
+            "router_logit.svg",
+            "Largest absolute router logit (max over MoE layers)",
+            "logit",
+            &logit,
+        ),
+        (
+            "z_loss.svg",
+            "Router z-loss (unweighted, summed over MoE layers)",
+            "z-loss",
+            &z_loss,
         ),
     ] {
         if curves.iter().any(|c| !c.points.is_empty()) {

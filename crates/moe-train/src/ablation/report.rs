@@ -10,23 +10,31 @@ use serde::Serialize;
 use super::grid::Grid;
 use super::summary::RunSummary;
 
-/// A run metric compared across variants: its name and how to read it off a summary.
-type Metric = (&'static str, fn(&RunSummary) -> Option<f64>);
+/// A run metric compared across variants: its name, its column in the report and how to
+/// read it off a summary.
+type Metric = (&'static str, &'static str, fn(&RunSummary) -> Option<f64>);
 
 /// The compared metrics, in table order.
-const METRICS: [Metric; 12] = [
-    ("final_bpb", |r| r.final_bpb),
-    ("best_bpb", |r| r.best_bpb),
-    ("final_val_loss", |r| r.final_val_loss),
-    ("spikes", |r| Some(r.spike_steps.len() as f64)),
-    ("max_router_logit", |r| Some(r.max_router_logit)),
-    ("max_z_loss", |r| Some(r.max_z_loss)),
-    ("load_cv", |r| Some(r.layer_mean(|l| l.cv))),
-    ("max_violation", |r| Some(r.layer_mean(|l| l.max_violation))),
-    ("dropped", |r| Some(r.layer_mean(|l| l.dropped))),
-    ("entropy", |r| Some(r.layer_mean(|l| l.entropy))),
-    ("dead_experts", |r| Some(r.dead_experts() as f64)),
-    ("tokens_per_sec", |r| Some(r.tokens_per_sec)),
+const METRICS: [Metric; 13] = [
+    ("final_bpb", "final bpb", |r| r.final_bpb),
+    ("best_bpb", "best bpb", |r| r.best_bpb),
+    ("final_val_loss", "val loss", |r| r.final_val_loss),
+    ("spikes", "spikes", |r| Some(r.spike_steps.len() as f64)),
+    ("max_router_logit", "max logit", |r| {
+        Some(r.max_router_logit)
+    }),
+    ("final_router_logit", "final max logit", |r| {
+        Some(r.final_router_logit)
+    }),
+    ("final_z_loss", "final z-loss", |r| Some(r.final_z_loss)),
+    ("load_cv", "load CV", |r| Some(r.layer_mean(|l| l.cv))),
+    ("max_violation", "MaxVio", |r| {
+        Some(r.layer_mean(|l| l.max_violation))
+    }),
+    ("dropped", "dropped", |r| Some(r.layer_mean(|l| l.dropped))),
+    ("entropy", "entropy", |r| Some(r.layer_mean(|l| l.entropy))),
+    ("dead_experts", "dead", |r| Some(r.dead_experts() as f64)),
+    ("tokens_per_sec", "tokens/s", |r| Some(r.tokens_per_sec)),
 ];
 
 /// Mean and sample standard deviation of a metric over a variant's seeds.
@@ -89,7 +97,7 @@ pub fn variant_results(grid: &Grid, summaries: &[RunSummary]) -> Vec<VariantResu
             .collect();
         let metrics = METRICS
             .iter()
-            .map(|(name, read)| {
+            .map(|(name, _, read)| {
                 let values: Vec<f64> = runs
                     .iter()
                     .filter_map(|r| read(r))
@@ -129,7 +137,7 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<()> 
 /// One row per run: variant, seed, steps, divergence step, then every metric.
 fn csv(summaries: &[RunSummary]) -> String {
     let mut out = String::from("variant,seed,steps,diverged_at");
-    for (name, _) in METRICS {
+    for (name, _, _) in METRICS {
         out.push(',');
         out.push_str(name);
     }
@@ -143,7 +151,7 @@ fn csv(summaries: &[RunSummary]) -> String {
             run.seed,
             run.steps
         );
-        for (_, read) in METRICS {
+        for (_, _, read) in METRICS {
             out.push(',');
             if let Some(value) = read(run) {
                 let _ = write!(out, "{value}");
@@ -179,32 +187,21 @@ fn markdown(
         "{} runs: {} variants x seeds {}; {} of them summarised. Values are the mean ± \
          sample standard deviation over seeds. bpb: validation bits per byte (last and \
          best evaluation). Spikes: logged training losses above {} x the mean of the {} \
-         before. Routing columns average the MoE layers over the last {} logged \
-         intervals: load CV, MaxVio, dropped fraction, router entropy (nats); dead: experts \
-         under {}% load in each of those intervals, summed over layers.\n",
+         before. Max logit: the largest absolute router logit of any layer in the run. \
+         Over the last {tail} logged intervals: final max logit (largest over layers) and \
+         final z-loss (unweighted, summed over layers); load CV, MaxVio, dropped fraction \
+         and router entropy (nats), averaged over the MoE layers; dead: experts under {}% \
+         load in each of those intervals, summed over layers.\n",
         grid.runs.len(),
         variants.len(),
         seeds.join(", "),
         summaries.len(),
         options.spike_factor,
         options.spike_window,
-        options.tail,
         options.dead_load * 100.0,
+        tail = options.tail,
     );
-    let header = [
-        "final bpb",
-        "best bpb",
-        "val loss",
-        "spikes",
-        "max logit",
-        "max z-loss",
-        "load CV",
-        "MaxVio",
-        "dropped",
-        "entropy",
-        "dead",
-        "tokens/s",
-    ];
+    let header: Vec<&str> = METRICS.iter().map(|m| m.1).collect();
     let _ = writeln!(
         out,
         "| variant | runs | diverged | {} |",

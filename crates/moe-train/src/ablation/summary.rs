@@ -93,10 +93,13 @@ pub struct RunSummary {
     pub final_train_loss: Option<f64>,
     /// Steps whose logged training loss was a spike (see [`loss_spikes`]).
     pub spike_steps: Vec<usize>,
-    /// Largest absolute router logit seen in any layer.
+    /// Largest absolute router logit seen in any layer, over the whole run.
     pub max_router_logit: f64,
-    /// Largest logged z-loss (unweighted, summed over layers).
-    pub max_z_loss: f64,
+    /// Largest absolute router logit over the layers, mean over the last `tail` intervals:
+    /// where the logits settled (the maximum is often the first step's).
+    pub final_router_logit: f64,
+    /// Logged z-loss (unweighted, summed over layers), mean over the last `tail` intervals.
+    pub final_z_loss: f64,
     /// Mean training tokens/s over the logged intervals.
     pub tokens_per_sec: f64,
     /// Per MoE layer, over the last `tail` intervals.
@@ -206,9 +209,17 @@ pub fn summarize(
             .iter()
             .flat_map(|t| t.layers.iter().map(|l| l.max_logit))
             .fold(0.0, f64::max),
-        max_z_loss: train.iter().map(|t| t.z_loss).fold(0.0, f64::max),
+        final_router_logit: tail_mean(tail, |t| {
+            t.layers.iter().map(|l| l.max_logit).fold(0.0, f64::max)
+        }),
+        final_z_loss: tail_mean(tail, |t| t.z_loss),
         tokens_per_sec: train.iter().map(|t| t.tokens_per_sec).sum::<f64>()
             / train.len().max(1) as f64,
         layers,
     }
+}
+
+/// Mean of `metric` over the records of `tail` (0 when there are none).
+fn tail_mean(tail: &[&TrainRecord], metric: impl Fn(&TrainRecord) -> f64) -> f64 {
+    tail.iter().map(|t| metric(t)).sum::<f64>() / tail.len().max(1) as f64
 }
