@@ -3,6 +3,7 @@
 
 mod ablate;
 mod backend;
+mod bench;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ enum Command {
     Serve(ServeArgs),
     /// Run a Mixture-of-Agents pipeline over OpenAI-compatible endpoints.
     Moa(MoaArgs),
+    /// Measure training or generation throughput of a config's shapes.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -550,6 +553,7 @@ fn main() {
     let result = match cli.command {
         Command::Train(args) => run_on(args.backend, args),
         Command::Ablate(args) => run_on(args.backend, args),
+        Command::Bench(args) => run_on(args.backend(), args),
         Command::Eval(args) => run_on(args.backend, args),
         Command::Serve(args) => run_on(args.backend, args),
         Command::Generate(args) => run_on(args.backend, args),

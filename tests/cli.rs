@@ -477,3 +477,49 @@ fn upcycle_a_dense_run_then_fine_tune_it() {
         stderr(&out)
     );
 }
+
+#[test]
+fn bench_reports_training_and_generation_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let train = moe(&[
+        "bench", "train", "--config", &config, "--batch", "2", "--steps", "2", "--warmup", "1",
+        "--json",
+    ]);
+    assert!(train.status.success(), "{}", stderr(&train));
+    let json: serde_json::Value = serde_json::from_slice(&train.stdout).unwrap();
+    assert_eq!(json["bench"], "train");
+    assert_eq!(json["result"]["batch_size"], 2);
+    assert_eq!(json["result"]["seq_len"], 32);
+    assert!(
+        json["result"]["tokens_per_sec"].as_f64().unwrap() > 0.0,
+        "{json}"
+    );
+    assert!(json["peak_matmul_gflops"].as_f64().unwrap() > 0.0, "{json}");
+    assert!(json["mfu"].as_f64().unwrap() > 0.0, "{json}");
+
+    let generate = moe(&[
+        "bench",
+        "generate",
+        "--config",
+        &config,
+        "--prompt-len",
+        "4",
+        "--tokens",
+        "8",
+    ]);
+    assert!(generate.status.success(), "{}", stderr(&generate));
+    let text = String::from_utf8_lossy(&generate.stdout);
+    assert!(
+        text.starts_with("generate flex: ") && text.contains("8 tokens after a 4-token prompt"),
+        "{text}"
+    );
+
+    let too_long = moe(&["bench", "generate", "--config", &config, "--tokens", "100"]);
+    assert!(!too_long.status.success());
+    assert!(
+        stderr(&too_long).contains("model.max_seq_len = 64"),
+        "{}",
+        stderr(&too_long)
+    );
+}

@@ -1,6 +1,7 @@
 //! Training, evaluation, metrics and checkpoints for `moe` models.
 
 pub mod ablation;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;

@@ -16,13 +16,14 @@ use moe_data::{
     EpochBatches, LmBatch, LmBatcher, TextTokenizer, TokenizerKind, load_corpus, tokenize_works,
 };
 use moe_model::ops::cross_entropy;
+use moe_model::transformer::MoeOutputs;
 use moe_model::{MoeAutodiffBackend, Transformer};
 
 use crate::checkpoint::{
     self, CONFIG_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TrainingState, list_checkpoints, load_state,
     load_tokenizer, load_weights, recorder, resolve_checkpoint, save_checkpoint,
 };
-use crate::config::RunConfig;
+use crate::config::{RunConfig, TrainConfig};
 use crate::eval::{EvalResult, evaluate};
 use crate::grad_clip::clip_global_norm;
 use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
@@ -45,12 +46,6 @@ pub struct TrainOutcome {
     pub tokens_per_sec: f64,
 }
 
-/// Trains per `config` in `run_dir`. With `resume`, continues from the run's newest
-/// checkpoint (model, optimiser state, step; the LR schedule and data order are functions
-/// of the step); without it, refuses a directory that already holds checkpoints. A new
-/// run with `init` starts from that checkpoint's weights and tokenizer (fine-tuning,
-/// training an imported or upcycled model) with a fresh optimiser and step count.
-/// `progress` receives one human-readable line per log interval and evaluation.
 /// Training stopped because the loss became NaN or infinite (the checkpoints before it
 /// are intact).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,6 +68,12 @@ impl std::fmt::Display for Diverged {
 
 impl std::error::Error for Diverged {}
 
+/// Trains per `config` in `run_dir`. With `resume`, continues from the run's newest
+/// checkpoint (model, optimiser state, step; the LR schedule and data order are functions
+/// of the step); without it, refuses a directory that already holds checkpoints. A new
+/// run with `init` starts from that checkpoint's weights and tokenizer (fine-tuning,
+/// training an imported or upcycled model) with a fresh optimiser and step count.
+/// `progress` receives one human-readable line per log interval and evaluation.
 pub fn train<B: MoeAutodiffBackend>(
     config: &RunConfig,
     run_dir: &Path,
@@ -157,12 +158,7 @@ pub fn train<B: MoeAutodiffBackend>(
         progress(&format!("initialised from {}", init.display()));
     }
     let train = &config.train;
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_1(train.beta1 as f32)
-        .with_beta_2(train.beta2 as f32)
-        .with_epsilon(train.eps as f32)
-        .with_weight_decay(train.weight_decay as f32)
-        .init::<B, Transformer<B>>();
+    let mut optimizer = optimizer_config(train).init::<B, Transformer<B>>();
     let mut state = TrainingState {
         step: 0,
         elapsed_secs: 0.0,
@@ -223,25 +219,16 @@ pub fn train<B: MoeAutodiffBackend>(
         for micro in 0..train.grad_accum {
             let items = batches.batch(step * train.grad_accum + micro);
             let batch: LmBatch<B> = LmBatcher.batch(items, device);
-            let out = model.forward(batch.inputs);
-            let [n, s, v] = out.logits.dims();
-            let ce = cross_entropy(
-                out.logits.reshape([n * s, v]),
-                batch.targets.reshape([n * s]),
-            )
-            .mean();
-            let router = model.router_loss(&out.moe, device);
-            let loss = (ce.clone() + router.clone()) / train.grad_accum as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-            let ce = ce.into_scalar().elem::<f64>();
+            let out = forward_backward(&model, batch, 1.0 / train.grad_accum as f64, device);
+            accumulator.accumulate(&model, out.grads);
+            let ce = out.ce.into_scalar().elem::<f64>();
             if !ce.is_finite() {
                 let step = step + 1;
                 logger.log(&MetricRecord::Diverged { step })?;
                 return Err(Diverged { step, loss: ce }.into());
             }
             interval.loss += ce;
-            interval.aux += router.into_scalar().elem::<f64>();
+            interval.aux += out.router.into_scalar().elem::<f64>();
             for (i, layer) in out.moe.iter().enumerate() {
                 interval.balance += layer.balance_loss.clone().into_scalar().elem::<f64>();
                 interval.z += layer.z_loss.clone().into_scalar().elem::<f64>();
@@ -313,8 +300,6 @@ pub fn train<B: MoeAutodiffBackend>(
     })
 }
 
-/// A resumed run must use the checkpoint's model, MoE, data and optimiser settings; only
-/// the step budget and the logging/eval/checkpoint intervals may change.
 /// `model` with the weights of the checkpoint `init`, whose `[model]` section must equal
 /// the run's (`[moe]` may differ where the parameter shapes allow, e.g. the losses).
 fn initial_weights<B: Backend>(
@@ -335,6 +320,54 @@ fn initial_weights<B: Backend>(
         .with_context(|| format!("initialising from {}", init.display()))
 }
 
+/// AdamW with the run's hyper-parameters.
+pub fn optimizer_config(train: &TrainConfig) -> AdamWConfig {
+    AdamWConfig::new()
+        .with_beta_1(train.beta1 as f32)
+        .with_beta_2(train.beta2 as f32)
+        .with_epsilon(train.eps as f32)
+        .with_weight_decay(train.weight_decay as f32)
+}
+
+/// One micro-batch's forward pass and gradients.
+pub struct MicroStep<B: MoeAutodiffBackend> {
+    /// Gradients of `scale * (cross-entropy + router losses)`.
+    pub grads: GradientsParams,
+    /// Mean cross-entropy (nats per token), unscaled.
+    pub ce: Tensor<B, 1>,
+    /// The weighted router losses (balancing and z-loss), unscaled.
+    pub router: Tensor<B, 1>,
+    /// Each MoE layer's routing outputs (losses, statistics).
+    pub moe: MoeOutputs<B>,
+}
+
+/// Runs `batch` forward and backward; `scale` weighs its loss (1 / micro-batches per
+/// step, so accumulated gradients are those of the whole step's mean loss).
+pub fn forward_backward<B: MoeAutodiffBackend>(
+    model: &Transformer<B>,
+    batch: LmBatch<B>,
+    scale: f64,
+    device: &B::Device,
+) -> MicroStep<B> {
+    let out = model.forward(batch.inputs);
+    let [n, s, v] = out.logits.dims();
+    let ce = cross_entropy(
+        out.logits.reshape([n * s, v]),
+        batch.targets.reshape([n * s]),
+    )
+    .mean();
+    let router = model.router_loss(&out.moe, device);
+    let loss = (ce.clone() + router.clone()) * scale;
+    MicroStep {
+        grads: GradientsParams::from_grads(loss.backward(), model),
+        ce,
+        router,
+        moe: out.moe,
+    }
+}
+
+/// A resumed run must use the checkpoint's model, MoE, data and optimiser settings; only
+/// the step budget and the logging/eval/checkpoint intervals may change.
 fn check_resumable(config: &RunConfig, saved: &Path) -> Result<()> {
     let text =
         std::fs::read_to_string(saved).with_context(|| format!("reading {}", saved.display()))?;
