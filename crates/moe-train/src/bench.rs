@@ -70,6 +70,29 @@ pub fn train_flops_per_token(config: &RunConfig, params: ParamCounts) -> f64 {
         + 12.0 * (model.n_layers * model.d_model * config.data.seq_len) as f64
 }
 
+/// Uniformly random token ids of a config's vocabulary, seeded by its `train.seed`: the
+/// benchmarks' input (speed depends on the shapes, not on the text).
+struct RandomTokens {
+    rng: StdRng,
+    vocab: u32,
+}
+
+impl RandomTokens {
+    fn new(config: &RunConfig) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(config.train.seed),
+            vocab: config.model.vocab_size as u32,
+        }
+    }
+
+    /// The next `n` ids.
+    fn take(&mut self, n: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| self.rng.random_range(0..self.vocab))
+            .collect()
+    }
+}
+
 /// What `bench_train` measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainBench {
@@ -112,13 +135,10 @@ pub fn bench_train<B: MoeAutodiffBackend>(
     let mut model = Transformer::<B>::new(&config.model, &config.moe, device)?;
     let params = ParamCounts::of(&model);
     let mut optimizer = optimizer_config(train).init::<B, Transformer<B>>();
-    let mut rng = StdRng::seed_from_u64(train.seed);
-    let vocab = config.model.vocab_size as u32;
+    let mut tokens = RandomTokens::new(config);
     let mut timed = 0.0;
     for step in 0..warmup + steps {
-        let windows: Vec<Vec<u32>> = (0..batch_size)
-            .map(|_| (0..=seq_len).map(|_| rng.random_range(0..vocab)).collect())
-            .collect();
+        let windows: Vec<Vec<u32>> = (0..batch_size).map(|_| tokens.take(seq_len + 1)).collect();
         let batch: LmBatch<B> = LmBatcher.batch(windows, device);
         let start = Instant::now();
         let out = forward_backward(&model, batch, 1.0, device);
@@ -183,11 +203,7 @@ pub fn bench_generate<B: MoeBackend>(
     );
     B::seed(device, config.train.seed);
     let model = Transformer::<B>::new(&config.model, &config.moe, device)?;
-    let mut rng = StdRng::seed_from_u64(config.train.seed);
-    let vocab = config.model.vocab_size as u32;
-    let prompt: Vec<u32> = (0..prompt_len)
-        .map(|_| rng.random_range(0..vocab))
-        .collect();
+    let prompt = RandomTokens::new(config).take(prompt_len);
     let greedy = SamplingConfig {
         temperature: 0.0,
         ..SamplingConfig::default()
