@@ -46,11 +46,17 @@ pub struct TrainConfig {
     /// Seed of initialisation, data order and jitter.
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch, on each replica.
     pub batch_size: usize,
     /// Micro-batches per optimiser step.
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// Data-parallel replicas (`moe train --replicas`): each trains on its own
+    /// `batch_size` sequences of every micro-batch and the gradients are averaged, so a
+    /// step sees `replicas * batch_size * grad_accum` sequences, the same trajectory as
+    /// one replica with `replicas` times the batch.
+    #[serde(default = "one")]
+    pub replicas: usize,
     /// Optimiser steps.
     pub steps: usize,
     /// Peak learning rate.
@@ -264,6 +270,7 @@ impl RunConfig {
         for (field, value) in [
             ("train.batch_size", train.batch_size),
             ("train.grad_accum", train.grad_accum),
+            ("train.replicas", train.replicas),
             ("train.steps", train.steps),
             ("train.log_every", train.log_every),
             ("train.eval_every", train.eval_every),
@@ -322,7 +329,7 @@ impl RunConfig {
 
     /// Tokens per optimiser step.
     pub fn tokens_per_step(&self) -> usize {
-        self.train.batch_size * self.train.grad_accum * self.data.seq_len
+        self.train.replicas * self.train.batch_size * self.train.grad_accum * self.data.seq_len
     }
 }
 

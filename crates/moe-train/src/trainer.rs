@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
+use burn::collective::ReduceOperation;
 use burn::data::dataloader::batcher::Batcher;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
@@ -24,6 +25,8 @@ use crate::checkpoint::{
     load_tokenizer, load_weights, recorder, resolve_checkpoint, save_checkpoint,
 };
 use crate::config::{RunConfig, TrainConfig};
+use crate::data_parallel;
+use crate::data_parallel::Peer;
 use crate::eval::{EvalResult, evaluate};
 use crate::grad_clip::clip_global_norm;
 use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
@@ -137,10 +140,12 @@ pub fn train<B: MoeAutodiffBackend>(
     let train_tokens = Arc::new(tokenize_works(&tokenizer, &corpus.train)?);
     let val_tokens = Arc::new(tokenize_works(&tokenizer, &corpus.validation)?);
     let (seq_len, batch_size) = (config.data.seq_len, config.train.batch_size);
-    let batches = EpochBatches::new(train_tokens.clone(), seq_len, batch_size, config.train.seed);
+    // One batch holds every replica's sequences of a micro-batch.
+    let step_batch = batch_size * config.train.replicas;
+    let batches = EpochBatches::new(train_tokens.clone(), seq_len, step_batch, config.train.seed);
     if batches.batches_per_epoch() == 0 {
         bail!(
-            "training set has {} tokens: too few for one batch of {batch_size} x {seq_len}",
+            "training set has {} tokens: too few for one batch of {step_batch} x {seq_len}",
             train_tokens.len()
         );
     }
@@ -210,40 +215,82 @@ pub fn train<B: MoeAutodiffBackend>(
         )
     };
 
+    // Replicas 1.. train on their own threads; this one is replica 0 and the only one
+    // that logs, evaluates and writes checkpoints. Every step's all-reduce keeps them in
+    // step: the others wait there while this one evaluates or saves.
+    let replicas = train.replicas;
+    let peer = if replicas > 1 {
+        data_parallel::reset::<B::InnerBackend>();
+        for rank in 1..replicas {
+            let (model, config, batches) = (model.clone(), config.clone(), batches.clone());
+            let (device, start, resume_from) = (device.clone(), state.step, resume_from.clone());
+            std::thread::spawn(move || {
+                let run = || -> Result<()> {
+                    let mut optimizer = optimizer_config(&config.train).init::<B, Transformer<B>>();
+                    if let Some(ckpt) = &resume_from {
+                        optimizer = optimizer
+                            .load_record(recorder().load(ckpt.join(OPTIMIZER_FILE), &device)?);
+                    }
+                    let peer = Peer::join::<B::InnerBackend>(rank, replicas, &device)?;
+                    let mut model = model;
+                    for step in start..config.train.steps {
+                        let shard = Shard {
+                            batches: &batches,
+                            rank,
+                            replicas,
+                        };
+                        (model, _) = train_step(
+                            model,
+                            &mut optimizer,
+                            &config.train,
+                            step,
+                            shard,
+                            Some(&peer),
+                            &mut Interval::new(),
+                            &device,
+                        )?;
+                    }
+                    peer.leave::<B::InnerBackend>()
+                };
+                if let Err(error) = run() {
+                    eprintln!("replica {rank} stopped: {error:#}");
+                }
+            });
+        }
+        Some(Peer::join::<B::InnerBackend>(0, replicas, device)?)
+    } else {
+        None
+    };
+
     for step in state.step..train.steps {
         let step_start = Instant::now();
-        B::seed(device, train.seed.wrapping_add(step as u64 + 1));
         let lr = learning_rate(train, step);
-        let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
-        let mut step_counts: Vec<Tensor<B, 1, Int>> = Vec::new();
-        for micro in 0..train.grad_accum {
-            let items = batches.batch(step * train.grad_accum + micro);
-            let batch: LmBatch<B> = LmBatcher.batch(items, device);
-            let out = forward_backward(&model, batch, 1.0 / train.grad_accum as f64, device);
-            accumulator.accumulate(&model, out.grads);
-            let ce = out.ce.into_scalar().elem::<f64>();
-            if !ce.is_finite() {
-                let step = step + 1;
-                logger.log(&MetricRecord::Diverged { step })?;
-                return Err(Diverged { step, loss: ce }.into());
-            }
-            interval.loss += ce;
-            interval.aux += out.router.into_scalar().elem::<f64>();
-            for (i, layer) in out.moe.iter().enumerate() {
-                interval.balance += layer.balance_loss.clone().into_scalar().elem::<f64>();
-                interval.z += layer.z_loss.clone().into_scalar().elem::<f64>();
-                match step_counts.get_mut(i) {
-                    Some(c) => *c = c.clone() + layer.stats.counts.clone(),
-                    None => step_counts.push(layer.stats.counts.clone()),
+        let shard = Shard {
+            batches: &batches,
+            rank: 0,
+            replicas,
+        };
+        let grad_norm;
+        (model, grad_norm) = match train_step(
+            model,
+            &mut optimizer,
+            train,
+            step,
+            shard,
+            peer.as_ref(),
+            &mut interval,
+            device,
+        ) {
+            Ok(out) => out,
+            Err(error) => {
+                if let Some(diverged) = error.downcast_ref::<Diverged>() {
+                    logger.log(&MetricRecord::Diverged {
+                        step: diverged.step,
+                    })?;
                 }
+                return Err(error);
             }
-            interval.stats.add(&out.moe);
-            interval.micro_batches += 1;
-        }
-        let mut grads = accumulator.grads();
-        let grad_norm = clip_global_norm(&model, &mut grads, train.grad_clip, device);
-        model = optimizer.step(lr, model, grads);
-        model = model.update_expert_bias(step_counts);
+        };
         state.step = step + 1;
         let step_secs = step_start.elapsed().as_secs_f64();
         train_secs += step_secs;
@@ -281,6 +328,9 @@ pub fn train<B: MoeAutodiffBackend>(
         }
     }
 
+    if let Some(peer) = peer {
+        peer.leave::<B::InnerBackend>()?;
+    }
     // The loop ends with an evaluation and a checkpoint; these run only when it had
     // nothing left to do (resuming a finished run).
     let final_eval = match last_eval {
@@ -318,6 +368,88 @@ fn initial_weights<B: Backend>(
     );
     load_model_tensors(model, model_tensors(&source)?)
         .with_context(|| format!("initialising from {}", init.display()))
+}
+
+/// The micro-batches of one replica: its share of every micro-batch of the step.
+#[derive(Clone, Copy)]
+struct Shard<'a> {
+    batches: &'a EpochBatches,
+    rank: usize,
+    replicas: usize,
+}
+
+impl Shard<'_> {
+    /// This replica's sequences of micro-batch `micro` of `step`.
+    fn micro_batch(&self, step: usize, grad_accum: usize, micro: usize) -> Vec<Vec<u32>> {
+        let mut items = self.batches.batch(step * grad_accum + micro);
+        let per_replica = items.len() / self.replicas;
+        items.truncate((self.rank + 1) * per_replica);
+        items.split_off(self.rank * per_replica)
+    }
+}
+
+/// One optimiser step of a replica: forward and backward over its micro-batches, the
+/// gradients averaged over the replicas (with `peer`), clipping, AdamW and bias
+/// balancing (on the replicas' summed expert counts). Adds the step's losses (averaged
+/// over the replicas) and this replica's routing statistics to `interval`. Returns the
+/// updated model and the gradient norm before clipping; a loss that is not finite on any
+/// replica is a [`Diverged`] error on all of them.
+#[allow(clippy::too_many_arguments)]
+fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
+    model: Transformer<B>,
+    optimizer: &mut O,
+    train: &TrainConfig,
+    step: usize,
+    shard: Shard,
+    peer: Option<&Peer>,
+    interval: &mut Interval,
+    device: &B::Device,
+) -> Result<(Transformer<B>, Tensor<B::InnerBackend, 1>)> {
+    B::seed(device, train.seed.wrapping_add(step as u64 + 1));
+    let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
+    let mut step_counts: Vec<Tensor<B, 1, Int>> = Vec::new();
+    let mut losses = Tensor::<B::InnerBackend, 1>::zeros([2], device);
+    for micro in 0..train.grad_accum {
+        let items = shard.micro_batch(step, train.grad_accum, micro);
+        let batch: LmBatch<B> = LmBatcher.batch(items, device);
+        let out = forward_backward(&model, batch, 1.0 / train.grad_accum as f64, device);
+        accumulator.accumulate(&model, out.grads);
+        losses = losses + Tensor::cat(vec![out.ce.inner(), out.router.inner()], 0);
+        for (i, layer) in out.moe.iter().enumerate() {
+            interval.balance += layer.balance_loss.clone().into_scalar().elem::<f64>();
+            interval.z += layer.z_loss.clone().into_scalar().elem::<f64>();
+            match step_counts.get_mut(i) {
+                Some(c) => *c = c.clone() + layer.stats.counts.clone(),
+                None => step_counts.push(layer.stats.counts.clone()),
+            }
+        }
+        interval.stats.add(&out.moe);
+        interval.micro_batches += 1;
+    }
+    let mut grads = accumulator.grads();
+    if let Some(peer) = peer {
+        losses = peer.reduce(losses, ReduceOperation::Mean)?;
+        grads = peer.mean_grads(&model, grads)?;
+        step_counts = step_counts
+            .into_iter()
+            .map(|counts| peer.sum_counts(counts))
+            .collect::<Result<_>>()?;
+    }
+    let losses = losses.into_data().to_vec::<f32>().unwrap_or_default();
+    let (ce, router) = (f64::from(losses[0]), f64::from(losses[1]));
+    if !ce.is_finite() {
+        return Err(Diverged {
+            step: step + 1,
+            loss: ce,
+        }
+        .into());
+    }
+    interval.loss += ce;
+    interval.aux += router;
+    let grad_norm = clip_global_norm(&model, &mut grads, train.grad_clip, device);
+    let lr = learning_rate(train, step);
+    let model = optimizer.step(lr, model, grads);
+    Ok((model.update_expert_bias(step_counts), grad_norm))
 }
 
 /// AdamW with the run's hyper-parameters.
