@@ -18,7 +18,7 @@ use moe_train::{
     resolve_checkpoint, train, upcycle_checkpoint,
 };
 
-use crate::backend::{BackendJob, BackendKind, run_on};
+use crate::backend::{BackendJob, BackendKind, DeviceList, DevicesJob, run_on, run_on_devices};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -73,6 +73,11 @@ struct TrainArgs {
     /// Compute backend.
     #[arg(long, value_enum, default_value = "flex")]
     backend: BackendKind,
+    /// Data-parallel training: N replicas (`--devices 2`; on the CPU for flex and
+    /// ndarray), or the devices to use (`--devices wgpu:0,wgpu:1`). Sets train.replicas;
+    /// each replica trains on train.batch_size sequences.
+    #[arg(long, value_name = "N|BACKEND:I,...")]
+    devices: Option<DeviceList>,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -261,13 +266,16 @@ struct MoaServeArgs {
     http: HttpArgs,
 }
 
-impl BackendJob for TrainArgs {
+impl DevicesJob for TrainArgs {
     type Output = ();
 
-    fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: MoeAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<()> {
         let mut overrides = self.overrides.clone();
         if let Some(steps) = self.steps {
             overrides.push(format!("train.steps={steps}"));
+        }
+        if let Some(list) = &self.devices {
+            overrides.push(format!("train.replicas={}", list.replicas()));
         }
         let (config_path, default_name) = match (&self.config, &self.init) {
             (Some(path), _) => (path.clone(), file_name(path)?),
@@ -288,7 +296,7 @@ impl BackendJob for TrainArgs {
             .unwrap_or_else(|| PathBuf::from("checkpoints").join(default_name));
         eprintln!("run directory: {}", run_dir.display());
         let init = self.init.as_deref();
-        let outcome = train::<B>(&config, &run_dir, self.resume, init, &device, |line| {
+        let outcome = train::<B>(&config, &run_dir, self.resume, init, &devices, |line| {
             eprintln!("{line}")
         })?;
         eprintln!(
@@ -551,7 +559,10 @@ fn upcycle_dense(args: UpcycleArgs) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => run_on(args.backend, args),
+        Command::Train(args) => {
+            let devices = args.devices.clone().unwrap_or_default();
+            run_on_devices(args.backend, &devices, args)
+        }
         Command::Ablate(args) => run_on(args.backend, args),
         Command::Bench(args) => run_on(args.backend(), args),
         Command::Eval(args) => run_on(args.backend, args),

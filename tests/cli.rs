@@ -331,6 +331,29 @@ fn shipped_ablation_grids_are_valid() {
 }
 
 #[test]
+fn trains_data_parallel_on_two_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let run = dir.path().join("run");
+    let run_str = run.to_str().unwrap();
+    let out = moe(&[
+        "train",
+        "--config",
+        &config,
+        "--devices",
+        "2",
+        "--steps",
+        "4",
+        "--out",
+        run_str,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("done: 4 steps"), "{}", stderr(&out));
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("replicas = 2"), "{saved}");
+}
+
+#[test]
 fn errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_run(dir.path());
@@ -364,6 +387,23 @@ fn errors_name_the_problem() {
     let out = moe(&["train", "--backend", "tpu"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("tpu"), "{}", stderr(&out));
+
+    for (devices, expected) in [
+        ("0", "at least 1"),
+        ("gpu7", "backend:index"),
+        ("tpu:0", "unknown backend `tpu`"),
+        ("wgpu:0,wgpu:0", "named twice"),
+        ("wgpu:0", "add --backend wgpu"),
+        ("flex:0,flex:1", "one device, the CPU"),
+    ] {
+        let out = moe(&["train", "--config", &config, "--devices", devices]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains(expected),
+            "{devices}: {}",
+            stderr(&out)
+        );
+    }
 
     let out = moe(&["generate", "--checkpoint", "x", "--top-p", "0"]);
     assert!(stderr(&out).contains("--top-p"), "{}", stderr(&out));

@@ -51,12 +51,17 @@ pub struct TrainConfig {
     /// Micro-batches per optimiser step.
     #[serde(default = "one")]
     pub grad_accum: usize,
-    /// Data-parallel replicas (`moe train --replicas`): each trains on its own
+    /// Data-parallel replicas (`moe train --devices`): each trains on its own
     /// `batch_size` sequences of every micro-batch and the gradients are averaged, so a
     /// step sees `replicas * batch_size * grad_accum` sequences, the same trajectory as
-    /// one replica with `replicas` times the batch.
+    /// one replica with `replicas` times the batch (the LR schedule is per step).
     #[serde(default = "one")]
     pub replicas: usize,
+    /// Seconds a replica waits for the others (to join, or at a step's gradient
+    /// exchange, which includes replica 0's evaluation and checkpoint time) before it
+    /// stops with an error: a replica that died must not leave the others hanging.
+    #[serde(default = "default_peer_timeout")]
+    pub peer_timeout_secs: f64,
     /// Optimiser steps.
     pub steps: usize,
     /// Peak learning rate.
@@ -122,6 +127,9 @@ fn default_seed() -> u64 {
 }
 fn one() -> usize {
     1
+}
+fn default_peer_timeout() -> f64 {
+    600.0
 }
 fn one_f64() -> f64 {
     1.0
@@ -317,6 +325,12 @@ impl RunConfig {
                     format!("{value} must be finite and >= 0"),
                 ));
             }
+        }
+        if !train.peer_timeout_secs.is_finite() || train.peer_timeout_secs <= 0.0 {
+            return Err(ConfigError::new(
+                "train.peer_timeout_secs",
+                format!("{} must be finite and > 0", train.peer_timeout_secs),
+            ));
         }
         if !train.eps.is_finite() || train.eps <= 0.0 {
             return Err(ConfigError::new(

@@ -1,96 +1,204 @@
 //! Data parallelism on burn's collective: every replica holds the same model, trains on
-//! its share of the step's batch and takes part in an all-reduce that averages the
-//! gradients before each optimiser step, so the replicas stay identical and the run
-//! follows the trajectory of one replica training on the whole batch.
+//! its share of the step's batch and takes part in one all-reduce per step that averages
+//! the gradients (and the step's losses and expert counts) before the optimiser step, so
+//! the replicas stay identical and the run follows the trajectory of one replica
+//! training on the whole batch.
+//!
+//! burn-collective has no timeouts: a replica that dies leaves the others waiting
+//! forever. Every collective call here runs on a helper thread and is given up after a
+//! deadline, with an error that says so.
 
-use anyhow::{Result, anyhow};
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
 use burn::collective::{
-    self, AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation, all_reduce,
+    self, AllReduceStrategy, CollectiveConfig, CollectiveError, PeerId, ReduceOperation,
 };
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{Tensor, TensorPrimitive};
 
-/// One replica's membership of the collective. Every replica must make the same
-/// collective calls in the same order.
-#[derive(Debug)]
-pub struct Peer {
+/// One replica's membership of the collective of backend `B` (the inner backend of the
+/// autodiff one: gradients live there). Every replica makes the same calls in the same
+/// order.
+pub struct Peer<B: Backend> {
     id: PeerId,
+    timeout: Duration,
+    backend: PhantomData<B>,
 }
 
-impl Peer {
-    /// Joins the collective of `replicas` local peers as `rank` on backend `B` (the inner
-    /// backend of an autodiff one); blocks until all of them have joined.
-    pub fn join<B: Backend>(rank: usize, replicas: usize, device: &B::Device) -> Result<Self> {
+impl<B: Backend> Peer<B> {
+    /// Joins the collective of `replicas` peers on this machine as `rank`; returns once
+    /// all of them have joined, or fails after `timeout`.
+    pub fn join(
+        rank: usize,
+        replicas: usize,
+        device: &B::Device,
+        timeout: Duration,
+    ) -> Result<Self> {
         let config = CollectiveConfig::default()
             .with_num_devices(replicas)
             .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
         let id = PeerId::from(rank);
-        collective::register::<B>(id, device.clone(), config)
-            .map_err(|e| anyhow!("replica {rank} could not join the collective: {e:?}"))?;
-        Ok(Self { id })
+        let device = device.clone();
+        within(timeout, "waiting for every replica to join", move || {
+            collective::register::<B>(id, device, config)
+        })?;
+        Ok(Self {
+            id,
+            timeout,
+            backend: PhantomData,
+        })
     }
 
-    /// The mean over the replicas of each gradient of `module`. A parameter without a
-    /// gradient here (an expert that got no tokens on this replica) takes part as zeros,
-    /// so every replica reduces the same tensors in the same order.
-    pub fn mean_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    /// Averages over the replicas, in one all-reduce, the gradients of `module` and
+    /// `values` (per-replica figures such as losses or counts). A parameter no replica
+    /// has a gradient for stays without one (the optimiser skips it, as it would on one
+    /// replica); one that only some replicas have (an expert that got no tokens on the
+    /// others) is averaged with zeros.
+    pub fn mean<AB, M>(
         &self,
         module: &M,
         mut grads: GradientsParams,
-    ) -> Result<GradientsParams> {
-        module.visit(&mut ZeroFill::<B> {
+        values: Tensor<B, 1>,
+    ) -> Result<(GradientsParams, Tensor<B, 1>)>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let mut flatten = Flatten::<AB> {
             grads: &mut grads,
-            backend: std::marker::PhantomData,
+            parts: Vec::new(),
+            present: Vec::new(),
+        };
+        module.visit(&mut flatten);
+        let Flatten { parts, present, .. } = flatten;
+        let device = values.device();
+        let lengths: Vec<usize> = parts.iter().map(|p| p.dims()[0]).collect();
+        let present = Tensor::<B, 1>::from_floats(present.as_slice(), &device);
+        let n_values = values.dims()[0];
+        let mut all = parts;
+        all.extend([present, values]);
+        let flat = self.all_reduce(Tensor::cat(all, 0), ReduceOperation::Mean)?;
+
+        let n_grads: usize = lengths.iter().sum();
+        let n_params = lengths.len();
+        let present = flat
+            .clone()
+            .slice(n_grads..n_grads + n_params)
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow!("reading the reduced gradients: {e:?}"))?;
+        let values = flat
+            .clone()
+            .slice(n_grads + n_params..n_grads + n_params + n_values);
+        let mut offsets = Vec::with_capacity(n_params);
+        let mut offset = 0;
+        for length in &lengths {
+            offsets.push(offset..offset + length);
+            offset += length;
+        }
+        module.visit(&mut Unflatten::<AB> {
+            grads: &mut grads,
+            flat,
+            offsets: offsets.into_iter(),
+            present: present.into_iter(),
         });
-        grads
-            .all_reduce::<B::InnerBackend>(self.id, ReduceOperation::Mean)
-            .map_err(|e| anyhow!("all-reduce of the gradients failed: {e:?}"))
+        Ok((grads, values))
     }
 
-    /// `tensor` reduced over the replicas with `op`.
-    pub fn reduce<B: Backend, const D: usize>(
-        &self,
-        tensor: Tensor<B, D>,
-        op: ReduceOperation,
-    ) -> Result<Tensor<B, D>> {
-        let reduced = all_reduce::<B>(self.id, tensor.into_primitive().tensor(), op)
-            .map_err(|e| anyhow!("all-reduce failed: {e:?}"))?;
+    /// `tensor` reduced element-wise over the replicas with `op`.
+    pub fn all_reduce(&self, tensor: Tensor<B, 1>, op: ReduceOperation) -> Result<Tensor<B, 1>> {
+        let (id, primitive) = (self.id, tensor.into_primitive().tensor());
+        let reduced = within(self.timeout, "exchanging gradients", move || {
+            collective::all_reduce::<B>(id, primitive, op)
+        })?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(reduced)))
     }
 
-    /// The sum over the replicas of integer counts.
-    pub fn sum_counts<B: Backend>(&self, counts: Tensor<B, 1, Int>) -> Result<Tensor<B, 1, Int>> {
-        Ok(self.reduce(counts.float(), ReduceOperation::Sum)?.int())
-    }
-
     /// Leaves the collective.
-    pub fn leave<B: Backend>(self) -> Result<()> {
-        collective::finish_collective::<B>(self.id)
-            .map_err(|e| anyhow!("leaving the collective failed: {e:?}"))
+    pub fn leave(&self) -> Result<()> {
+        let id = self.id;
+        within(self.timeout, "leaving the collective", move || {
+            collective::finish_collective::<B>(id)
+        })
     }
 }
 
-/// Clears what a previous run in this process may have left in the collective of `B`
-/// (peers of a run that failed before leaving).
+/// Forgets every peer and pending operation of the collective of `B`: peers waiting in
+/// an all-reduce get an error. Called when a replica fails (so the others stop at once)
+/// and before a new run in the same process.
 pub fn reset<B: Backend>() {
     collective::reset_collective::<B>();
 }
 
-/// Registers a zero gradient for every trained float parameter that has none.
-struct ZeroFill<'a, B> {
-    grads: &'a mut GradientsParams,
-    backend: std::marker::PhantomData<B>,
+/// Runs the blocking collective call `call` on a helper thread and waits for it at most
+/// `timeout`. A call still blocked then is abandoned: the peers it waits for are gone.
+fn within<T: Send + 'static>(
+    timeout: Duration,
+    what: &str,
+    call: impl FnOnce() -> Result<T, CollectiveError> + Send + 'static,
+) -> Result<T> {
+    let (send, receive) = mpsc::channel();
+    std::thread::spawn(move || send.send(call()));
+    match receive.recv_timeout(timeout) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => bail!("collective operation failed while {what}: {error:?}"),
+        Err(_) => bail!(
+            "no answer from the other replicas after {} s while {what}: a replica stopped or \
+             never joined (checkpoints written so far are intact)",
+            timeout.as_secs_f64()
+        ),
+    }
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for ZeroFill<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+/// Takes every gradient of a module out of `grads` as a flat tensor, in the module's
+/// order (the same on every replica), with zeros and a 0 in `present` where a trained
+/// parameter has none. Parameters outside gradient training (the router's balancing
+/// bias) are left out.
+struct Flatten<'a, AB: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    parts: Vec<Tensor<AB::InnerBackend, 1>>,
+    present: Vec<f32>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Flatten<'_, AB> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
         let value = param.val();
-        // Parameters outside gradient training (the router's balancing bias) stay out.
-        if value.is_require_grad() && self.grads.get::<B::InnerBackend, D>(param.id).is_none() {
-            let zeros = value.inner().zeros_like();
-            self.grads.register::<B::InnerBackend, D>(param.id, zeros);
+        if !value.is_require_grad() {
+            return;
+        }
+        let grad = self.grads.remove::<AB::InnerBackend, D>(param.id);
+        self.present.push(if grad.is_some() { 1.0 } else { 0.0 });
+        let grad = grad.unwrap_or_else(|| value.inner().zeros_like());
+        self.parts.push(grad.flatten(0, D - 1));
+    }
+}
+
+/// Puts the reduced flat gradients back, in the order [`Flatten`] took them.
+struct Unflatten<'a, AB: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    flat: Tensor<AB::InnerBackend, 1>,
+    offsets: std::vec::IntoIter<Range<usize>>,
+    present: std::vec::IntoIter<f32>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Unflatten<'_, AB> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        let value = param.val();
+        if !value.is_require_grad() {
+            return;
+        }
+        let (Some(range), Some(present)) = (self.offsets.next(), self.present.next()) else {
+            return;
+        };
+        if present > 0.0 {
+            let grad = self.flat.clone().slice(range).reshape(value.shape());
+            self.grads.register::<AB::InnerBackend, D>(param.id, grad);
         }
     }
 }

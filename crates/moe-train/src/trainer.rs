@@ -2,17 +2,16 @@
 //! accumulation, aux-loss-free bias updates, logging, evaluation and resumable checkpoints.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use burn::collective::ReduceOperation;
 use burn::data::dataloader::batcher::Batcher;
-use burn::module::{AutodiffModule, Module};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::Recorder;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor};
+use burn::tensor::{ElementConversion, Tensor};
 use moe_data::{
     EpochBatches, LmBatch, LmBatcher, TextTokenizer, TokenizerKind, load_corpus, tokenize_works,
 };
@@ -76,15 +75,27 @@ impl std::error::Error for Diverged {}
 /// of the step); without it, refuses a directory that already holds checkpoints. A new
 /// run with `init` starts from that checkpoint's weights and tokenizer (fine-tuning,
 /// training an imported or upcycled model) with a fresh optimiser and step count.
+/// With `train.replicas` > 1 the run is data parallel: replica `r` trains on
+/// `devices[r]` (on `devices[0]` where the list is shorter: several replicas on one CPU),
+/// replica 0 on this thread, the others on their own.
 /// `progress` receives one human-readable line per log interval and evaluation.
 pub fn train<B: MoeAutodiffBackend>(
     config: &RunConfig,
     run_dir: &Path,
     resume: bool,
     init: Option<&Path>,
-    device: &B::Device,
+    devices: &[B::Device],
     mut progress: impl FnMut(&str),
 ) -> Result<TrainOutcome> {
+    let Some(device) = devices.first() else {
+        bail!("no device to train on");
+    };
+    ensure!(
+        devices.len() <= config.train.replicas,
+        "{} devices given for {} replicas (train.replicas)",
+        devices.len(),
+        config.train.replicas
+    );
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let existing = list_checkpoints(run_dir)?;
     let resume_from = match (resume, existing.last()) {
@@ -158,6 +169,7 @@ pub fn train<B: MoeAutodiffBackend>(
 
     B::seed(device, config.train.seed);
     let mut model = Transformer::<B>::new(&config.model, &config.moe, device)?;
+    model.visit(&mut DrawWeights);
     if let Some(init) = &init {
         model = initial_weights(model, config, init, device)?;
         progress(&format!("initialised from {}", init.display()));
@@ -218,49 +230,19 @@ pub fn train<B: MoeAutodiffBackend>(
     // Replicas 1.. train on their own threads; this one is replica 0 and the only one
     // that logs, evaluates and writes checkpoints. Every step's all-reduce keeps them in
     // step: the others wait there while this one evaluates or saves.
-    let replicas = train.replicas;
-    let peer = if replicas > 1 {
-        data_parallel::reset::<B::InnerBackend>();
-        for rank in 1..replicas {
-            let (model, config, batches) = (model.clone(), config.clone(), batches.clone());
-            let (device, start, resume_from) = (device.clone(), state.step, resume_from.clone());
-            std::thread::spawn(move || {
-                let run = || -> Result<()> {
-                    let mut optimizer = optimizer_config(&config.train).init::<B, Transformer<B>>();
-                    if let Some(ckpt) = &resume_from {
-                        optimizer = optimizer
-                            .load_record(recorder().load(ckpt.join(OPTIMIZER_FILE), &device)?);
-                    }
-                    let peer = Peer::join::<B::InnerBackend>(rank, replicas, &device)?;
-                    let mut model = model;
-                    for step in start..config.train.steps {
-                        let shard = Shard {
-                            batches: &batches,
-                            rank,
-                            replicas,
-                        };
-                        (model, _) = train_step(
-                            model,
-                            &mut optimizer,
-                            &config.train,
-                            step,
-                            shard,
-                            Some(&peer),
-                            &mut Interval::new(),
-                            &device,
-                        )?;
-                    }
-                    peer.leave::<B::InnerBackend>()
-                };
-                if let Err(error) = run() {
-                    eprintln!("replica {rank} stopped: {error:#}");
-                }
-            });
-        }
-        Some(Peer::join::<B::InnerBackend>(0, replicas, device)?)
+    let replicas = if train.replicas > 1 {
+        let start = ReplicaStart {
+            model: &model,
+            config,
+            batches: &batches,
+            step: state.step,
+            resume_from: resume_from.as_deref(),
+        };
+        Some(Replicas::<B>::start(start, devices)?)
     } else {
         None
     };
+    let peer = replicas.as_ref().map(|r| &r.peer);
 
     for step in state.step..train.steps {
         let step_start = Instant::now();
@@ -268,7 +250,7 @@ pub fn train<B: MoeAutodiffBackend>(
         let shard = Shard {
             batches: &batches,
             rank: 0,
-            replicas,
+            replicas: train.replicas,
         };
         let grad_norm;
         (model, grad_norm) = match train_step(
@@ -277,12 +259,16 @@ pub fn train<B: MoeAutodiffBackend>(
             train,
             step,
             shard,
-            peer.as_ref(),
+            peer,
             &mut interval,
             device,
         ) {
             Ok(out) => out,
             Err(error) => {
+                let error = match &replicas {
+                    Some(replicas) => replicas.explain(error),
+                    None => error,
+                };
                 if let Some(diverged) = error.downcast_ref::<Diverged>() {
                     logger.log(&MetricRecord::Diverged {
                         step: diverged.step,
@@ -328,8 +314,8 @@ pub fn train<B: MoeAutodiffBackend>(
         }
     }
 
-    if let Some(peer) = peer {
-        peer.leave::<B::InnerBackend>()?;
+    if let Some(replicas) = replicas {
+        replicas.finish()?;
     }
     // The loop ends with an evaluation and a checkpoint; these run only when it had
     // nothing left to do (resuming a finished run).
@@ -370,6 +356,17 @@ fn initial_weights<B: Backend>(
         .with_context(|| format!("initialising from {}", init.display()))
 }
 
+/// Draws every lazily initialised parameter of a module now, in module order, so a new
+/// model's weights depend on the seed alone and clones of it (the replicas) share them
+/// (burn draws a lazy parameter at its first use, separately in each clone).
+struct DrawWeights;
+
+impl<B: Backend> ModuleVisitor<B> for DrawWeights {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        param.val();
+    }
+}
+
 /// The micro-batches of one replica: its share of every micro-batch of the step.
 #[derive(Clone, Copy)]
 struct Shard<'a> {
@@ -401,13 +398,13 @@ fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
     train: &TrainConfig,
     step: usize,
     shard: Shard,
-    peer: Option<&Peer>,
+    peer: Option<&Peer<B::InnerBackend>>,
     interval: &mut Interval,
     device: &B::Device,
 ) -> Result<(Transformer<B>, Tensor<B::InnerBackend, 1>)> {
     B::seed(device, train.seed.wrapping_add(step as u64 + 1));
     let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
-    let mut step_counts: Vec<Tensor<B, 1, Int>> = Vec::new();
+    let mut step_counts: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
     let mut losses = Tensor::<B::InnerBackend, 1>::zeros([2], device);
     for micro in 0..train.grad_accum {
         let items = shard.micro_batch(step, train.grad_accum, micro);
@@ -418,9 +415,10 @@ fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
         for (i, layer) in out.moe.iter().enumerate() {
             interval.balance += layer.balance_loss.clone().into_scalar().elem::<f64>();
             interval.z += layer.z_loss.clone().into_scalar().elem::<f64>();
+            let counts = layer.stats.counts.clone().inner().float();
             match step_counts.get_mut(i) {
-                Some(c) => *c = c.clone() + layer.stats.counts.clone(),
-                None => step_counts.push(layer.stats.counts.clone()),
+                Some(c) => *c = c.clone() + counts,
+                None => step_counts.push(counts),
             }
         }
         interval.stats.add(&out.moe);
@@ -428,12 +426,22 @@ fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
     }
     let mut grads = accumulator.grads();
     if let Some(peer) = peer {
-        losses = peer.reduce(losses, ReduceOperation::Mean)?;
-        grads = peer.mean_grads(&model, grads)?;
-        step_counts = step_counts
-            .into_iter()
-            .map(|counts| peer.sum_counts(counts))
-            .collect::<Result<_>>()?;
+        // One all-reduce per step: gradients, losses and expert counts together.
+        let layers = step_counts.len();
+        let mut values = vec![losses];
+        values.extend(step_counts);
+        let values = Tensor::cat(values, 0);
+        let (mean_grads, mean_values) = peer.mean(&model, grads, values)?;
+        grads = mean_grads;
+        losses = mean_values.clone().slice(0..2);
+        let sums = mean_values
+            .slice(2..)
+            .mul_scalar(shard.replicas as f64)
+            .round();
+        step_counts = match layers {
+            0 => Vec::new(),
+            _ => sums.chunk(layers, 0),
+        };
     }
     let losses = losses.into_data().to_vec::<f32>().unwrap_or_default();
     let (ce, router) = (f64::from(losses[0]), f64::from(losses[1]));
@@ -449,7 +457,127 @@ fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
     let grad_norm = clip_global_norm(&model, &mut grads, train.grad_clip, device);
     let lr = learning_rate(train, step);
     let model = optimizer.step(lr, model, grads);
+    let step_counts = step_counts
+        .into_iter()
+        .map(|counts| Tensor::from_inner(counts.int()))
+        .collect();
     Ok((model.update_expert_bias(step_counts), grad_norm))
+}
+
+/// What a replica thread starts from: replica 0's state before its first step.
+struct ReplicaStart<'a, B: MoeAutodiffBackend> {
+    model: &'a Transformer<B>,
+    config: &'a RunConfig,
+    batches: &'a EpochBatches,
+    step: usize,
+    resume_from: Option<&'a Path>,
+}
+
+/// Replicas 1.. of a data-parallel run, each training on its own thread, and replica 0's
+/// membership of the collective. Dropping it before [`Replicas::finish`] (replica 0
+/// failed) wakes the others out of their all-reduce so they stop too.
+struct Replicas<B: MoeAutodiffBackend> {
+    peer: Peer<B::InnerBackend>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+    /// The first error of each replica that stopped, sent before it resets the collective.
+    failures: mpsc::Receiver<String>,
+}
+
+impl<B: MoeAutodiffBackend> Replicas<B> {
+    /// Starts replicas 1.. (replica `r` on `devices[r]`, or `devices[0]`) and joins
+    /// replica 0 on `devices[0]`.
+    fn start(from: ReplicaStart<B>, devices: &[B::Device]) -> Result<Self> {
+        let replicas = from.config.train.replicas;
+        let timeout = Duration::from_secs_f64(from.config.train.peer_timeout_secs);
+        data_parallel::reset::<B::InnerBackend>();
+        let (failed, failures) = mpsc::channel();
+        let threads = (1..replicas)
+            .map(|rank| {
+                let device = devices.get(rank).unwrap_or(&devices[0]).clone();
+                let model = from.model.clone().fork(&device);
+                let (config, batches) = (from.config.clone(), from.batches.clone());
+                let (start, resume_from) = (from.step, from.resume_from.map(Path::to_path_buf));
+                let failed = failed.clone();
+                std::thread::spawn(move || {
+                    let run = || -> Result<()> {
+                        let train = &config.train;
+                        let mut optimizer = optimizer_config(train).init::<B, Transformer<B>>();
+                        if let Some(ckpt) = &resume_from {
+                            let record = recorder().load(ckpt.join(OPTIMIZER_FILE), &device)?;
+                            optimizer = optimizer.load_record(record);
+                        }
+                        let peer = Peer::join(rank, replicas, &device, timeout)?;
+                        let shard = Shard {
+                            batches: &batches,
+                            rank,
+                            replicas,
+                        };
+                        let mut model = model;
+                        let mut interval = Interval::new();
+                        for step in start..train.steps {
+                            let stepped = train_step(
+                                model,
+                                &mut optimizer,
+                                train,
+                                step,
+                                shard,
+                                Some(&peer),
+                                &mut interval,
+                                &device,
+                            )?;
+                            model = stepped.0;
+                            interval = Interval::new();
+                        }
+                        peer.leave()
+                    };
+                    let result = run();
+                    if let Err(error) = &result {
+                        failed
+                            .send(format!("replica {rank} stopped: {error:#}"))
+                            .ok();
+                        data_parallel::reset::<B::InnerBackend>();
+                    }
+                    result
+                })
+            })
+            .collect();
+        let peer = Peer::join(0, replicas, &devices[0], timeout)?;
+        Ok(Self {
+            peer,
+            threads,
+            failures,
+        })
+    }
+
+    /// `error` of replica 0, under the error of a replica that stopped before (replica
+    /// 0's is then only its consequence).
+    fn explain(&self, error: anyhow::Error) -> anyhow::Error {
+        match self.failures.try_recv() {
+            Ok(failure) => error.context(failure),
+            Err(_) => error,
+        }
+    }
+
+    /// Leaves the collective after the last step and waits for the other replicas.
+    fn finish(mut self) -> Result<()> {
+        let threads = std::mem::take(&mut self.threads);
+        self.peer.leave()?;
+        for (i, thread) in threads.into_iter().enumerate() {
+            match thread.join() {
+                Ok(result) => result.with_context(|| format!("replica {}", i + 1))?,
+                Err(_) => bail!("replica {} panicked", i + 1),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B: MoeAutodiffBackend> Drop for Replicas<B> {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            data_parallel::reset::<B::InnerBackend>();
+        }
+    }
 }
 
 /// AdamW with the run's hyper-parameters.
@@ -516,6 +644,7 @@ fn check_resumable(config: &RunConfig, saved: &Path) -> Result<()> {
         c.train.eval_batches = None;
         c.train.checkpoint_every = 0;
         c.train.keep_checkpoints = 0;
+        c.train.peer_timeout_secs = 0.0;
         c
     };
     let (a, b) = (comparable(config), comparable(&saved));

@@ -198,7 +198,7 @@ fn runs_initialised_from_a_checkpoint_start_at_its_weights() {
 
     // The first step's loss is computed before any update, on the same batch: the dense
     // parent, its upcycled child and a fresh model of the child's shape.
-    let device = Default::default();
+    let device = [Default::default()];
     let run = |name: &str, config: &RunConfig, init: Option<&Path>| {
         let run_dir = dir.path().join(name);
         train::<Autodiff<B>>(config, &run_dir, false, init, &device, |_| {}).unwrap();

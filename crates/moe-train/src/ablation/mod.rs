@@ -37,7 +37,14 @@ pub type RunTrainer<'a> = dyn Fn(&GridRun, &Path, &dyn Fn(&str)) -> Result<()> +
 /// from each other's seeds.
 pub fn train_in_process<B: MoeAutodiffBackend>(device: &B::Device) -> Box<RunTrainer<'_>> {
     Box::new(move |run, dir, progress| {
-        match train::<B>(&run.config, dir, true, None, device, progress) {
+        match train::<B>(
+            &run.config,
+            dir,
+            true,
+            None,
+            std::slice::from_ref(device),
+            progress,
+        ) {
             Ok(_) => Ok(()),
             Err(error) if error.downcast_ref::<Diverged>().is_some() => Ok(()),
             Err(error) => Err(error),
