@@ -13,6 +13,7 @@ use burn::backend::Flex;
 use clap::{Parser, Subcommand};
 use moe_model::{MoeAutodiffBackend, SamplingConfig, generate};
 use moe_train::checkpoint::CONFIG_FILE;
+use moe_train::data_parallel::{Cluster, Nodes};
 use moe_train::{
     ExportFormat, RunConfig, UpcycleOptions, evaluate, export, import, load_model,
     resolve_checkpoint, train, upcycle_checkpoint,
@@ -53,6 +54,15 @@ enum Command {
     Moa(MoaArgs),
     /// Measure training or generation throughput of a config's shapes.
     Bench(bench::BenchArgs),
+    /// Run the orchestrator that pairs the machines of a multi-machine `moe train`.
+    Orchestrator(OrchestratorArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct OrchestratorArgs {
+    /// Port to listen on (every node's --orchestrator points here).
+    #[arg(long, default_value_t = 3000)]
+    port: u16,
 }
 
 #[derive(clap::Args, Debug)]
@@ -78,12 +88,37 @@ struct TrainArgs {
     /// each replica trains on train.batch_size sequences.
     #[arg(long, value_name = "N|BACKEND:I,...")]
     devices: Option<DeviceList>,
+    /// Machines in a multi-machine run (each runs `moe train` with its own --node-rank;
+    /// train.replicas = nodes x devices per node).
+    #[arg(long, requires_all = ["node_rank", "orchestrator", "node_address"])]
+    nodes: Option<usize>,
+    /// This machine's rank, 0..nodes.
+    #[arg(long, requires = "nodes")]
+    node_rank: Option<usize>,
+    /// host:port of `moe orchestrator`.
+    #[arg(long, value_name = "HOST:PORT", requires = "nodes")]
+    orchestrator: Option<String>,
+    /// host:port where the other machines reach this one (the port is bound here).
+    #[arg(long, value_name = "HOST:PORT", requires = "nodes")]
+    node_address: Option<String>,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     resume: bool,
     /// Override a config value: --set section.key=value (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
+}
+
+impl TrainArgs {
+    /// The machines of a multi-machine run, if this is one.
+    fn nodes(&self) -> Option<Nodes> {
+        Some(Nodes {
+            count: self.nodes?,
+            rank: self.node_rank?,
+            orchestrator: self.orchestrator.clone()?,
+            address: self.node_address.clone()?,
+        })
+    }
 }
 
 /// The file name of `path` without its extension, for default run directory names.
@@ -274,8 +309,11 @@ impl DevicesJob for TrainArgs {
         if let Some(steps) = self.steps {
             overrides.push(format!("train.steps={steps}"));
         }
-        if let Some(list) = &self.devices {
-            overrides.push(format!("train.replicas={}", list.replicas()));
+        let nodes = self.nodes();
+        if self.devices.is_some() || nodes.is_some() {
+            let local = self.devices.as_ref().map_or(1, DeviceList::replicas);
+            let machines = nodes.as_ref().map_or(1, |n| n.count);
+            overrides.push(format!("train.replicas={}", local * machines));
         }
         let (config_path, default_name) = match (&self.config, &self.init) {
             (Some(path), _) => (path.clone(), file_name(path)?),
@@ -296,7 +334,8 @@ impl DevicesJob for TrainArgs {
             .unwrap_or_else(|| PathBuf::from("checkpoints").join(default_name));
         eprintln!("run directory: {}", run_dir.display());
         let init = self.init.as_deref();
-        let outcome = train::<B>(&config, &run_dir, self.resume, init, &devices, |line| {
+        let cluster = Cluster { devices, nodes };
+        let outcome = train::<B>(&config, &run_dir, self.resume, init, &cluster, |line| {
             eprintln!("{line}")
         })?;
         eprintln!(
@@ -467,6 +506,24 @@ fn serve_http(app: axum::Router, http: &HttpArgs, what: &str) -> Result<()> {
     })
 }
 
+fn run_orchestrator(args: OrchestratorArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        // The orchestrator only logs a failure to listen: check the port first.
+        let probe = tokio::net::TcpListener::bind(("0.0.0.0", args.port))
+            .await
+            .with_context(|| format!("listening on port {}", args.port))?;
+        drop(probe);
+        eprintln!(
+            "orchestrator listening on port {} (Ctrl-C stops it)",
+            args.port
+        );
+        burn_collective::start_global_orchestrator(args.port).await;
+        eprintln!("orchestrator stopped");
+        Ok(())
+    })
+}
+
 fn serve_moa(args: MoaServeArgs) -> Result<()> {
     let config = moe_serve::MoaConfig::load(&args.config)?;
     let model_id = args.http.model_id.clone().unwrap_or_else(|| "moa".into());
@@ -565,6 +622,7 @@ fn main() {
         }
         Command::Ablate(args) => run_on(args.backend, args),
         Command::Bench(args) => run_on(args.backend(), args),
+        Command::Orchestrator(args) => run_orchestrator(args),
         Command::Eval(args) => run_on(args.backend, args),
         Command::Serve(args) => run_on(args.backend, args),
         Command::Generate(args) => run_on(args.backend, args),

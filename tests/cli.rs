@@ -353,6 +353,120 @@ fn trains_data_parallel_on_two_replicas() {
     assert!(saved.contains("replicas = 2"), "{saved}");
 }
 
+/// A child process killed when dropped (also when a test fails).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The training losses a run logged.
+fn logged_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter_map(|record| record.get("loss")?.as_f64())
+        .collect()
+}
+
+#[test]
+fn trains_on_two_machines_through_the_orchestrator() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let port = free_port().to_string();
+    let mut orchestrator = Killed(
+        Command::new(env!("CARGO_BIN_EXE_moe"))
+            .args(["orchestrator", "--port", &port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run moe orchestrator"),
+    );
+    let mut log = BufReader::new(orchestrator.0.stderr.take().unwrap()).lines();
+    let ready = log.next().unwrap().unwrap();
+    assert!(ready.contains("listening"), "{ready}");
+    let orchestrator_address = format!("127.0.0.1:{port}");
+
+    // Two nodes of one replica each, as two processes, and the same run on one machine.
+    let node = |rank: usize| {
+        let out = dir.path().join(format!("node{rank}"));
+        let address = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_moe"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["train", "--config", &config, "--steps", "4", "--out"])
+            .arg(&out)
+            .args(["--nodes", "2", "--node-rank", &rank.to_string()])
+            .args([
+                "--orchestrator",
+                &orchestrator_address,
+                "--node-address",
+                &address,
+            ])
+            .args(["--set", "train.peer_timeout_secs=120"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run moe train");
+        (out, child)
+    };
+    let nodes = [node(0), node(1)];
+    let local = dir.path().join("local");
+    let out = moe(&[
+        "train",
+        "--config",
+        &config,
+        "--steps",
+        "4",
+        "--devices",
+        "2",
+        "--out",
+        local.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut runs = Vec::new();
+    for (run, child) in nodes {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        runs.push(run);
+    }
+    drop(orchestrator);
+
+    let expected = logged_losses(&local);
+    assert_eq!(expected.len(), 1, "steps 4, logged every 4");
+    for run in &runs {
+        let losses = logged_losses(run);
+        assert_eq!(losses.len(), expected.len());
+        assert!(
+            (losses[0] - expected[0]).abs() < 1e-4,
+            "{losses:?} vs {expected:?}"
+        );
+    }
+    let weights = |run: &Path| {
+        let loaded =
+            moe_train::load_model::<burn::backend::Flex>(run, &Default::default()).unwrap();
+        moe_train::model_tensors::model_tensors(&loaded.model).unwrap()
+    };
+    let (a, b) = (weights(&runs[0]), weights(&runs[1]));
+    for (name, tensor) in &a {
+        assert_eq!(
+            tensor.data, b[name].data,
+            "{name} differs between the nodes"
+        );
+    }
+}
+
 #[test]
 fn errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,10 @@
 //! the replicas stay identical and the run follows the trajectory of one replica
 //! training on the whole batch.
 //!
+//! Replicas on one machine are threads of one process; several machines (nodes) each run
+//! `moe train` with their local replicas and meet through burn-collective's global
+//! orchestrator (`moe orchestrator`), which pairs the nodes for a ring all-reduce.
+//!
 //! burn-collective has no timeouts: a replica that dies leaves the others waiting
 //! forever. Every collective call here runs on a helper thread and is given up after a
 //! deadline, with an error that says so.
@@ -13,7 +17,7 @@ use std::ops::Range;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail, ensure};
 use burn::collective::{
     self, AllReduceStrategy, CollectiveConfig, CollectiveError, PeerId, ReduceOperation,
 };
@@ -21,6 +25,87 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorPrimitive};
+use burn_communication::Address;
+
+/// Where the replicas of a run train: devices of this machine and, for a run over
+/// several machines, this machine's place among them.
+#[derive(Debug, Clone)]
+pub struct Cluster<D> {
+    /// Devices of this machine: replica `r` of this machine trains on `devices[r]`, or on
+    /// `devices[0]` where the list is shorter (several replicas on one CPU).
+    pub devices: Vec<D>,
+    /// The machines of a multi-machine run.
+    pub nodes: Option<Nodes>,
+}
+
+impl<D: Default> Default for Cluster<D> {
+    /// One machine, its default device.
+    fn default() -> Self {
+        Self::local(vec![D::default()])
+    }
+}
+
+impl<D> Cluster<D> {
+    /// Replicas on these devices of this machine only.
+    pub fn local(devices: Vec<D>) -> Self {
+        Self {
+            devices,
+            nodes: None,
+        }
+    }
+
+    /// The number of machines (1 without `nodes`).
+    pub fn node_count(&self) -> usize {
+        self.nodes.as_ref().map_or(1, |n| n.count)
+    }
+
+    /// The global rank of this machine's first replica, given `local` replicas per machine.
+    pub fn first_rank(&self, local: usize) -> usize {
+        self.nodes.as_ref().map_or(0, |n| n.rank * local)
+    }
+}
+
+/// This machine's place in a run over several machines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nodes {
+    /// Machines in the run.
+    pub count: usize,
+    /// This machine's rank, `0..count`.
+    pub rank: usize,
+    /// `host:port` of the global orchestrator (`moe orchestrator --port`).
+    pub orchestrator: String,
+    /// `host:port` where the other machines reach this one; the port is bound here for
+    /// the exchange of tensors.
+    pub address: String,
+}
+
+impl Nodes {
+    /// The collective's settings for this machine.
+    fn configure(&self, config: CollectiveConfig) -> Result<CollectiveConfig> {
+        let port = self
+            .address
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .ok_or_else(|| anyhow!("node address `{}` is not host:port", self.address))?;
+        ensure!(
+            self.orchestrator
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok()),
+            "orchestrator address `{}` is not host:port",
+            self.orchestrator
+        );
+        let websocket = |address: &str| -> Result<Address> {
+            format!("ws://{address}")
+                .parse()
+                .map_err(|e| anyhow!("bad address `{address}`: {e}"))
+        };
+        Ok(config
+            .with_num_nodes(self.count as u32)
+            .with_global_address(websocket(&self.orchestrator)?)
+            .with_node_address(websocket(&self.address)?)
+            .with_data_service_port(port))
+    }
+}
 
 /// One replica's membership of the collective of backend `B` (the inner backend of the
 /// autodiff one: gradients live there). Every replica makes the same calls in the same
@@ -32,17 +117,22 @@ pub struct Peer<B: Backend> {
 }
 
 impl<B: Backend> Peer<B> {
-    /// Joins the collective of `replicas` peers on this machine as `rank`; returns once
-    /// all of them have joined, or fails after `timeout`.
+    /// Joins the collective as replica `rank` (global: unique over all machines), one of
+    /// `local` replicas on this machine, on the machines of `nodes`; returns once all of
+    /// them have joined, or fails after `timeout`.
     pub fn join(
         rank: usize,
-        replicas: usize,
+        local: usize,
+        nodes: Option<&Nodes>,
         device: &B::Device,
         timeout: Duration,
     ) -> Result<Self> {
-        let config = CollectiveConfig::default()
-            .with_num_devices(replicas)
+        let mut config = CollectiveConfig::default()
+            .with_num_devices(local)
             .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
+        if let Some(nodes) = nodes {
+            config = nodes.configure(config)?;
+        }
         let id = PeerId::from(rank);
         let device = device.clone();
         within(timeout, "waiting for every replica to join", move || {

@@ -25,7 +25,7 @@ use crate::checkpoint::{
 };
 use crate::config::{RunConfig, TrainConfig};
 use crate::data_parallel;
-use crate::data_parallel::Peer;
+use crate::data_parallel::{Cluster, Peer};
 use crate::eval::{EvalResult, evaluate};
 use crate::grad_clip::clip_global_norm;
 use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
@@ -75,26 +75,39 @@ impl std::error::Error for Diverged {}
 /// of the step); without it, refuses a directory that already holds checkpoints. A new
 /// run with `init` starts from that checkpoint's weights and tokenizer (fine-tuning,
 /// training an imported or upcycled model) with a fresh optimiser and step count.
-/// With `train.replicas` > 1 the run is data parallel: replica `r` trains on
-/// `devices[r]` (on `devices[0]` where the list is shorter: several replicas on one CPU),
-/// replica 0 on this thread, the others on their own.
+/// With `train.replicas` > 1 the run is data parallel over the devices (and machines)
+/// of `cluster`: this machine's first replica trains on this thread and is the only one
+/// here that logs, evaluates and writes checkpoints; its other replicas run on threads.
 /// `progress` receives one human-readable line per log interval and evaluation.
 pub fn train<B: MoeAutodiffBackend>(
     config: &RunConfig,
     run_dir: &Path,
     resume: bool,
     init: Option<&Path>,
-    devices: &[B::Device],
+    cluster: &Cluster<B::Device>,
     mut progress: impl FnMut(&str),
 ) -> Result<TrainOutcome> {
-    let Some(device) = devices.first() else {
+    let Some(device) = cluster.devices.first() else {
         bail!("no device to train on");
     };
+    let (replicas, nodes) = (config.train.replicas, cluster.node_count());
+    if let Some(n) = &cluster.nodes {
+        ensure!(
+            n.rank < n.count,
+            "node rank {} is not below the node count {}",
+            n.rank,
+            n.count
+        );
+    }
     ensure!(
-        devices.len() <= config.train.replicas,
-        "{} devices given for {} replicas (train.replicas)",
-        devices.len(),
-        config.train.replicas
+        replicas.is_multiple_of(nodes),
+        "train.replicas ({replicas}) must be a multiple of the node count ({nodes})"
+    );
+    let local = replicas / nodes;
+    ensure!(
+        cluster.devices.len() <= local,
+        "{} devices given for {local} replicas on this machine (train.replicas {replicas} over {nodes} nodes)",
+        cluster.devices.len(),
     );
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let existing = list_checkpoints(run_dir)?;
@@ -227,9 +240,8 @@ pub fn train<B: MoeAutodiffBackend>(
         )
     };
 
-    // Replicas 1.. train on their own threads; this one is replica 0 and the only one
-    // that logs, evaluates and writes checkpoints. Every step's all-reduce keeps them in
-    // step: the others wait there while this one evaluates or saves.
+    // Every step's all-reduce keeps the replicas in step: the others wait there while
+    // this one evaluates or saves.
     let replicas = if train.replicas > 1 {
         let start = ReplicaStart {
             model: &model,
@@ -238,7 +250,7 @@ pub fn train<B: MoeAutodiffBackend>(
             step: state.step,
             resume_from: resume_from.as_deref(),
         };
-        Some(Replicas::<B>::start(start, devices)?)
+        Some(Replicas::<B>::start(start, cluster, local)?)
     } else {
         None
     };
@@ -249,7 +261,7 @@ pub fn train<B: MoeAutodiffBackend>(
         let lr = learning_rate(train, step);
         let shard = Shard {
             batches: &batches,
-            rank: 0,
+            rank: cluster.first_rank(local),
             replicas: train.replicas,
         };
         let grad_norm;
@@ -473,9 +485,9 @@ struct ReplicaStart<'a, B: MoeAutodiffBackend> {
     resume_from: Option<&'a Path>,
 }
 
-/// Replicas 1.. of a data-parallel run, each training on its own thread, and replica 0's
-/// membership of the collective. Dropping it before [`Replicas::finish`] (replica 0
-/// failed) wakes the others out of their all-reduce so they stop too.
+/// This machine's replicas after the first, each training on its own thread, and the
+/// first one's membership of the collective. Dropping it before [`Replicas::finish`] (the
+/// first replica failed) wakes the others out of their all-reduce so they stop too.
 struct Replicas<B: MoeAutodiffBackend> {
     peer: Peer<B::InnerBackend>,
     threads: Vec<std::thread::JoinHandle<Result<()>>>,
@@ -484,16 +496,19 @@ struct Replicas<B: MoeAutodiffBackend> {
 }
 
 impl<B: MoeAutodiffBackend> Replicas<B> {
-    /// Starts replicas 1.. (replica `r` on `devices[r]`, or `devices[0]`) and joins
-    /// replica 0 on `devices[0]`.
-    fn start(from: ReplicaStart<B>, devices: &[B::Device]) -> Result<Self> {
+    /// Starts this machine's `local` replicas but the first (local replica `r` on
+    /// `devices[r]`, or `devices[0]`) and joins the first on `devices[0]`.
+    fn start(from: ReplicaStart<B>, cluster: &Cluster<B::Device>, local: usize) -> Result<Self> {
         let replicas = from.config.train.replicas;
         let timeout = Duration::from_secs_f64(from.config.train.peer_timeout_secs);
+        let (devices, nodes, first) = (&cluster.devices, &cluster.nodes, cluster.first_rank(local));
         data_parallel::reset::<B::InnerBackend>();
         let (failed, failures) = mpsc::channel();
-        let threads = (1..replicas)
-            .map(|rank| {
-                let device = devices.get(rank).unwrap_or(&devices[0]).clone();
+        let threads = (1..local)
+            .map(|r| {
+                let rank = first + r;
+                let device = devices.get(r).unwrap_or(&devices[0]).clone();
+                let nodes = nodes.clone();
                 let model = from.model.clone().fork(&device);
                 let (config, batches) = (from.config.clone(), from.batches.clone());
                 let (start, resume_from) = (from.step, from.resume_from.map(Path::to_path_buf));
@@ -506,7 +521,7 @@ impl<B: MoeAutodiffBackend> Replicas<B> {
                             let record = recorder().load(ckpt.join(OPTIMIZER_FILE), &device)?;
                             optimizer = optimizer.load_record(record);
                         }
-                        let peer = Peer::join(rank, replicas, &device, timeout)?;
+                        let peer = Peer::join(rank, local, nodes.as_ref(), &device, timeout)?;
                         let shard = Shard {
                             batches: &batches,
                             rank,
@@ -541,7 +556,7 @@ impl<B: MoeAutodiffBackend> Replicas<B> {
                 })
             })
             .collect();
-        let peer = Peer::join(0, replicas, &devices[0], timeout)?;
+        let peer = Peer::join(first, local, nodes.as_ref(), &devices[0], timeout)?;
         Ok(Self {
             peer,
             threads,

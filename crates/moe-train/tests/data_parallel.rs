@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use burn::backend::{Autodiff, Flex};
 use burn::collective::ReduceOperation;
 use burn::tensor::Tensor;
-use moe_train::data_parallel::{Peer, reset};
+use moe_train::data_parallel::{Cluster, Peer, reset};
 use moe_train::logger::MetricRecord;
 use moe_train::model_tensors::model_tensors;
 use moe_train::{RunConfig, load_model, train};
@@ -94,9 +94,9 @@ fn two_replicas_follow_the_trajectory_of_one_with_twice_the_batch() {
     let one = config(&data, 1, 8);
     let two = config(&data, 2, 4);
     assert_eq!(one.tokens_per_step(), two.tokens_per_step());
-    let device = [Default::default()];
-    train::<B>(&one, &single, false, None, &device, |_| {}).unwrap();
-    let outcome = train::<B>(&two, &parallel, false, None, &device, |_| {}).unwrap();
+    let local = Cluster::default();
+    train::<B>(&one, &single, false, None, &local, |_| {}).unwrap();
+    let outcome = train::<B>(&two, &parallel, false, None, &local, |_| {}).unwrap();
     assert_eq!(outcome.steps, 6);
 
     let (a, b) = (train_losses(&single), train_losses(&parallel));
@@ -123,7 +123,7 @@ fn a_replica_that_never_joins_is_an_error_after_the_timeout() {
     let _serial = serial();
     reset::<Flex>();
     let started = Instant::now();
-    let err = Peer::<Flex>::join(0, 2, &Default::default(), Duration::from_millis(300))
+    let err = Peer::<Flex>::join(0, 2, None, &Default::default(), Duration::from_millis(300))
         .err()
         .expect("one of two replicas cannot complete the collective");
     let message = format!("{err:#}");
@@ -139,11 +139,11 @@ fn a_replica_that_stops_makes_the_other_fail_instead_of_hanging() {
     let device = Default::default();
     let other = std::thread::spawn(move || {
         // Joins, takes part in one all-reduce, then stops without a word.
-        let peer = Peer::<Flex>::join(1, 2, &device, timeout).unwrap();
+        let peer = Peer::<Flex>::join(1, 2, None, &device, timeout).unwrap();
         let ones = Tensor::<Flex, 1>::ones([3], &device);
         peer.all_reduce(ones, ReduceOperation::Sum).unwrap()
     });
-    let peer = Peer::<Flex>::join(0, 2, &device, timeout).unwrap();
+    let peer = Peer::<Flex>::join(0, 2, None, &device, timeout).unwrap();
     let twos = Tensor::<Flex, 1>::full([3], 2.0, &device);
     let sum = peer.all_reduce(twos, ReduceOperation::Sum).unwrap();
     assert_eq!(sum.to_data().to_vec::<f32>().unwrap(), vec![3.0; 3]);

@@ -6,6 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
+use moe_train::data_parallel::Cluster;
 use moe_train::logger::MetricRecord;
 use moe_train::metrics::{LayerLoad, coefficient_of_variation, max_violation};
 use moe_train::{RunConfig, load_model, train};
@@ -93,7 +94,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let config = RunConfig::parse(&config_text(&dataset(dir.path())), &[]).unwrap();
     let run = dir.path().join("run");
-    let outcome = train::<B>(&config, &run, false, None, &[Default::default()], |_| {}).unwrap();
+    let outcome = train::<B>(&config, &run, false, None, &Cluster::default(), |_| {}).unwrap();
     assert_eq!(outcome.steps, 40);
     let losses = train_losses(&run);
     assert_eq!(losses.len(), 8);
@@ -123,7 +124,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     assert!(err.contains("step-00000040"), "{err}");
 
     // Refuses to overwrite without --resume.
-    let err = train::<B>(&config, &run, false, None, &[Default::default()], |_| {}).unwrap_err();
+    let err = train::<B>(&config, &run, false, None, &Cluster::default(), |_| {}).unwrap_err();
     assert!(err.to_string().contains("--resume"), "{err}");
 }
 
@@ -147,7 +148,7 @@ fn resume_matches_the_uninterrupted_run() {
     let text = config_text(&data);
     let full = RunConfig::parse(&text, &overrides(6)).unwrap();
     let straight = dir.path().join("straight");
-    train::<B>(&full, &straight, false, None, &[Default::default()], |_| {}).unwrap();
+    train::<B>(&full, &straight, false, None, &Cluster::default(), |_| {}).unwrap();
 
     let interrupted = dir.path().join("interrupted");
     let first_leg = RunConfig::parse(&text, &overrides(3)).unwrap();
@@ -156,19 +157,11 @@ fn resume_matches_the_uninterrupted_run() {
         &interrupted,
         false,
         None,
-        &[Default::default()],
+        &Cluster::default(),
         |_| {},
     )
     .unwrap();
-    train::<B>(
-        &full,
-        &interrupted,
-        true,
-        None,
-        &[Default::default()],
-        |_| {},
-    )
-    .unwrap();
+    train::<B>(&full, &interrupted, true, None, &Cluster::default(), |_| {}).unwrap();
 
     let (a, b) = (train_losses(&straight), train_losses(&interrupted));
     assert_eq!(a.len(), 6);
@@ -189,7 +182,7 @@ fn resume_matches_the_uninterrupted_run() {
         &interrupted,
         true,
         None,
-        &[Default::default()],
+        &Cluster::default(),
         |_| {},
     )
     .unwrap_err();
@@ -274,15 +267,7 @@ fn wgpu_kernels_train_like_the_reference_path() {
         let config = RunConfig::parse(&text, &overrides).unwrap();
         let run = |name: &str| {
             let run_dir = dir.path().join(format!("{name}-{capacity:?}"));
-            train::<W>(
-                &config,
-                &run_dir,
-                false,
-                None,
-                &[Default::default()],
-                |_| {},
-            )
-            .unwrap();
+            train::<W>(&config, &run_dir, false, None, &Cluster::default(), |_| {}).unwrap();
             train_losses(&run_dir)
         };
         let kernels = run("kernels");

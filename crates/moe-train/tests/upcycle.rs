@@ -12,6 +12,7 @@ use common::max_abs_diff;
 use moe_data::TextTokenizer;
 use moe_model::{RouterKind, Transformer};
 use moe_train::checkpoint::save_model_checkpoint;
+use moe_train::data_parallel::Cluster;
 use moe_train::logger::MetricRecord;
 use moe_train::model_tensors::model_tensors;
 use moe_train::{RunConfig, UpcycleOptions, load_weights, train, upcycle_checkpoint};
@@ -198,7 +199,7 @@ fn runs_initialised_from_a_checkpoint_start_at_its_weights() {
 
     // The first step's loss is computed before any update, on the same batch: the dense
     // parent, its upcycled child and a fresh model of the child's shape.
-    let device = [Default::default()];
+    let device = Cluster::default();
     let run = |name: &str, config: &RunConfig, init: Option<&Path>| {
         let run_dir = dir.path().join(name);
         train::<Autodiff<B>>(config, &run_dir, false, init, &device, |_| {}).unwrap();

@@ -23,6 +23,7 @@ use moe_model::MoeAutodiffBackend;
 pub use grid::{Grid, GridRun, SummaryOptions};
 pub use summary::RunSummary;
 
+use crate::data_parallel::Cluster;
 use crate::trainer::{Diverged, train};
 
 /// The file that marks a run as done.
@@ -42,7 +43,7 @@ pub fn train_in_process<B: MoeAutodiffBackend>(device: &B::Device) -> Box<RunTra
             dir,
             true,
             None,
-            std::slice::from_ref(device),
+            &Cluster::local(vec![device.clone()]),
             progress,
         ) {
             Ok(_) => Ok(()),
