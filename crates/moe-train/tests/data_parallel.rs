@@ -11,7 +11,6 @@ use burn::backend::{Autodiff, Flex};
 use burn::collective::ReduceOperation;
 use burn::tensor::Tensor;
 use moe_train::data_parallel::{Cluster, Peer, reset};
-use moe_train::logger::MetricRecord;
 use moe_train::model_tensors::model_tensors;
 use moe_train::{RunConfig, load_model, train};
 
@@ -67,17 +66,6 @@ checkpoint_every = 6
     RunConfig::parse(&text, &[]).unwrap()
 }
 
-fn train_losses(run_dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| match serde_json::from_str(l).unwrap() {
-            MetricRecord::Train(t) => Some(t.loss),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn two_replicas_follow_the_trajectory_of_one_with_twice_the_batch() {
     let _serial = serial();
@@ -99,13 +87,16 @@ fn two_replicas_follow_the_trajectory_of_one_with_twice_the_batch() {
     let outcome = train::<B>(&two, &parallel, false, None, &local, |_| {}).unwrap();
     assert_eq!(outcome.steps, 6);
 
-    let (a, b) = (train_losses(&single), train_losses(&parallel));
+    let (a, b) = (
+        common::train_losses(&single),
+        common::train_losses(&parallel),
+    );
     assert_eq!(a.len(), 6);
     assert_eq!(b.len(), 6);
-    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!((x - y).abs() < 1e-4, "step {}: {x} vs {y}", step + 1);
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4, "step {step}: {x} vs {y}");
     }
-    assert!(a[5] < a[0], "the loss falls: {a:?}");
+    assert!(a[5].1 < a[0].1, "the loss falls: {a:?}");
 
     let load = |dir: &Path| {
         model_tensors(&load_model::<Flex>(dir, &Default::default()).unwrap().model).unwrap()

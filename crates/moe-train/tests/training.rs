@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
 use moe_train::data_parallel::Cluster;
-use moe_train::logger::MetricRecord;
 use moe_train::metrics::{LayerLoad, coefficient_of_variation, max_violation};
 use moe_train::{RunConfig, load_model, train};
 
@@ -70,24 +69,6 @@ checkpoint_every = 20
     )
 }
 
-fn records(run_dir: &Path) -> Vec<MetricRecord> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn train_losses(run_dir: &Path) -> Vec<(usize, f64)> {
-    records(run_dir)
-        .into_iter()
-        .filter_map(|r| match r {
-            MetricRecord::Train(t) => Some((t.step, t.loss)),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     let _serial = serial();
@@ -96,7 +77,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     let run = dir.path().join("run");
     let outcome = train::<B>(&config, &run, false, None, &Cluster::default(), |_| {}).unwrap();
     assert_eq!(outcome.steps, 40);
-    let losses = train_losses(&run);
+    let losses = common::train_losses(&run);
     assert_eq!(losses.len(), 8);
     let (first, last) = (losses[0].1, losses[losses.len() - 1].1);
     assert!(last < first - 1.0, "loss should fall: {first} -> {last}");
@@ -163,7 +144,10 @@ fn resume_matches_the_uninterrupted_run() {
     .unwrap();
     train::<B>(&full, &interrupted, true, None, &Cluster::default(), |_| {}).unwrap();
 
-    let (a, b) = (train_losses(&straight), train_losses(&interrupted));
+    let (a, b) = (
+        common::train_losses(&straight),
+        common::train_losses(&interrupted),
+    );
     assert_eq!(a.len(), 6);
     assert_eq!(b.len(), 6, "metrics.jsonl holds each step once");
     for ((step_a, loss_a), (step_b, loss_b)) in a.iter().zip(&b) {
@@ -268,7 +252,7 @@ fn wgpu_kernels_train_like_the_reference_path() {
         let run = |name: &str| {
             let run_dir = dir.path().join(format!("{name}-{capacity:?}"));
             train::<W>(&config, &run_dir, false, None, &Cluster::default(), |_| {}).unwrap();
-            train_losses(&run_dir)
+            common::train_losses(&run_dir)
         };
         let kernels = run("kernels");
         let reference = moe_model::ops::with_reference_dispatch(|| run("reference"));

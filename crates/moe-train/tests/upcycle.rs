@@ -13,7 +13,6 @@ use moe_data::TextTokenizer;
 use moe_model::{RouterKind, Transformer};
 use moe_train::checkpoint::save_model_checkpoint;
 use moe_train::data_parallel::Cluster;
-use moe_train::logger::MetricRecord;
 use moe_train::model_tensors::model_tensors;
 use moe_train::{RunConfig, UpcycleOptions, load_weights, train, upcycle_checkpoint};
 
@@ -169,17 +168,6 @@ fn upcycled_model_computes_the_dense_models_logits() {
     }
 }
 
-fn first_train_loss(run: &Path) -> f64 {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .find_map(|line| match serde_json::from_str(line).unwrap() {
-            MetricRecord::Train(record) => Some(record.loss),
-            _ => None,
-        })
-        .unwrap()
-}
-
 #[test]
 fn runs_initialised_from_a_checkpoint_start_at_its_weights() {
     let _serial = serial();
@@ -203,7 +191,7 @@ fn runs_initialised_from_a_checkpoint_start_at_its_weights() {
     let run = |name: &str, config: &RunConfig, init: Option<&Path>| {
         let run_dir = dir.path().join(name);
         train::<Autodiff<B>>(config, &run_dir, false, init, &device, |_| {}).unwrap();
-        first_train_loss(&run_dir)
+        common::train_losses(&run_dir)[0].1
     };
     let dense = run("dense-run", &config, Some(&dense_dir));
     let upcycled = run("up-run", &up_config, Some(&up_dir));

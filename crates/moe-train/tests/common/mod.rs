@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use moe_model::Transformer;
+use moe_train::logger::MetricRecord;
 
 /// A dataset directory under `dir` holding the first `bytes` of each named shipped work.
 pub fn dataset(dir: &Path, works: &[(&str, usize)]) -> PathBuf {
@@ -40,4 +41,24 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// The records of a run's `metrics.jsonl`.
+pub fn records(run_dir: &Path) -> Vec<MetricRecord> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The (step, loss) of every training record of a run.
+pub fn train_losses(run_dir: &Path) -> Vec<(usize, f64)> {
+    records(run_dir)
+        .into_iter()
+        .filter_map(|r| match r {
+            MetricRecord::Train(t) => Some((t.step, t.loss)),
+            _ => None,
+        })
+        .collect()
 }
