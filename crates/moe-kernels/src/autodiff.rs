@@ -7,8 +7,8 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::TensorMetadata;
 use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Device, TensorMetadata};
 
 use super::{Gate, MoeBackend, reference};
 
@@ -96,6 +96,22 @@ impl<B: MoeBackend> Backward<B, 1> for RotaryBackward {
         let (cos, sin) = ops.state;
         if let Some(node) = node_x {
             grads.register::<B>(node.id, B::rotary_backward(grad, cos, sin));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TransferBackward;
+
+impl<B: MoeBackend> Backward<B, 1> for TransferBackward {
+    /// The device the input came from.
+    type State = Device<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::transfer_forward(grad, &ops.state));
         }
     }
 }
@@ -261,6 +277,20 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::causal_attention(q.primitive, k.primitive, v.primitive))
             }
+        }
+    }
+
+    fn transfer(x: FloatTensor<Self>, device: &Device<Self>) -> FloatTensor<Self> {
+        match TransferBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let from = B::float_device(&x.primitive);
+                prep.finish(from, B::transfer_forward(x.primitive, device))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::transfer_forward(x.primitive, device)),
         }
     }
 

@@ -15,6 +15,7 @@ mod cube;
 mod flex;
 pub mod reference;
 
+use burn::tensor::Device;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Tensor};
@@ -261,6 +262,17 @@ pub trait MoeBackend: Backend {
         Self::combine_forward(buffer, slot, weights)
     }
 
+    /// Copies `x` to `device` (expert placement sends tokens to their expert's device and
+    /// back). The backend's own `float_to_device`, except where that cannot cross devices.
+    fn transfer_forward(x: FloatTensor<Self>, device: &Device<Self>) -> FloatTensor<Self> {
+        Self::float_to_device(x, device)
+    }
+
+    /// Differentiable [`MoeBackend::transfer_forward`]: the gradient travels back.
+    fn transfer(x: FloatTensor<Self>, device: &Device<Self>) -> FloatTensor<Self> {
+        Self::transfer_forward(x, device)
+    }
+
     /// Differentiable grouped matmul; see [`MoeBackend::grouped_matmul_forward`].
     fn grouped_matmul(
         x: FloatTensor<Self>,
@@ -415,6 +427,14 @@ pub fn grouped_matmul<B: MoeBackend>(
         weights.into_primitive().tensor(),
         counts,
     ))
+}
+
+/// `x` copied to `device`, differentiably; see [`MoeBackend::transfer_forward`].
+pub fn transfer<B: MoeBackend, const D: usize>(
+    x: Tensor<B, D>,
+    device: &Device<B>,
+) -> Tensor<B, D> {
+    float(B::transfer(x.into_primitive().tensor(), device))
 }
 
 /// Negative log-likelihood of each row's target, `[N]`; see [`MoeBackend::cross_entropy`].

@@ -9,6 +9,8 @@
 //! `C` slots (one batched matmul); dropless, the `T * k` rows packed by expert with
 //! per-expert offsets (a grouped matmul over the segments, empty experts cost nothing).
 
+use std::ops::Range;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
@@ -37,6 +39,35 @@ impl BufferLayout {
         match self {
             BufferLayout::Padded { capacity } => n_experts * capacity,
             BufferLayout::Packed { counts } => counts.iter().sum(),
+        }
+    }
+
+    /// The buffer rows of each of the `n_experts` experts.
+    pub fn expert_rows(&self, n_experts: usize) -> Vec<Range<usize>> {
+        match self {
+            BufferLayout::Padded { capacity } => (0..n_experts)
+                .map(|e| e * capacity..(e + 1) * capacity)
+                .collect(),
+            BufferLayout::Packed { counts } => counts
+                .iter()
+                .scan(0, |start, &count| {
+                    let rows = *start..*start + count;
+                    *start += count;
+                    Some(rows)
+                })
+                .collect(),
+        }
+    }
+
+    /// The layout of the buffer holding only the rows of `experts`, in that order.
+    pub fn subset(&self, experts: &[usize]) -> BufferLayout {
+        match self {
+            BufferLayout::Padded { capacity } => BufferLayout::Padded {
+                capacity: *capacity,
+            },
+            BufferLayout::Packed { counts } => BufferLayout::Packed {
+                counts: experts.iter().map(|&e| counts[e]).collect(),
+            },
         }
     }
 }

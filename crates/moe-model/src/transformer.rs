@@ -283,6 +283,26 @@ impl<B: Backend> Transformer<B> {
         })
     }
 
+    /// The same model with every MoE layer's experts spread over `devices` (expert `e` on
+    /// `devices[e mod D]`, at most one device per expert); see [`crate::experts::Experts::place`].
+    pub fn place_experts(mut self, devices: &[B::Device]) -> Self {
+        self.blocks = self
+            .blocks
+            .into_iter()
+            .map(|mut block| {
+                block.ffn = match block.ffn {
+                    FeedForward::Moe(mut layer) => {
+                        layer.experts = layer.experts.place(devices);
+                        FeedForward::Moe(layer)
+                    }
+                    dense => dense,
+                };
+                block
+            })
+            .collect();
+        self
+    }
+
     /// Applies the aux-loss-free bias update to every MoE layer, given each layer's expert
     /// counts for the step (in MoE-layer order).
     pub fn update_expert_bias(mut self, counts: Vec<Tensor<B, 1, Int>>) -> Self {

@@ -22,11 +22,11 @@ fn naive_output<B: MoeBackend>(layer: &MoeLayer<B>, x: Tensor<B, 2>) -> Vec<f64>
     let k = routing.weights.dims()[1];
     let weights = host(routing.weights);
     let experts = host_int(routing.experts);
-    let [_, _, f] = layer.experts.w1.val().dims();
+    let [_, _, f] = layer.experts.shards[0].w1.val().dims();
     let (w1, w2, w3) = (
-        host(layer.experts.w1.val()),
-        host(layer.experts.w2.val()),
-        host(layer.experts.w3.val()),
+        host(layer.experts.shards[0].w1.val()),
+        host(layer.experts.shards[0].w2.val()),
+        host(layer.experts.shards[0].w3.val()),
     );
     let xs = host(x);
     let mut out = vec![0.0; tokens * d];
@@ -353,9 +353,9 @@ pub fn gradients_reach_router_experts_and_gates<B: AutodiffBackend + MoeBackend>
     let grads = probe_loss(&layer, x.clone(), probe).backward();
     for (name, grad) in [
         ("router", layer.router.gate.weight.grad(&grads).map(host)),
-        ("w1", layer.experts.w1.grad(&grads).map(host)),
-        ("w2", layer.experts.w2.grad(&grads).map(host)),
-        ("w3", layer.experts.w3.grad(&grads).map(host)),
+        ("w1", layer.experts.shards[0].w1.grad(&grads).map(host)),
+        ("w2", layer.experts.shards[0].w2.grad(&grads).map(host)),
+        ("w3", layer.experts.shards[0].w3.grad(&grads).map(host)),
         ("input", x.grad(&grads).map(host)),
     ] {
         let grad = grad.unwrap_or_else(|| panic!("{name} has no gradient"));
@@ -436,15 +436,27 @@ fn gradients_match_finite_differences() {
                 l.router.gate.weight = l.router.gate.weight.clone().map(|w| bump(w, i, delta))
             },
         ),
-        ("w1", layer.experts.w1.grad(&grads), |l, i, delta| {
-            l.experts.w1 = l.experts.w1.clone().map(|w| bump(w, i, delta))
-        }),
-        ("w2", layer.experts.w2.grad(&grads), |l, i, delta| {
-            l.experts.w2 = l.experts.w2.clone().map(|w| bump(w, i, delta))
-        }),
-        ("w3", layer.experts.w3.grad(&grads), |l, i, delta| {
-            l.experts.w3 = l.experts.w3.clone().map(|w| bump(w, i, delta))
-        }),
+        (
+            "w1",
+            layer.experts.shards[0].w1.grad(&grads),
+            |l, i, delta| {
+                l.experts.shards[0].w1 = l.experts.shards[0].w1.clone().map(|w| bump(w, i, delta))
+            },
+        ),
+        (
+            "w2",
+            layer.experts.shards[0].w2.grad(&grads),
+            |l, i, delta| {
+                l.experts.shards[0].w2 = l.experts.shards[0].w2.clone().map(|w| bump(w, i, delta))
+            },
+        ),
+        (
+            "w3",
+            layer.experts.shards[0].w3.grad(&grads),
+            |l, i, delta| {
+                l.experts.shards[0].w3 = l.experts.shards[0].w3.clone().map(|w| bump(w, i, delta))
+            },
+        ),
     ];
     for (name, grad, set) in params {
         let grad = host(grad.unwrap_or_else(|| panic!("{name} has no gradient")));

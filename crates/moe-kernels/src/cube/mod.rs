@@ -7,8 +7,8 @@
 
 mod kernels;
 
-use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Shape, TensorMetadata};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
+use burn::tensor::{DType, Device, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_dtype, ones, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
@@ -28,6 +28,18 @@ where
     I: IntElement,
     BT: BoolElement,
 {
+    /// cubecl-wgpu 0.10 has no device-to-device copy (burn's `to_device` panics between
+    /// two wgpu devices), so the tensor goes through the host: one read and one upload.
+    fn transfer_forward(x: FloatTensor<Self>, device: &Device<Self>) -> FloatTensor<Self> {
+        if &x.device == device {
+            return x;
+        }
+        let shape = x.shape();
+        let flat = Self::float_reshape(x, Shape::new([shape.num_elements()]));
+        let data = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(flat)).into_data();
+        Self::float_reshape(Self::float_from_data(data, device), shape)
+    }
+
     fn route_forward(
         logits: FloatTensor<Self>,
         bias: FloatTensor<Self>,

@@ -113,17 +113,18 @@ pub fn moe_layer<B: Backend>(
         .gate
         .weight
         .map(|_| leaf([d_model, e], seed, scale, device));
-    layer.experts.w1 = layer
-        .experts
+    let experts = &mut layer.experts.shards[0];
+    experts.w1 = experts
         .w1
+        .clone()
         .map(|_| leaf([e, d_model, f], seed + 1, scale, device));
-    layer.experts.w2 = layer
-        .experts
+    experts.w2 = experts
         .w2
+        .clone()
         .map(|_| leaf([e, f, d_model], seed + 2, scale, device));
-    layer.experts.w3 = layer
-        .experts
+    experts.w3 = experts
         .w3
+        .clone()
         .map(|_| leaf([e, d_model, f], seed + 3, scale, device));
     layer
 }
