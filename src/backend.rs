@@ -113,7 +113,7 @@ impl DeviceList {
             Self::Count(n) => Ok((0..*n).collect()),
             Self::Indices(backend, indices) if *backend == kind => Ok(indices.clone()),
             Self::Indices(backend, _) => bail!(
-                "--devices names {0} devices but the backend is {1}; add --backend {0}",
+                "the device list names {0} devices but the backend is {1}; add --backend {0}",
                 backend.name(),
                 kind.name()
             ),
@@ -125,7 +125,7 @@ impl DeviceList {
         let indices = self.indices(kind)?;
         if matches!(self, Self::Indices(..)) && indices != [0] {
             bail!(
-                "{0} has one device, the CPU: use --devices N for N replicas on it",
+                "{0} has one device, the CPU: give a count (2) to use it several times",
                 kind.name()
             );
         }

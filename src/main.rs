@@ -8,7 +8,7 @@ mod bench;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use burn::backend::Flex;
 use clap::{Parser, Subcommand};
 use moe_model::{MoeAutodiffBackend, SamplingConfig, generate};
@@ -88,6 +88,11 @@ struct TrainArgs {
     /// each replica trains on train.batch_size sequences.
     #[arg(long, value_name = "N|BACKEND:I,...")]
     devices: Option<DeviceList>,
+    /// Spread every MoE layer's experts over N devices (`--expert-devices 2`) or the
+    /// devices named (`--expert-devices wgpu:0,wgpu:1`): expert e on device e mod N.
+    /// Sets train.expert_devices.
+    #[arg(long, value_name = "N|BACKEND:I,...", conflicts_with_all = ["devices", "nodes"])]
+    expert_devices: Option<DeviceList>,
     /// Machines in a multi-machine run (each runs `moe train` with its own --node-rank;
     /// train.replicas = nodes x devices per node).
     #[arg(long, requires_all = ["node_rank", "orchestrator", "node_address"])]
@@ -305,30 +310,19 @@ impl DevicesJob for TrainArgs {
     type Output = ();
 
     fn run<B: MoeAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<()> {
-        let mut overrides = self.overrides.clone();
-        if let Some(steps) = self.steps {
-            overrides.push(format!("train.steps={steps}"));
+        let (config, default_name) = self.run_config()?;
+        let several_wgpu = self.backend == BackendKind::Wgpu && devices.len() > 1;
+        if several_wgpu && config.train.replicas > 1 {
+            bail!(
+                "data parallelism over several wgpu devices needs a device-to-device copy, which burn 0.21's wgpu backend lacks; use --backend cuda, or --expert-devices"
+            );
+        }
+        if several_wgpu && self.resume && config.train.expert_devices > 1 {
+            bail!(
+                "resuming a run whose experts are placed over several wgpu devices moves optimiser state between devices, which burn 0.21's wgpu backend cannot; resume with --expert-devices 1 and a new --out, or on cuda"
+            );
         }
         let nodes = self.nodes();
-        if self.devices.is_some() || nodes.is_some() {
-            let local = self.devices.as_ref().map_or(1, DeviceList::replicas);
-            let machines = nodes.as_ref().map_or(1, |n| n.count);
-            overrides.push(format!("train.replicas={}", local * machines));
-        }
-        let (config_path, default_name) = match (&self.config, &self.init) {
-            (Some(path), _) => (path.clone(), file_name(path)?),
-            (None, Some(init)) => {
-                let checkpoint = resolve_checkpoint(init)?;
-                let name = format!("{}-finetune", file_name(init)?);
-                (checkpoint.join(CONFIG_FILE), name)
-            }
-            (None, None) => {
-                let path = PathBuf::from("configs/tiny.toml");
-                let name = file_name(&path)?;
-                (path, name)
-            }
-        };
-        let config = RunConfig::load(&config_path, &overrides)?;
         let run_dir = self
             .out
             .unwrap_or_else(|| PathBuf::from("checkpoints").join(default_name));
@@ -348,6 +342,49 @@ impl DevicesJob for TrainArgs {
             outcome.checkpoint.display()
         );
         Ok(())
+    }
+}
+
+impl TrainArgs {
+    /// The run config with the command line's overrides, and the default run name.
+    fn run_config(&self) -> Result<(RunConfig, String)> {
+        let mut overrides = self.overrides.clone();
+        if let Some(steps) = self.steps {
+            overrides.push(format!("train.steps={steps}"));
+        }
+        let nodes = self.nodes();
+        if self.devices.is_some() || nodes.is_some() {
+            let local = self.devices.as_ref().map_or(1, DeviceList::replicas);
+            let machines = nodes.as_ref().map_or(1, |n| n.count);
+            overrides.push(format!("train.replicas={}", local * machines));
+        }
+        if let Some(list) = &self.expert_devices {
+            overrides.push(format!("train.expert_devices={}", list.replicas()));
+        }
+        let (config_path, default_name) = match (&self.config, &self.init) {
+            (Some(path), _) => (path.clone(), file_name(path)?),
+            (None, Some(init)) => {
+                let checkpoint = resolve_checkpoint(init)?;
+                let name = format!("{}-finetune", file_name(init)?);
+                (checkpoint.join(CONFIG_FILE), name)
+            }
+            (None, None) => {
+                let path = PathBuf::from("configs/tiny.toml");
+                let name = file_name(&path)?;
+                (path, name)
+            }
+        };
+        Ok((RunConfig::load(&config_path, &overrides)?, default_name))
+    }
+
+    /// The devices to train on: those --devices or --expert-devices name, else as many as
+    /// the config's train.expert_devices asks for.
+    fn device_list(&self) -> Result<DeviceList> {
+        if let Some(list) = self.devices.as_ref().or(self.expert_devices.as_ref()) {
+            return Ok(list.clone());
+        }
+        let (config, _) = self.run_config()?;
+        Ok(DeviceList::Count(config.train.expert_devices))
     }
 }
 
@@ -616,10 +653,9 @@ fn upcycle_dense(args: UpcycleArgs) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => {
-            let devices = args.devices.clone().unwrap_or_default();
-            run_on_devices(args.backend, &devices, args)
-        }
+        Command::Train(args) => args
+            .device_list()
+            .and_then(|devices| run_on_devices(args.backend, &devices, args)),
         Command::Ablate(args) => run_on(args.backend, args),
         Command::Bench(args) => run_on(args.backend(), args),
         Command::Orchestrator(args) => run_orchestrator(args),

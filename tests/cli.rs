@@ -353,6 +353,45 @@ fn trains_data_parallel_on_two_replicas() {
     assert!(saved.contains("replicas = 2"), "{saved}");
 }
 
+#[test]
+fn trains_with_experts_on_two_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let run = dir.path().join("run");
+    let run_str = run.to_str().unwrap();
+    let args = [
+        "train", "--config", &config, "--steps", "2", "--out", run_str,
+    ];
+    let out = moe(&[&args[..], &["--expert-devices", "2"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("experts placed over 2 devices"),
+        "{}",
+        stderr(&out)
+    );
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("expert_devices = 2"), "{saved}");
+    // The checkpoint holds the stacked experts: it evaluates on one device.
+    let out = moe(&["eval", "--checkpoint", run_str, "--batches", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    for (extra, expected) in [
+        (&["--expert-devices", "99"][..], "train.expert_devices"),
+        (
+            &["--expert-devices", "2", "--devices", "2"][..],
+            "cannot be used with",
+        ),
+    ] {
+        let out = moe(&[&args[..], extra].concat());
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains(expected),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// A child process killed when dropped (also when a test fails).
 struct Killed(std::process::Child);
 

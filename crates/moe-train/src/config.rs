@@ -57,6 +57,12 @@ pub struct TrainConfig {
     /// one replica with `replicas` times the batch (the LR schedule is per step).
     #[serde(default = "one")]
     pub replicas: usize,
+    /// Devices each MoE layer's experts are spread over (`moe train --expert-devices`):
+    /// expert `e` lives on device `e mod expert_devices` with its optimiser state, and the
+    /// tokens routed to it travel there and back. At most `moe.n_experts`; not combined
+    /// with `replicas` > 1 yet. Checkpoints hold the same stacked weights either way.
+    #[serde(default = "one")]
+    pub expert_devices: usize,
     /// Seconds a replica waits for the others (to join, or at a step's gradient
     /// exchange, which includes replica 0's evaluation and checkpoint time) before it
     /// stops with an error: a replica that died must not leave the others hanging.
@@ -279,6 +285,7 @@ impl RunConfig {
             ("train.batch_size", train.batch_size),
             ("train.grad_accum", train.grad_accum),
             ("train.replicas", train.replicas),
+            ("train.expert_devices", train.expert_devices),
             ("train.steps", train.steps),
             ("train.log_every", train.log_every),
             ("train.eval_every", train.eval_every),
@@ -323,6 +330,23 @@ impl RunConfig {
                 return Err(ConfigError::new(
                     field,
                     format!("{value} must be finite and >= 0"),
+                ));
+            }
+        }
+        if train.expert_devices > 1 {
+            if train.expert_devices > self.moe.n_experts {
+                return Err(ConfigError::new(
+                    "train.expert_devices",
+                    format!(
+                        "{} devices for {} experts: at most one device per expert",
+                        train.expert_devices, self.moe.n_experts
+                    ),
+                ));
+            }
+            if train.replicas > 1 {
+                return Err(ConfigError::new(
+                    "train.expert_devices",
+                    "expert placement cannot be combined with data parallelism (train.replicas > 1) yet",
                 ));
             }
         }

@@ -104,9 +104,10 @@ pub fn train<B: MoeAutodiffBackend>(
         "train.replicas ({replicas}) must be a multiple of the node count ({nodes})"
     );
     let local = replicas / nodes;
+    let expert_devices = config.train.expert_devices;
     ensure!(
-        cluster.devices.len() <= local,
-        "{} devices given for {local} replicas on this machine (train.replicas {replicas} over {nodes} nodes)",
+        cluster.devices.len() <= local.max(expert_devices),
+        "{} devices given for {local} replicas on this machine (train.replicas {replicas} over {nodes} nodes) and train.expert_devices {expert_devices}",
         cluster.devices.len(),
     );
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
@@ -206,6 +207,16 @@ pub fn train<B: MoeAutodiffBackend>(
             "resumed from {} (step {})",
             ckpt.display(),
             state.step
+        ));
+    }
+    if expert_devices > 1 {
+        // Devices past the list (the CPU backends have one) repeat the main device.
+        let placement: Vec<B::Device> = (0..expert_devices)
+            .map(|s| cluster.devices.get(s).unwrap_or(device).clone())
+            .collect();
+        model = model.place_experts(&placement);
+        progress(&format!(
+            "experts placed over {expert_devices} devices (expert e on device e mod {expert_devices})"
         ));
     }
     let mut logger = MetricsLogger::open(run_dir, resume_from.as_ref().map(|_| state.step))?;

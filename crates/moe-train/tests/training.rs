@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::{Autodiff, Flex};
 use moe_train::data_parallel::Cluster;
 use moe_train::metrics::{LayerLoad, coefficient_of_variation, max_violation};
+use moe_train::model_tensors::model_tensors;
 use moe_train::{RunConfig, load_model, train};
 
 type B = Autodiff<Flex>;
@@ -173,6 +174,78 @@ fn resume_matches_the_uninterrupted_run() {
     assert!(err.to_string().contains("[moe]"), "{err}");
 }
 
+/// Experts spread over two devices (two handles of the CPU here) train exactly as on one,
+/// and a placed run resumes where it stopped (its optimiser state is found again).
+#[test]
+fn expert_placement_trains_like_one_device_and_resumes() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let overrides = |steps: usize, expert_devices: usize| {
+        vec![
+            format!("train.steps={steps}"),
+            format!("train.expert_devices={expert_devices}"),
+            "train.log_every=1".into(),
+            "train.checkpoint_every=3".into(),
+            "train.warmup_steps=0".into(),
+            "train.min_lr=3e-3".into(),
+            "train.grad_clip=0.5".into(),
+            "moe.bias_update_rate=1e-3".into(),
+        ]
+    };
+    let text = config_text(&data);
+    let run = |name: &str, steps: usize, expert_devices: usize, resume: bool| {
+        let config = RunConfig::parse(&text, &overrides(steps, expert_devices)).unwrap();
+        let dir = dir.path().join(name);
+        let mut lines = Vec::new();
+        train::<B>(&config, &dir, resume, None, &Cluster::default(), |line| {
+            lines.push(line.to_string())
+        })
+        .unwrap();
+        (dir, lines)
+    };
+    let (one_device, _) = run("one", 6, 1, false);
+    let (placed, lines) = run("placed", 6, 2, false);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("experts placed over 2 devices")),
+        "{lines:?}"
+    );
+    run("interrupted", 3, 2, false);
+    let (interrupted, _) = run("interrupted", 6, 2, true);
+
+    let reference = common::train_losses(&one_device);
+    assert_eq!(reference.len(), 6);
+    for other in [&placed, &interrupted] {
+        let losses = common::train_losses(other);
+        assert_eq!(losses.len(), 6);
+        for ((step, x), (_, y)) in reference.iter().zip(&losses) {
+            assert!(
+                (x - y).abs() < 1e-5,
+                "{}: step {step}: {x} vs {y}",
+                other.display()
+            );
+        }
+    }
+    // Checkpoints hold the stacked weights: they load on one device like any other.
+    let load = |dir: &Path| {
+        model_tensors(&load_model::<Flex>(dir, &Default::default()).unwrap().model).unwrap()
+    };
+    let expected = load(&one_device);
+    for other in [&placed, &interrupted] {
+        let got = load(other);
+        assert_eq!(
+            expected.keys().collect::<Vec<_>>(),
+            got.keys().collect::<Vec<_>>()
+        );
+        for (name, tensor) in &expected {
+            let diff = common::max_abs_diff(&tensor.data, &got[name].data);
+            assert!(diff < 1e-5, "{}: {name} differs by {diff}", other.display());
+        }
+    }
+}
+
 #[test]
 fn bad_configs_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,6 +261,11 @@ fn bad_configs_name_the_field() {
         (vec!["model.vocab_size=4096"], "model.vocab_size"),
         (vec!["train.lr=0"], "train.lr"),
         (vec!["train.batch_size=0"], "train.batch_size"),
+        (vec!["train.expert_devices=5"], "train.expert_devices"),
+        (
+            vec!["train.expert_devices=2", "train.replicas=2"],
+            "train.expert_devices",
+        ),
         (vec!["moe.typo_key=1"], "typo_key"),
         (vec!["moe.router=\"softmax\""], "softmax"),
         (vec!["nosection"], "section.key=value"),
