@@ -283,7 +283,7 @@ pub fn train<B: MoeAutodiffBackend>(
             step,
             shard,
             peer,
-            &mut interval,
+            Some(&mut interval),
             device,
         ) {
             Ok(out) => out,
@@ -411,9 +411,10 @@ impl Shard<'_> {
 /// One optimiser step of a replica: forward and backward over its micro-batches, the
 /// gradients averaged over the replicas (with `peer`), clipping, AdamW and bias
 /// balancing (on the replicas' summed expert counts). Adds the step's losses (averaged
-/// over the replicas) and this replica's routing statistics to `interval`. Returns the
-/// updated model and the gradient norm before clipping; a loss that is not finite on any
-/// replica is a [`Diverged`] error on all of them.
+/// over the replicas) and this replica's routing statistics to `interval`, if it logs
+/// (the other replicas read none of them back). Returns the updated model and the
+/// gradient norm before clipping; a loss that is not finite on any replica is a
+/// [`Diverged`] error on all of them.
 #[allow(clippy::too_many_arguments)]
 fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
     model: Transformer<B>,
@@ -422,7 +423,7 @@ fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
     step: usize,
     shard: Shard,
     peer: Option<&Peer<B::InnerBackend>>,
-    interval: &mut Interval,
+    mut interval: Option<&mut Interval>,
     device: &B::Device,
 ) -> Result<(Transformer<B>, Tensor<B::InnerBackend, 1>)> {
     B::seed(device, train.seed.wrapping_add(step as u64 + 1));
@@ -436,16 +437,20 @@ fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
         accumulator.accumulate(&model, out.grads);
         losses = losses + Tensor::cat(vec![out.ce.inner(), out.router.inner()], 0);
         for (i, layer) in out.moe.iter().enumerate() {
-            interval.balance += layer.balance_loss.clone().into_scalar().elem::<f64>();
-            interval.z += layer.z_loss.clone().into_scalar().elem::<f64>();
             let counts = layer.stats.counts.clone().inner().float();
             match step_counts.get_mut(i) {
                 Some(c) => *c = c.clone() + counts,
                 None => step_counts.push(counts),
             }
         }
-        interval.stats.add(&out.moe);
-        interval.micro_batches += 1;
+        if let Some(interval) = interval.as_deref_mut() {
+            for layer in &out.moe {
+                interval.balance += layer.balance_loss.clone().into_scalar().elem::<f64>();
+                interval.z += layer.z_loss.clone().into_scalar().elem::<f64>();
+            }
+            interval.stats.add(&out.moe);
+            interval.micro_batches += 1;
+        }
     }
     let mut grads = accumulator.grads();
     if let Some(peer) = peer {
@@ -475,8 +480,10 @@ fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
         }
         .into());
     }
-    interval.loss += ce;
-    interval.aux += router;
+    if let Some(interval) = interval {
+        interval.loss += ce;
+        interval.aux += router;
+    }
     let grad_norm = clip_global_norm(&model, &mut grads, train.grad_clip, device);
     let lr = learning_rate(train, step);
     let model = optimizer.step(lr, model, grads);
@@ -539,8 +546,8 @@ impl<B: MoeAutodiffBackend> Replicas<B> {
                             replicas,
                         };
                         let mut model = model;
-                        let mut interval = Interval::new();
                         for step in start..train.steps {
+                            // Only the main replica logs: this one reads no statistics.
                             let stepped = train_step(
                                 model,
                                 &mut optimizer,
@@ -548,11 +555,10 @@ impl<B: MoeAutodiffBackend> Replicas<B> {
                                 step,
                                 shard,
                                 Some(&peer),
-                                &mut interval,
+                                None,
                                 &device,
                             )?;
                             model = stepped.0;
-                            interval = Interval::new();
                         }
                         peer.leave()
                     };
