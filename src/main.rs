@@ -306,30 +306,62 @@ struct MoaServeArgs {
     http: HttpArgs,
 }
 
-impl DevicesJob for TrainArgs {
+/// `moe train` with its run config loaded (once: it also decides the devices).
+struct TrainJob {
+    args: TrainArgs,
+    config: RunConfig,
+    default_name: String,
+}
+
+impl TrainJob {
+    fn new(args: TrainArgs) -> Result<Self> {
+        let (config, default_name) = args.run_config()?;
+        Ok(Self {
+            args,
+            config,
+            default_name,
+        })
+    }
+
+    /// The devices to train on: those --devices or --expert-devices name, else as many as
+    /// the config's train.expert_devices asks for.
+    fn device_list(&self) -> DeviceList {
+        let args = &self.args;
+        match args.devices.as_ref().or(args.expert_devices.as_ref()) {
+            Some(list) => list.clone(),
+            None => DeviceList::Count(self.config.train.expert_devices),
+        }
+    }
+}
+
+impl DevicesJob for TrainJob {
     type Output = ();
 
     fn run<B: MoeAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<()> {
-        let (config, default_name) = self.run_config()?;
-        let several_wgpu = self.backend == BackendKind::Wgpu && devices.len() > 1;
+        let Self {
+            args,
+            config,
+            default_name,
+        } = self;
+        let several_wgpu = args.backend == BackendKind::Wgpu && devices.len() > 1;
         if several_wgpu && config.train.replicas > 1 {
             bail!(
                 "data parallelism over several wgpu devices needs a device-to-device copy, which burn 0.21's wgpu backend lacks; use --backend cuda, or --expert-devices"
             );
         }
-        if several_wgpu && self.resume && config.train.expert_devices > 1 {
+        if several_wgpu && args.resume && config.train.expert_devices > 1 {
             bail!(
                 "resuming a run whose experts are placed over several wgpu devices moves optimiser state between devices, which burn 0.21's wgpu backend cannot; resume with --expert-devices 1 and a new --out, or on cuda"
             );
         }
-        let nodes = self.nodes();
-        let run_dir = self
+        let nodes = args.nodes();
+        let run_dir = args
             .out
             .unwrap_or_else(|| PathBuf::from("checkpoints").join(default_name));
         eprintln!("run directory: {}", run_dir.display());
-        let init = self.init.as_deref();
+        let init = args.init.as_deref();
         let cluster = Cluster { devices, nodes };
-        let outcome = train::<B>(&config, &run_dir, self.resume, init, &cluster, |line| {
+        let outcome = train::<B>(&config, &run_dir, args.resume, init, &cluster, |line| {
             eprintln!("{line}")
         })?;
         eprintln!(
@@ -375,16 +407,6 @@ impl TrainArgs {
             }
         };
         Ok((RunConfig::load(&config_path, &overrides)?, default_name))
-    }
-
-    /// The devices to train on: those --devices or --expert-devices name, else as many as
-    /// the config's train.expert_devices asks for.
-    fn device_list(&self) -> Result<DeviceList> {
-        if let Some(list) = self.devices.as_ref().or(self.expert_devices.as_ref()) {
-            return Ok(list.clone());
-        }
-        let (config, _) = self.run_config()?;
-        Ok(DeviceList::Count(config.train.expert_devices))
     }
 }
 
@@ -653,9 +675,8 @@ fn upcycle_dense(args: UpcycleArgs) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => args
-            .device_list()
-            .and_then(|devices| run_on_devices(args.backend, &devices, args)),
+        Command::Train(args) => TrainJob::new(args)
+            .and_then(|job| run_on_devices(job.args.backend, &job.device_list(), job)),
         Command::Ablate(args) => run_on(args.backend, args),
         Command::Bench(args) => run_on(args.backend(), args),
         Command::Orchestrator(args) => run_orchestrator(args),

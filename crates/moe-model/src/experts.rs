@@ -335,11 +335,11 @@ impl<B: Backend> Module<B> for Experts<B> {
     }
 
     fn fork(self, device: &B::Device) -> Self {
-        self.map_shards(|shard| shard.fork(device))
+        self.map_shards(|_, shard| shard.fork(device))
     }
 
     fn to_device(self, device: &B::Device) -> Self {
-        self.map_shards(|shard| shard.to_device(device))
+        self.map_shards(|_, shard| shard.to_device(device))
     }
 
     fn visit<V: ModuleVisitor<B>>(&self, visitor: &mut V) {
@@ -355,9 +355,9 @@ impl<B: Backend> Module<B> for Experts<B> {
 
     fn map<M: ModuleMapper<B>>(self, mapper: &mut M) -> Self {
         if self.shards.len() == 1 {
-            return self.map_shards(|shard| shard.map(mapper));
+            return self.map_shards(|_, shard| shard.map(mapper));
         }
-        self.map_shards_indexed(|s, shard| {
+        self.map_shards(|s, shard| {
             mapper.enter_module(&s.to_string(), "Vec");
             let shard = shard.map(mapper);
             mapper.exit_module(&s.to_string(), "Vec");
@@ -376,17 +376,8 @@ impl<B: Backend> Module<B> for Experts<B> {
 }
 
 impl<B: Backend> Experts<B> {
-    fn map_shards(self, f: impl FnMut(ExpertWeights<B>) -> ExpertWeights<B>) -> Self {
-        Self {
-            shards: self.shards.into_iter().map(f).collect(),
-            stacked_ids: self.stacked_ids,
-        }
-    }
-
-    fn map_shards_indexed(
-        self,
-        mut f: impl FnMut(usize, ExpertWeights<B>) -> ExpertWeights<B>,
-    ) -> Self {
+    /// The same placement with `f(s, shard)` for each shard.
+    fn map_shards(self, mut f: impl FnMut(usize, ExpertWeights<B>) -> ExpertWeights<B>) -> Self {
         Self {
             shards: self
                 .shards
@@ -429,7 +420,7 @@ impl<B: Backend> ModuleDisplayDefault for Experts<B> {
     fn content(&self, content: Content) -> Option<Content> {
         match self.shards.as_slice() {
             [shard] => shard.content(content),
-            shards => content.add("shards", &shards.to_vec()).optional(),
+            _ => content.add("shards", &self.shards).optional(),
         }
     }
 }

@@ -31,8 +31,8 @@ use burn_communication::Address;
 /// several machines, this machine's place among them.
 #[derive(Debug, Clone)]
 pub struct Cluster<D> {
-    /// Devices of this machine: replica `r` of this machine trains on `devices[r]`, or on
-    /// `devices[0]` where the list is shorter (several replicas on one CPU).
+    /// Devices of this machine: replica `r` of this machine trains on (or expert shard
+    /// `r` lives on) [`Cluster::device`]`(r)`.
     pub devices: Vec<D>,
     /// The machines of a multi-machine run.
     pub nodes: Option<Nodes>,
@@ -52,6 +52,12 @@ impl<D> Cluster<D> {
             devices,
             nodes: None,
         }
+    }
+
+    /// Device `index` of this machine: `devices[index]`, or `devices[0]` where the list is
+    /// shorter (the CPU backends have one device, which then runs everything).
+    pub fn device(&self, index: usize) -> &D {
+        self.devices.get(index).unwrap_or(&self.devices[0])
     }
 
     /// The number of machines (1 without `nodes`).

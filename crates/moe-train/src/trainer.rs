@@ -210,9 +210,8 @@ pub fn train<B: MoeAutodiffBackend>(
         ));
     }
     if expert_devices > 1 {
-        // Devices past the list (the CPU backends have one) repeat the main device.
         let placement: Vec<B::Device> = (0..expert_devices)
-            .map(|s| cluster.devices.get(s).unwrap_or(device).clone())
+            .map(|s| cluster.device(s).clone())
             .collect();
         model = model.place_experts(&placement);
         progress(&format!(
@@ -515,7 +514,7 @@ struct Replicas<B: MoeAutodiffBackend> {
 
 impl<B: MoeAutodiffBackend> Replicas<B> {
     /// Starts this machine's `local` replicas but the first (local replica `r` on
-    /// `devices[r]`, or `devices[0]`) and joins the first on `devices[0]`.
+    /// [`Cluster::device`]`(r)`) and joins the first on `devices[0]`.
     fn start(from: ReplicaStart<B>, cluster: &Cluster<B::Device>, local: usize) -> Result<Self> {
         let replicas = from.config.train.replicas;
         let timeout = Duration::from_secs_f64(from.config.train.peer_timeout_secs);
@@ -525,7 +524,7 @@ impl<B: MoeAutodiffBackend> Replicas<B> {
         let threads = (1..local)
             .map(|r| {
                 let rank = first + r;
-                let device = devices.get(r).unwrap_or(&devices[0]).clone();
+                let device = cluster.device(r).clone();
                 let nodes = nodes.clone();
                 let model = from.model.clone().fork(&device);
                 let (config, batches) = (from.config.clone(), from.batches.clone());
