@@ -294,6 +294,15 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         }
     }
 
+    /// Integer outputs carry no gradient: the inner backend's sort (its kernels, if any).
+    fn expert_slots(
+        experts: IntTensor<Self>,
+        n_experts: usize,
+        capacity: Option<usize>,
+    ) -> (IntTensor<Self>, IntTensor<Self>) {
+        B::expert_slots(experts, n_experts, capacity)
+    }
+
     fn permute(x: FloatTensor<Self>, slot: IntTensor<Self>, rows: usize) -> FloatTensor<Self> {
         let [tokens, _] = x.primitive.shape().dims();
         match PermuteBackward
