@@ -109,55 +109,55 @@ pub fn assign_slots_kernel<I: Numeric>(
 }
 
 /// `out[slot[a]] = weights[a] * x[a / k]` for every kept assignment `a` (`out` zeroed
-/// beforehand; slots are distinct, so no two units write the same row). One unit per
-/// element of `[A, d]`.
+/// beforehand; slots are distinct, so no two units write the same row). Rows move in
+/// vectors of `N` elements: one unit per vector of `[A, d]`.
 #[cube(launch)]
-pub fn scatter_rows_kernel<F: Float, I: Numeric>(
-    x: &Tensor<F>,
+pub fn scatter_rows_kernel<F: Float, I: Numeric, N: Size>(
+    x: &Tensor<Vector<F, N>>,
     slot: &Tensor<I>,
     weights: &Tensor<F>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
     top_k: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    let d = out.shape(1);
+    let vectors = out.shape(1) / out.vector_size();
     let pos = ABSOLUTE_POS;
-    if pos >= slot.len() * d {
+    if pos >= slot.len() * vectors {
         terminate!();
     }
-    let a = pos / d;
-    let j = pos % d;
+    let a = pos / vectors;
+    let j = pos % vectors;
     let row = u32::cast_from(slot[a]) as usize;
     if row < out.shape(0) {
-        out[row * d + j] = weights[a] * x[(a / top_k as usize) * d + j];
+        out[row * vectors + j] = Vector::new(weights[a]) * x[(a / top_k as usize) * vectors + j];
     }
 }
 
 /// `out[t] = sum_i weights[t * k + i] * buffer[slot[t * k + i]]`, dropped slots skipped.
-/// One unit per element of `[T, d]`.
+/// One unit per vector of `N` elements of `[T, d]`.
 #[cube(launch)]
-pub fn gather_rows_kernel<F: Float, I: Numeric>(
-    buffer: &Tensor<F>,
+pub fn gather_rows_kernel<F: Float, I: Numeric, N: Size>(
+    buffer: &Tensor<Vector<F, N>>,
     slot: &Tensor<I>,
     weights: &Tensor<F>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
     top_k: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    let d = out.shape(1);
+    let vectors = out.shape(1) / out.vector_size();
     let pos = ABSOLUTE_POS;
     if pos >= out.len() {
         terminate!();
     }
-    let t = pos / d;
-    let j = pos % d;
+    let t = pos / vectors;
+    let j = pos % vectors;
     let rows = buffer.shape(0);
-    let mut sum = F::new(0.0);
+    let mut sum = Vector::<F, N>::zeroed();
     for i in 0..top_k as usize {
         let a = t * top_k as usize + i;
         let row = u32::cast_from(slot[a]) as usize;
         if row < rows {
-            sum += weights[a] * buffer[row * d + j];
+            sum += Vector::new(weights[a]) * buffer[row * vectors + j];
         }
     }
     out[pos] = sum;

@@ -1,21 +1,27 @@
 //! The dispatch pipeline as CubeCL kernels for every CubeCL backend (wgpu, CUDA): routing
-//! (scores, top-k, weights), counting sort, permute and combine, forward and backward. The grouped matmul runs burn's own
-//! (autotuned) matmul once per non-empty segment: a first shared-memory tiled kernel was
-//! ten times slower than that. The other fused operations keep the tensor-op reference
-//! here, and so does dispatch inside
+//! (scores, top-k, weights), counting sort, permute and combine (rows moved in vectors),
+//! forward and backward. The grouped matmul runs burn's own (autotuned) matmul once per
+//! non-empty segment, each writing its rows of one shared output in place (a first
+//! shared-memory tiled kernel was ten times slower than that). The other fused operations
+//! keep the tensor-op reference here, and so does dispatch inside
 //! [`with_reference_dispatch`](crate::with_reference_dispatch).
 
 mod kernels;
 
 use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{DType, Device, Shape, Tensor, TensorMetadata, TensorPrimitive};
-use burn_cubecl::kernel::into_contiguous;
+use std::ops::Range;
+
+use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
+use burn_cubecl::kernel::{into_contiguous, slice};
 use burn_cubecl::ops::numeric::{empty_device_dtype, ones, zeros_client};
+use burn_cubecl::ops::reshape;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise, tensor_vector_size_parallel};
 
-use crate::reference::{dispatch, routing};
+use crate::reference::dispatch::{self, segments};
+use crate::reference::routing;
 use crate::{Gate, MoeBackend, reference_dispatch};
 
 /// Assignments per block of the counting sort (one unit per block and expert).
@@ -126,6 +132,107 @@ where
         let d_weights = slot_dot(buffer, slot.clone(), grad.clone(), weights_shape);
         (scatter_rows(grad, slot, weights, rows), d_weights)
     }
+
+    fn grouped_matmul_forward(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        if reference_dispatch() || !segments_in_place(&x, counts, weights.shape()[2]) {
+            return dispatch::grouped_matmul_forward::<Self>(x, weights, counts);
+        }
+        let (x, weights) = (into_contiguous(x), into_contiguous(weights));
+        let rows = x.shape()[0];
+        let d_out = weights.shape()[2];
+        let out = empty_like(&x, Shape::new([rows, d_out]), x.dtype);
+        for (e, start, count) in segments(counts) {
+            let x_e = rows_of(&x, start..start + count);
+            segment_matmul(
+                x_e,
+                expert_matrix(&weights, e),
+                rows_of(&out, start..start + count),
+            );
+        }
+        out
+    }
+
+    fn grouped_matmul_backward(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        counts: &[usize],
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let [n_experts, d_in, d_out] = weights.shape().dims();
+        if reference_dispatch()
+            || !segments_in_place(&x, counts, d_in)
+            || !aligned(&x, d_in * d_out)
+        {
+            return dispatch::grouped_matmul_backward::<Self>(x, weights, counts, grad);
+        }
+        let (x, weights, grad) = (
+            into_contiguous(x),
+            into_contiguous(weights),
+            into_contiguous(grad),
+        );
+        let d_x = empty_like(&x, x.shape(), x.dtype);
+        // Experts with no rows get a zero gradient.
+        let d_weights = zeros_client(
+            x.client.clone(),
+            x.device.clone(),
+            Shape::new([n_experts, d_in, d_out]),
+            x.dtype,
+        );
+        for (e, start, count) in segments(counts) {
+            let rows = start..start + count;
+            let (x_e, grad_e) = (rows_of(&x, rows.clone()), rows_of(&grad, rows.clone()));
+            let w_e = expert_matrix(&weights, e);
+            segment_matmul(grad_e.clone(), transpose(w_e), rows_of(&d_x, rows));
+            segment_matmul(transpose(x_e), grad_e, expert_matrix(&d_weights, e));
+        }
+        (d_x, d_weights)
+    }
+}
+
+/// Whether `elements` elements of `like`'s type span a whole number of the client's buffer
+/// alignment, so that a view starting there can be bound as a kernel output.
+fn aligned<R: CubeRuntime>(like: &CubeTensor<R>, elements: usize) -> bool {
+    let bytes = (elements * like.dtype.size()) as u64;
+    bytes.is_multiple_of(like.client.properties().memory.alignment)
+}
+
+/// Whether the packed buffer `x` holds exactly the segments of `counts` and every segment of
+/// a buffer with rows of `width` elements starts and ends on the buffer alignment: then each
+/// segment's output is a view the matmul writes into (otherwise the reference path
+/// concatenates per-segment products).
+fn segments_in_place<R: CubeRuntime>(x: &CubeTensor<R>, counts: &[usize], width: usize) -> bool {
+    x.shape()[0] == counts.iter().sum::<usize>()
+        && counts.iter().all(|&count| aligned(x, count * width))
+}
+
+/// Rows `rows` of the contiguous matrix `tensor`: a view sharing its memory when aligned.
+fn rows_of<R: CubeRuntime>(tensor: &CubeTensor<R>, rows: Range<usize>) -> CubeTensor<R> {
+    let width = tensor.shape()[1];
+    slice(tensor.clone(), &[rows, 0..width])
+}
+
+/// Matrix `e` (`[d_in, d_out]`) of the contiguous stack `weights: [E, d_in, d_out]`.
+fn expert_matrix<R: CubeRuntime>(weights: &CubeTensor<R>, e: usize) -> CubeTensor<R> {
+    let [_, d_in, d_out] = weights.shape().dims();
+    let matrix = slice(weights.clone(), &[e..e + 1, 0..d_in, 0..d_out]);
+    reshape(matrix, Shape::new([d_in, d_out]))
+}
+
+/// The transposed view of a float matrix (strides swapped, no copy).
+fn transpose<R: CubeRuntime>(mut matrix: CubeTensor<R>) -> CubeTensor<R> {
+    matrix.meta.swap(0, 1);
+    matrix
+}
+
+/// `out = lhs rhs` with burn's (autotuned) matmul, written into the view `out`.
+fn segment_matmul<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, out: CubeTensor<R>) {
+    let dtype = out.dtype;
+    matmul(lhs, rhs, Some(out), MatmulStrategy::default(), dtype)
+        .expect("matmul of a segment of well-formed matrices");
 }
 
 /// Launch geometry for one unit per element of `units`.
@@ -134,6 +241,17 @@ fn elementwise<R: CubeRuntime>(tensor: &CubeTensor<R>, units: usize) -> (CubeCou
     (
         calculate_cube_count_elemwise(&tensor.client, units, cube_dim),
         cube_dim,
+    )
+}
+
+/// The widest vector the client reads fast that divides the rows of the contiguous
+/// matrix `tensor` (1 when none does).
+fn row_vector_size<R: CubeRuntime>(tensor: &CubeTensor<R>) -> usize {
+    tensor_vector_size_parallel(
+        tensor.client.io_optimized_vector_sizes(tensor.dtype.size()),
+        tensor.meta.shape(),
+        tensor.meta.strides(),
+        1,
     )
 }
 
@@ -290,12 +408,14 @@ fn scatter_rows<R: CubeRuntime>(
         Shape::new([rows, d]),
         x.dtype,
     );
-    let (count, dim) = elementwise(&x, assignments * d);
+    let vector_size = row_vector_size(&x);
+    let (count, dim) = elementwise(&x, assignments * d / vector_size);
     let dtypes = [x.dtype.into(), slot.dtype.into()];
     kernels::scatter_rows_kernel::launch::<R>(
         &x.client,
         count,
         dim,
+        vector_size,
         x.clone().into_tensor_arg(),
         slot.into_tensor_arg(),
         weights.into_tensor_arg(),
@@ -321,12 +441,14 @@ fn gather_rows<R: CubeRuntime>(
     let d = buffer.shape()[1];
     let assignments = slot.shape().num_elements();
     let out = empty_like(&buffer, Shape::new([tokens, d]), buffer.dtype);
-    let (count, dim) = elementwise(&buffer, tokens * d);
+    let vector_size = row_vector_size(&buffer);
+    let (count, dim) = elementwise(&buffer, tokens * d / vector_size);
     let dtypes = [buffer.dtype.into(), slot.dtype.into()];
     kernels::gather_rows_kernel::launch::<R>(
         &out.client,
         count,
         dim,
+        vector_size,
         buffer.into_tensor_arg(),
         slot.into_tensor_arg(),
         weights.into_tensor_arg(),

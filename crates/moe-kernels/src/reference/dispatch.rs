@@ -211,7 +211,7 @@ pub fn grouped_matmul_backward<B: Backend>(
 }
 
 /// `(expert, first row, rows)` of every non-empty segment of a packed buffer.
-fn segments(counts: &[usize]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+pub(crate) fn segments(counts: &[usize]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
     counts
         .iter()
         .enumerate()
