@@ -166,12 +166,10 @@ pub fn grouped_matmul_forward<B: Backend>(
 ) -> FloatTensor<B> {
     let x: Tensor<B, 2> = float(x);
     let weights: Tensor<B, 3> = float(weights);
-    let [_, d_in, d_out] = weights.dims();
+    let d_out = weights.dims()[2];
+    let weights = expert_rows(weights);
     let outputs = segments(counts)
-        .map(|(e, start, count)| {
-            let w = weights.clone().narrow(0, e, 1).reshape([d_in, d_out]);
-            x.clone().narrow(0, start, count).matmul(w)
-        })
+        .map(|(e, start, count)| x.clone().narrow(0, start, count).matmul(weights(e)))
         .collect::<Vec<_>>();
     concat_rows(outputs, d_out, &x.device())
         .into_primitive()
@@ -187,14 +185,14 @@ pub fn grouped_matmul_backward<B: Backend>(
     grad: FloatTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let x: Tensor<B, 2> = float(x);
-    let weights: Tensor<B, 3> = float(weights);
+    let weights = expert_rows(float(weights));
     let grad: Tensor<B, 2> = float(grad);
-    let [n_experts, d_in, d_out] = weights.dims();
+    let (n_experts, [_, d_in], [_, d_out]) = (counts.len(), x.dims(), grad.dims());
     let device = x.device();
     let mut d_x = Vec::new();
     let mut d_w = vec![None; n_experts];
     for (e, start, count) in segments(counts) {
-        let w = weights.clone().narrow(0, e, 1).reshape([d_in, d_out]);
+        let w = weights(e);
         let x_e = x.clone().narrow(0, start, count);
         let grad_e = grad.clone().narrow(0, start, count);
         d_x.push(grad_e.clone().matmul(w.transpose()));
@@ -208,6 +206,15 @@ pub fn grouped_matmul_backward<B: Backend>(
         concat_rows(d_x, d_in, &device).into_primitive().tensor(),
         Tensor::cat(d_w, 0).into_primitive().tensor(),
     )
+}
+
+/// Expert `e`'s matrix `[d_in, d_out]` of the stacked `weights: [E, d_in, d_out]`, as a
+/// row range of one `[E * d_in, d_out]` matrix: a view on every backend (reshaping a slice
+/// of the stack copies it on some, e.g. flex, for every matmul).
+fn expert_rows<B: Backend>(weights: Tensor<B, 3>) -> impl Fn(usize) -> Tensor<B, 2> {
+    let [n_experts, d_in, d_out] = weights.dims();
+    let rows = weights.reshape([n_experts * d_in, d_out]);
+    move |e| rows.clone().narrow(0, e * d_in, d_in)
 }
 
 /// `(expert, first row, rows)` of every non-empty segment of a packed buffer.
