@@ -347,6 +347,12 @@ backend_tests!(flex, burn::backend::Flex);
 backend_tests!(ndarray, burn::backend::NdArray);
 backend_tests!(wgpu, burn::backend::Wgpu);
 
+/// flex's row-loop kernels and direct grouped matmul against the reference on flex.
+#[test]
+fn flex_kernels_match_reference() {
+    kernels_match_reference::<burn::backend::Flex>(&Default::default());
+}
+
 /// The CubeCL kernels (wgpu) against the reference on the same backend.
 #[test]
 fn wgpu_kernels_match_reference() {

@@ -1,6 +1,8 @@
 //! CPU kernels for burn's `flex` backend: each fused operation is one pass over contiguous
 //! f32 rows, parallel over rows with rayon. Other dtypes take the reference path.
 
+mod dispatch;
+
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -8,7 +10,7 @@ use burn::tensor::{DType, Shape, TensorData, TensorMetadata};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
-use super::{MoeBackend, reference};
+use crate::{MoeBackend, reference, reference_dispatch};
 
 /// Rows handed to one rayon task: enough work to amortise the task, small enough to
 /// balance two to sixteen cores.
@@ -18,6 +20,110 @@ const ROWS_PER_TASK: usize = 16;
 const ELEMENTWISE_CHUNK: usize = 4096;
 
 impl MoeBackend for Flex {
+    fn permute_forward(
+        x: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        let d = x.shape()[1];
+        match (dispatch_rows(&x), indices(&slot)) {
+            (Some(values), Some(slot)) => tensor(
+                dispatch::scatter_rows(&values, d, &slot, None, rows),
+                Shape::new([rows, d]),
+            ),
+            _ => reference::dispatch::permute_forward::<Self>(x, slot, rows),
+        }
+    }
+
+    fn permute_backward(
+        grad: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        tokens: usize,
+    ) -> FloatTensor<Self> {
+        let d = grad.shape()[1];
+        match (dispatch_rows(&grad), indices(&slot)) {
+            (Some(values), Some(slot)) => tensor(
+                dispatch::gather_rows(&values, d, &slot, None, tokens),
+                Shape::new([tokens, d]),
+            ),
+            _ => reference::dispatch::permute_backward::<Self>(grad, slot, tokens),
+        }
+    }
+
+    fn combine_forward(
+        buffer: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (d, tokens) = (buffer.shape()[1], weights.shape()[0]);
+        match (dispatch_rows(&buffer), indices(&slot), f32_rows(&weights)) {
+            (Some(values), Some(slot), Some(w)) => tensor(
+                dispatch::gather_rows(&values, d, &slot, Some(&w), tokens),
+                Shape::new([tokens, d]),
+            ),
+            _ => reference::dispatch::combine_forward::<Self>(buffer, slot, weights),
+        }
+    }
+
+    fn combine_backward(
+        buffer: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let [rows, d] = buffer.shape().dims::<2>();
+        let inputs = (
+            dispatch_rows(&buffer),
+            indices(&slot),
+            f32_rows(&weights),
+            f32_rows(&grad),
+        );
+        let (Some(values), Some(slot_host), Some(w), Some(g)) = inputs else {
+            return reference::dispatch::combine_backward::<Self>(buffer, slot, weights, grad);
+        };
+        (
+            tensor(
+                dispatch::scatter_rows(&g, d, &slot_host, Some(&w), rows),
+                Shape::new([rows, d]),
+            ),
+            tensor(
+                dispatch::slot_dot(&values, &g, d, &slot_host),
+                weights.shape(),
+            ),
+        )
+    }
+
+    fn grouped_matmul_forward(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        let [rows, d_in] = x.shape().dims::<2>();
+        let d_out = weights.shape()[2];
+        match (packed_rows(&x, counts), f32_rows(&weights)) {
+            (Some(values), Some(w)) => tensor(
+                dispatch::grouped_matmul(&values, &w, counts, d_in, d_out),
+                Shape::new([rows, d_out]),
+            ),
+            _ => reference::dispatch::grouped_matmul_forward::<Self>(x, weights, counts),
+        }
+    }
+
+    fn grouped_matmul_backward(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        counts: &[usize],
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let [_, d_in, d_out] = weights.shape().dims::<3>();
+        let inputs = (packed_rows(&x, counts), f32_rows(&weights), f32_rows(&grad));
+        let (Some(values), Some(w), Some(g)) = inputs else {
+            return reference::dispatch::grouped_matmul_backward::<Self>(x, weights, counts, grad);
+        };
+        let (d_x, d_w) = dispatch::grouped_matmul_backward(&values, &w, counts, &g, d_in, d_out);
+        (tensor(d_x, x.shape()), tensor(d_w, weights.shape()))
+    }
+
     fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let (Some(g), Some(u)) = (f32_rows(&gate), f32_rows(&up)) else {
             return reference::swiglu_forward::<Self>(gate, up);
@@ -29,7 +135,7 @@ impl MoeBackend for Flex {
             .for_each(|(chunk, out)| {
                 let start = chunk * ELEMENTWISE_CHUNK;
                 for ((o, &g), &u) in out.iter_mut().zip(&g[start..]).zip(&u[start..]) {
-                    *o = g / (1.0 + (-g).exp()) * u;
+                    *o = g / (1.0 + exp(-g)) * u;
                 }
             });
         tensor(output, gate.shape())
@@ -52,7 +158,7 @@ impl MoeBackend for Flex {
                 let start = chunk * ELEMENTWISE_CHUNK;
                 let inputs = g[start..].iter().zip(&u[start..]).zip(&dy[start..]);
                 for ((dg, du), ((&g, &u), &dy)) in d_gate.iter_mut().zip(d_up).zip(inputs) {
-                    let s = 1.0 / (1.0 + (-g).exp());
+                    let s = 1.0 / (1.0 + exp(-g));
                     *du = dy * g * s;
                     *dg = dy * u * s * (1.0 + g * (1.0 - s));
                 }
@@ -103,13 +209,11 @@ impl MoeBackend for Flex {
         par_rows(&mut output, keys, |row, out| {
             let visible = keys - queries + row % queries + 1;
             let x = &input[row * keys..row * keys + visible];
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-            let mut sum = 0.0;
+            let max = max_of(x) * scale;
             for (o, &v) in out[..visible].iter_mut().zip(x) {
-                *o = (v * scale - max).exp();
-                sum += *o;
+                *o = exp(v * scale - max);
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / sum_of(&out[..visible], |o| o);
             out[..visible].iter_mut().for_each(|o| *o *= inv);
         });
         tensor(output, shape)
@@ -125,7 +229,7 @@ impl MoeBackend for Flex {
         par_rows(&mut output, len, |row, out| {
             let p = &p[row * len..(row + 1) * len];
             let g = &g[row * len..(row + 1) * len];
-            let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+            let dot = dot(p, g);
             for ((o, p), g) in out.iter_mut().zip(p).zip(g) {
                 *o = p * (g - dot);
             }
@@ -144,8 +248,8 @@ impl MoeBackend for Flex {
         let mut out = vec![[0.0f32; 2]; rows];
         out.par_iter_mut().enumerate().for_each(|(row, out)| {
             let x = &x[row * vocab..(row + 1) * vocab];
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f32 = x.iter().map(|&v| (v - max).exp()).sum();
+            let max = max_of(x);
+            let sum = sum_of(x, |v| exp(v - max));
             let lse = max + sum.ln();
             *out = [lse - x[targets_host[row]], lse];
         });
@@ -177,7 +281,7 @@ impl MoeBackend for Flex {
             let x = &x[row * vocab..(row + 1) * vocab];
             let (lse, g) = (lse[row], g[row]);
             for (o, &v) in out.iter_mut().zip(x) {
-                *o = (v - lse).exp() * g;
+                *o = exp(v - lse) * g;
             }
             out[targets_host[row]] -= g;
         });
@@ -214,6 +318,86 @@ fn rotate_rows(
     Some(tensor(output, Shape::new(out_shape)))
 }
 
+/// `e^x` in a branch-free form the compiler vectorises (a loop of `f32::exp` is a
+/// scalar libm call per element, which dominated the softmax and cross-entropy passes):
+/// Cephes' `expf`, range reduction to `x = n ln 2 + r` with `|r| <= ln 2 / 2` and a
+/// degree-6 polynomial, within 2 ulp. Underflows to 0 below -87.3 and saturates at
+/// `e^88` above 88 (the kernels only exponentiate shifted logits and `-x` for sigmoids).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const MIN: f32 = -87.3;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let clamped = x.clamp(MIN, 88.0);
+    let n = (clamped * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < MIN { 0.0 } else { e_r * two_n }
+}
+
+/// Lanes of the reductions below: independent partial results the compiler keeps in one
+/// vector register (a single running sum is a serial chain it may not reorder).
+const LANES: usize = 8;
+
+/// `sum(f(v))` over `values`.
+#[inline(always)]
+fn sum_of(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The largest of `values` (`-inf` when empty).
+#[inline(always)]
+fn max_of(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(v);
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// `sum(a * b)` over equal-length slices.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (chunks_a, chunks_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in chunks_a.zip(chunks_b) {
+        for ((lane, &a), &b) in lanes.iter_mut().zip(a).zip(b) {
+            *lane += a * b;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Runs `kernel(row, output_row)` over rows of length `len`, in parallel.
 fn par_rows(output: &mut [f32], len: usize, kernel: impl Fn(usize, &mut [f32]) + Sync) {
     if len == 0 {
@@ -242,6 +426,22 @@ fn f32_rows(tensor: &FlexTensor) -> Option<Cow<'_, [f32]>> {
     }
 }
 
+/// The rows of a dispatch operand, unless the reference path is asked for
+/// ([`crate::with_reference_dispatch`]) or the tensor is not f32.
+fn dispatch_rows(tensor: &FlexTensor) -> Option<Cow<'_, [f32]>> {
+    if reference_dispatch() {
+        return None;
+    }
+    f32_rows(tensor)
+}
+
+/// [`dispatch_rows`] of a packed expert buffer holding exactly the segments of `counts`.
+fn packed_rows<'a>(tensor: &'a FlexTensor, counts: &[usize]) -> Option<Cow<'a, [f32]>> {
+    (tensor.shape()[0] == counts.iter().sum::<usize>())
+        .then(|| dispatch_rows(tensor))
+        .flatten()
+}
+
 /// Integer indices as `usize`, for the integer dtypes flex uses.
 fn indices(tensor: &FlexTensor) -> Option<Vec<usize>> {
     let tensor = tensor.to_contiguous();
@@ -266,4 +466,38 @@ fn indices(tensor: &FlexTensor) -> Option<Vec<usize>> {
 
 fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm() {
+        // Every 1/1024 from -87 to 88: the whole range softmax and sigmoid use.
+        for i in -87 * 1024..=88 * 1024 {
+            let x = i as f32 / 1024.0;
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            let ulp = (want as f32).to_bits().abs_diff((got as f32).to_bits());
+            assert!(ulp <= 2, "exp({x}) = {got}, expected {want} ({ulp} ulp)");
+        }
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn reductions_match_serial_loops() {
+        // Lengths around the lane width, with a remainder or without.
+        for len in [0, 1, 7, 8, 9, 37] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.7).sin()).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 1.3).cos()).collect();
+            let sum: f32 = a.iter().map(|v| v * 2.0).sum();
+            let max = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let serial_dot: f32 = a.iter().zip(&b).map(|(a, b)| a * b).sum();
+            assert!((sum_of(&a, |v| v * 2.0) - sum).abs() < 1e-5, "sum of {len}");
+            assert_eq!(max_of(&a), max, "max of {len}");
+            assert!((dot(&a, &b) - serial_dot).abs() < 1e-5, "dot of {len}");
+        }
+    }
 }

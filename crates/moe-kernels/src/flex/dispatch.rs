@@ -1,0 +1,374 @@
+//! Token dispatch on flex: the permute, combine and grouped matmul as loops over contiguous
+//! f32 rows, parallel with rayon, each output row written once. The tensor-op reference
+//! expands, scatters and concatenates, copying every row several times, and allocates
+//! every per-segment product before joining them.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+/// Output rows per rayon task of a grouped matmul: enough to keep the micro-kernel busy,
+/// few enough to spread one expert's segment over the cores.
+const MATMUL_BLOCK_ROWS: usize = 128;
+
+/// Token rows per rayon task of the row moves.
+const MOVE_BLOCK_ROWS: usize = 32;
+
+/// The expert-major buffer `[rows, d]`: row `slot[a]` holds `weight(a) * x[a / k]`
+/// (`k = slot.len() / tokens`), rows no kept assignment fills are zero; slots of `rows` or
+/// more (dropped) are skipped. `weights: None` means weight 1 (the permute).
+pub fn scatter_rows(
+    x: &[f32],
+    d: usize,
+    slot: &[usize],
+    weights: Option<&[f32]>,
+    rows: usize,
+) -> Vec<f32> {
+    let top_k = top_k(x.len(), d, slot.len());
+    // Which assignment fills each row: a slot is held by at most one assignment.
+    let mut source = vec![None; rows];
+    for (a, &row) in slot.iter().enumerate() {
+        if row < rows {
+            source[row] = Some(a);
+        }
+    }
+    let mut out = vec![0.0f32; rows * d];
+    par_row_blocks(&mut out, d, |row, out| {
+        if let Some(a) = source[row] {
+            let weight = weights.map_or(1.0, |w| w[a]);
+            let token = &x[a / top_k * d..(a / top_k + 1) * d];
+            for (o, &v) in out.iter_mut().zip(token) {
+                *o = weight * v;
+            }
+        }
+    });
+    out
+}
+
+/// Token rows `[T, d]`: `out[t] = sum_j weight(t k + j) * buffer[slot[t k + j]]` over the
+/// kept assignments of token `t`. `weights: None` means weight 1 (the permute's gradient).
+pub fn gather_rows(
+    buffer: &[f32],
+    d: usize,
+    slot: &[usize],
+    weights: Option<&[f32]>,
+    tokens: usize,
+) -> Vec<f32> {
+    let rows = buffer.len() / d.max(1);
+    let top_k = slot.len() / tokens.max(1);
+    let mut out = vec![0.0f32; tokens * d];
+    par_row_blocks(&mut out, d, |t, out| {
+        for a in t * top_k..(t + 1) * top_k {
+            if slot[a] < rows {
+                let weight = weights.map_or(1.0, |w| w[a]);
+                let row = &buffer[slot[a] * d..(slot[a] + 1) * d];
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o += weight * v;
+                }
+            }
+        }
+    });
+    out
+}
+
+/// `out[a] = <buffer[slot[a]], grad[a / k]>`, 0 for dropped assignments, `[A]`: the combine
+/// weights' gradient.
+pub fn slot_dot(buffer: &[f32], grad: &[f32], d: usize, slot: &[usize]) -> Vec<f32> {
+    let rows = buffer.len() / d.max(1);
+    let top_k = top_k(grad.len(), d, slot.len());
+    slot.par_iter()
+        .enumerate()
+        .map(|(a, &row)| {
+            if row >= rows {
+                return 0.0;
+            }
+            let token = a / top_k;
+            super::dot(
+                &buffer[row * d..(row + 1) * d],
+                &grad[token * d..(token + 1) * d],
+            )
+        })
+        .collect()
+}
+
+/// Segment `e` of the packed rows `x: [rows, d_in]` times `w[e]` of `w: [E, d_in, d_out]`,
+/// `[rows, d_out]`.
+pub fn grouped_matmul(
+    x: &[f32],
+    w: &[f32],
+    counts: &[usize],
+    d_in: usize,
+    d_out: usize,
+) -> Vec<f32> {
+    let starts = starts(counts);
+    let mut out = vec![0.0f32; x.len() / d_in.max(1) * d_out];
+    let blocks = row_blocks(&mut out, d_out, counts);
+    blocks.into_par_iter().for_each(|(e, rows, out)| {
+        let rows = starts[e] + rows.start..starts[e] + rows.end;
+        matmul_into(
+            out,
+            Matrix::rows_of(x, d_in, rows),
+            Matrix::expert(w, e, d_in, d_out),
+        );
+    });
+    out
+}
+
+/// Gradients `(d_x, d_w)` of [`grouped_matmul`] given the output's `grad: [rows, d_out]`:
+/// `d_x = grad w[e]^T` per segment and `d_w[e] = x_e^T grad_e` (zero for empty experts).
+pub fn grouped_matmul_backward(
+    x: &[f32],
+    w: &[f32],
+    counts: &[usize],
+    grad: &[f32],
+    d_in: usize,
+    d_out: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let starts = starts(counts);
+    let mut d_x = vec![0.0f32; x.len()];
+    let blocks = row_blocks(&mut d_x, d_in, counts);
+    blocks.into_par_iter().for_each(|(e, rows, out)| {
+        let rows = starts[e] + rows.start..starts[e] + rows.end;
+        let w_e = Matrix::expert(w, e, d_in, d_out).transpose();
+        matmul_into(out, Matrix::rows_of(grad, d_out, rows), w_e);
+    });
+    // d_w[e] rows i0..i1 = (x_e columns i0..i1)^T grad_e: blocks of every expert's matrix.
+    let mut d_w = vec![0.0f32; counts.len() * d_in * d_out];
+    let blocks = row_blocks(&mut d_w, d_out, &vec![d_in; counts.len()]);
+    blocks.into_par_iter().for_each(|(e, columns, out)| {
+        if counts[e] == 0 {
+            return;
+        }
+        let segment = starts[e]..starts[e] + counts[e];
+        let x_t = Matrix::rows_of(x, d_in, segment.clone()).transpose();
+        matmul_into(
+            out,
+            x_t.rows(columns),
+            Matrix::rows_of(grad, d_out, segment),
+        );
+    });
+    (d_x, d_w)
+}
+
+/// Assignments per token.
+fn top_k(token_values: usize, d: usize, assignments: usize) -> usize {
+    assignments / (token_values / d.max(1)).max(1)
+}
+
+/// First row of each segment.
+fn starts(counts: &[usize]) -> Vec<usize> {
+    counts
+        .iter()
+        .scan(0, |start, &count| {
+            let first = *start;
+            *start += count;
+            Some(first)
+        })
+        .collect()
+}
+
+/// Runs `kernel(row, out_row)` over the rows of width `d` of `out`, blocks in parallel.
+fn par_row_blocks(out: &mut [f32], d: usize, kernel: impl Fn(usize, &mut [f32]) + Sync) {
+    if d == 0 {
+        return;
+    }
+    out.par_chunks_mut(d * MOVE_BLOCK_ROWS)
+        .enumerate()
+        .for_each(|(block, rows)| {
+            for (i, row) in rows.chunks_mut(d).enumerate() {
+                kernel(block * MOVE_BLOCK_ROWS + i, row);
+            }
+        });
+}
+
+/// Splits `out` (rows of `width`, consecutive segments of `counts` rows) into blocks of at
+/// most [`MATMUL_BLOCK_ROWS`] rows inside one segment: `(segment, rows within it, block)`.
+fn row_blocks<'a>(
+    mut out: &'a mut [f32],
+    width: usize,
+    counts: &[usize],
+) -> Vec<(usize, Range<usize>, &'a mut [f32])> {
+    let mut blocks = Vec::new();
+    for (e, &count) in counts.iter().enumerate() {
+        for first in (0..count).step_by(MATMUL_BLOCK_ROWS) {
+            let rows = first..(first + MATMUL_BLOCK_ROWS).min(count);
+            let (block, rest) = std::mem::take(&mut out).split_at_mut(rows.len() * width);
+            blocks.push((e, rows, block));
+            out = rest;
+        }
+    }
+    blocks
+}
+
+/// A strided matrix view of an f32 slice: element `(i, j)` at
+/// `offset + i * row_stride + j * column_stride`.
+#[derive(Clone, Copy)]
+struct Matrix<'a> {
+    data: &'a [f32],
+    offset: usize,
+    rows: usize,
+    columns: usize,
+    row_stride: usize,
+    column_stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// Rows `rows` of the row-major matrix `data` with `width` columns.
+    fn rows_of(data: &'a [f32], width: usize, rows: Range<usize>) -> Self {
+        Self {
+            data,
+            offset: rows.start * width,
+            rows: rows.len(),
+            columns: width,
+            row_stride: width,
+            column_stride: 1,
+        }
+    }
+
+    /// Matrix `e` (`[d_in, d_out]`) of the row-major stack `[E, d_in, d_out]`.
+    fn expert(data: &'a [f32], e: usize, d_in: usize, d_out: usize) -> Self {
+        Self::rows_of(data, d_out, e * d_in..(e + 1) * d_in)
+    }
+
+    /// The transpose (strides swapped, no copy).
+    fn transpose(self) -> Self {
+        Self {
+            rows: self.columns,
+            columns: self.rows,
+            row_stride: self.column_stride,
+            column_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Rows `rows` of this matrix.
+    fn rows(self, rows: Range<usize>) -> Self {
+        Self {
+            offset: self.offset + rows.start * self.row_stride,
+            rows: rows.len(),
+            ..self
+        }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.columns == 0
+            || self.offset
+                + (self.rows - 1) * self.row_stride
+                + (self.columns - 1) * self.column_stride
+                < self.data.len()
+    }
+}
+
+/// `out = lhs rhs` with `out` row-major `[lhs.rows, rhs.columns]`, one thread (the callers
+/// parallelise over blocks).
+fn matmul_into(out: &mut [f32], lhs: Matrix, rhs: Matrix) {
+    assert_eq!(lhs.columns, rhs.rows, "matmul: inner dimensions differ");
+    assert_eq!(out.len(), lhs.rows * rhs.columns, "matmul: output size");
+    assert!(
+        lhs.in_bounds() && rhs.in_bounds(),
+        "matmul: view out of bounds"
+    );
+    if out.is_empty() {
+        return;
+    }
+    let stride = |s: usize| s as isize;
+    // SAFETY: the asserts above keep every element gemm reads inside `lhs.data` and
+    // `rhs.data` and every element it writes inside `out` (row-major, `rhs.columns` wide);
+    // `out` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            lhs.rows,
+            rhs.columns,
+            lhs.columns,
+            out.as_mut_ptr(),
+            1,
+            stride(rhs.columns),
+            false,
+            lhs.data.as_ptr().add(lhs.offset),
+            stride(lhs.column_stride),
+            stride(lhs.row_stride),
+            rhs.data.as_ptr().add(rhs.offset),
+            stride(rhs.column_stride),
+            stride(rhs.row_stride),
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2000) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// `a: [m, k]` times `b: [k, n]`, row-major, in f64.
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|l| a[i * k + l] as f64 * b[l * n + j] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn transpose(a: &[f32], rows: usize, columns: usize) -> Vec<f32> {
+        (0..columns * rows)
+            .map(|i| a[(i % rows) * columns + i / rows])
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], expected: &[f64], what: &str) {
+        assert_eq!(got.len(), expected.len(), "{what}: length");
+        for (i, (&g, &e)) in got.iter().zip(expected).enumerate() {
+            assert!(
+                (g as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                "{what}[{i}]: {g} vs {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn grouped_matmul_matches_naive_per_segment() {
+        // Segments empty, of one row, and longer than a block (one full block plus one row);
+        // d_in longer than a block, so the weight gradient is split into column blocks.
+        let counts = [0, 1, MATMUL_BLOCK_ROWS + 1, 5];
+        let (d_in, d_out) = (MATMUL_BLOCK_ROWS + 44, 9);
+        let rows: usize = counts.iter().sum();
+        let x = values(rows * d_in, 1);
+        let w = values(counts.len() * d_in * d_out, 2);
+        let grad = values(rows * d_out, 3);
+        let out = grouped_matmul(&x, &w, &counts, d_in, d_out);
+        let (d_x, d_w) = grouped_matmul_backward(&x, &w, &counts, &grad, d_in, d_out);
+        let starts = starts(&counts);
+        for (e, &count) in counts.iter().enumerate() {
+            let (x_e, grad_e) = (
+                &x[starts[e] * d_in..(starts[e] + count) * d_in],
+                &grad[starts[e] * d_out..(starts[e] + count) * d_out],
+            );
+            let w_e = &w[e * d_in * d_out..(e + 1) * d_in * d_out];
+            let out_e = &out[starts[e] * d_out..(starts[e] + count) * d_out];
+            assert_close(out_e, &naive(x_e, w_e, count, d_in, d_out), "out");
+            let d_x_e = &d_x[starts[e] * d_in..(starts[e] + count) * d_in];
+            let w_t = transpose(w_e, d_in, d_out);
+            assert_close(d_x_e, &naive(grad_e, &w_t, count, d_out, d_in), "d_x");
+            let x_t = transpose(x_e, count, d_in);
+            let d_w_e = &d_w[e * d_in * d_out..(e + 1) * d_in * d_out];
+            assert_close(d_w_e, &naive(&x_t, grad_e, d_in, count, d_out), "d_w");
+        }
+    }
+}
