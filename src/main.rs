@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use burn::backend::Flex;
 use clap::{Parser, Subcommand};
+use moe_model::ops::run_compute;
 use moe_model::{MoeAutodiffBackend, SamplingConfig, generate};
 use moe_train::checkpoint::CONFIG_FILE;
 use moe_train::data_parallel::{Cluster, Nodes};
@@ -361,9 +362,18 @@ impl DevicesJob for TrainJob {
         eprintln!("run directory: {}", run_dir.display());
         let init = args.init.as_deref();
         let cluster = Cluster { devices, nodes };
-        let outcome = train::<B>(&config, &run_dir, args.resume, init, &cluster, |line| {
-            eprintln!("{line}")
-        })?;
+        let run = || {
+            train::<B>(&config, &run_dir, args.resume, init, &cluster, |line| {
+                eprintln!("{line}")
+            })
+        };
+        // A single replica trains on the backend's compute thread; replicas wait on each
+        // other at every step, so they keep their own threads.
+        let outcome = if config.train.replicas == 1 {
+            run_compute::<B, _>(run)?
+        } else {
+            run()?
+        };
         eprintln!(
             "done: {} steps, val_loss {:.4}, bpb {:.4}, {:.0} train tokens/s, {:.0}s; checkpoint {}",
             outcome.steps,
@@ -484,27 +494,29 @@ impl BackendJob for GenerateArgs {
         write!(out, "{}", self.prompt)?;
         let mut generated = Vec::new();
         let mut printed = 0;
-        generate(
-            &loaded.model,
-            &prompt,
-            self.max_tokens,
-            &stop,
-            sampling,
-            |token| {
-                generated.push(token);
-                // Print whole characters only: a byte-level token may end mid-character.
-                if let Ok(text) = tokenizer.decode(&generated) {
-                    let text = text.trim_end_matches('\u{FFFD}');
-                    if text.len() > printed {
-                        let _ = write!(out, "{}", text.get(printed..).unwrap_or_default());
-                        let _ = out.flush();
-                        printed = text.len();
+        run_compute::<B::InnerBackend, _>(|| {
+            generate(
+                &loaded.model,
+                &prompt,
+                self.max_tokens,
+                &stop,
+                sampling,
+                |token| {
+                    generated.push(token);
+                    // Print whole characters only: a byte-level token may end mid-character.
+                    if let Ok(text) = tokenizer.decode(&generated) {
+                        let text = text.trim_end_matches('\u{FFFD}');
+                        if text.len() > printed {
+                            let _ = write!(out, "{}", text.get(printed..).unwrap_or_default());
+                            let _ = out.flush();
+                            printed = text.len();
+                        }
                     }
-                }
-                std::ops::ControlFlow::Continue(())
-            },
-            &device,
-        );
+                    std::ops::ControlFlow::Continue(())
+                },
+                &device,
+            )
+        });
         if let Ok(text) = tokenizer.decode(&generated)
             && text.len() > printed
         {

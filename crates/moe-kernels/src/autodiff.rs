@@ -280,6 +280,10 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         }
     }
 
+    fn run_compute<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+        B::run_compute(work)
+    }
+
     fn transfer(x: FloatTensor<Self>, device: &Device<Self>) -> FloatTensor<Self> {
         match TransferBackward
             .prepare::<C>([x.node.clone()])

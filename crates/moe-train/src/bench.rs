@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 use moe_data::{LmBatch, LmBatcher};
 use moe_model::transformer::FeedForward;
-use moe_model::{MoeAutodiffBackend, MoeBackend, SamplingConfig, Transformer, generate};
+use moe_model::{MoeAutodiffBackend, MoeBackend, SamplingConfig, Transformer, generate, ops};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -129,6 +129,16 @@ pub fn bench_train<B: MoeAutodiffBackend>(
     device: &B::Device,
 ) -> Result<TrainBench> {
     ensure!(steps > 0, "the benchmark needs at least one timed step");
+    ops::run_compute::<B, _>(|| time_train_steps::<B>(config, warmup, steps, device))
+}
+
+/// [`bench_train`] after its checks, on the backend's compute thread.
+fn time_train_steps<B: MoeAutodiffBackend>(
+    config: &RunConfig,
+    warmup: usize,
+    steps: usize,
+    device: &B::Device,
+) -> Result<TrainBench> {
     let train = &config.train;
     let (batch_size, seq_len) = (train.batch_size, config.data.seq_len);
     B::seed(device, train.seed);
@@ -201,6 +211,16 @@ pub fn bench_generate<B: MoeBackend>(
          (model.max_seq_len = {})",
         config.model.max_seq_len
     );
+    ops::run_compute::<B, _>(|| time_generation::<B>(config, prompt_len, tokens, device))
+}
+
+/// [`bench_generate`] after its checks, on the backend's compute thread.
+fn time_generation<B: MoeBackend>(
+    config: &RunConfig,
+    prompt_len: usize,
+    tokens: usize,
+    device: &B::Device,
+) -> Result<GenerateBench> {
     B::seed(device, config.train.seed);
     let model = Transformer::<B>::new(&config.model, &config.moe, device)?;
     let prompt = RandomTokens::new(config).take(prompt_len);

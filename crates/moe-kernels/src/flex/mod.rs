@@ -20,6 +20,11 @@ const ROWS_PER_TASK: usize = 16;
 const ELEMENTWISE_CHUNK: usize = 4096;
 
 impl MoeBackend for Flex {
+    /// On a thread of rayon's pool (the pool flex's kernels and matmuls run on).
+    fn run_compute<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+        rayon::scope(|_| work())
+    }
+
     fn permute_forward(
         x: FloatTensor<Self>,
         slot: IntTensor<Self>,
