@@ -12,7 +12,10 @@ use crate::config::{ConfigError, ModelConfig, MoeConfig};
 use crate::experts::SwiGlu;
 use crate::moe::{MoeLayer, MoeOutput};
 use crate::rope::RopeAngles;
-use moe_kernels::MoeBackend;
+use moe_kernels::{MoeBackend, cross_entropy};
+
+/// The most logits [`Transformer::token_nll`] holds at once: 8 MiB of f32.
+pub const LOSS_BLOCK_LOGITS: usize = 1 << 21;
 
 /// The feed-forward half of a block.
 // Variants stay unboxed: burn's Module derive handles plain module fields.
@@ -179,6 +182,39 @@ impl<B: MoeBackend> Transformer<B> {
             logits: self.head(x),
             moe,
         }
+    }
+
+    /// Negative log-likelihood of each of `targets: [B, S]` after `tokens: [B, S]` (from
+    /// position 0), `[B * S]` in row-major order, with the router outputs.
+    ///
+    /// The final norm, output projection and cross-entropy run over blocks of at most
+    /// [`LOSS_BLOCK_LOGITS`] logits rather than the whole `[B * S, vocab]` at once: a
+    /// training batch's full logits and their gradient (64 MiB each for 16 x 256 tokens and
+    /// 4096 ids) are too large for the CPU allocator to reuse, so each step took them fresh
+    /// from the OS, and the page faults cost about a tenth of a flex training step.
+    pub fn token_nll(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+    ) -> (Tensor<B, 1>, MoeOutputs<B>) {
+        let rope = self.rope(0, tokens.dims()[1], &tokens.device());
+        let (hidden, moe) = self.run_blocks(self.embed.forward(tokens), |_, attn, h| {
+            attn.forward(h, &rope, None)
+        });
+        let [batch, seq, d] = hidden.dims();
+        let rows = batch * seq;
+        let (hidden, targets) = (hidden.reshape([1, rows, d]), targets.reshape([rows]));
+        let block = (LOSS_BLOCK_LOGITS / self.model.vocab_size).max(1);
+        let nll = (0..rows)
+            .step_by(block)
+            .map(|start| {
+                let len = block.min(rows - start);
+                let logits = self.head(hidden.clone().narrow(1, start, len));
+                let logits = logits.reshape([len, self.model.vocab_size]);
+                cross_entropy(logits, targets.clone().narrow(0, start, len))
+            })
+            .collect();
+        (Tensor::cat(nll, 0), moe)
     }
 
     /// Next-token logits of several sequences from one pass through the model, `[N, vocab]`:

@@ -6,7 +6,6 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::tensor::ElementConversion;
 use moe_data::{LmBatch, LmBatcher, TokenWindows};
-use moe_model::ops::cross_entropy;
 use moe_model::{MoeBackend, Transformer};
 use serde::{Deserialize, Serialize};
 
@@ -62,15 +61,10 @@ pub fn evaluate<B: MoeBackend>(
             .map(|&t| token_bytes.get(t as usize).copied().unwrap_or(0) as u64)
             .sum::<u64>();
         let batch: LmBatch<B> = LmBatcher.batch(items, device);
-        let out = model.forward(batch.inputs);
-        let [n, s, v] = out.logits.dims();
-        let loss = cross_entropy(
-            out.logits.reshape([n * s, v]),
-            batch.targets.reshape([n * s]),
-        );
+        let (loss, moe) = model.token_nll(batch.inputs, batch.targets);
+        scored += loss.dims()[0];
         nll += loss.sum().into_scalar().elem::<f64>();
-        scored += n * s;
-        stats.add(&out.moe);
+        stats.add(&moe);
     }
     let val_loss = nll / scored as f64;
     Ok(EvalResult {

@@ -15,7 +15,6 @@ use burn::tensor::{ElementConversion, Tensor};
 use moe_data::{
     EpochBatches, LmBatch, LmBatcher, TextTokenizer, TokenizerKind, load_corpus, tokenize_works,
 };
-use moe_model::ops::cross_entropy;
 use moe_model::transformer::MoeOutputs;
 use moe_model::{MoeAutodiffBackend, Transformer};
 
@@ -640,20 +639,15 @@ pub fn forward_backward<B: MoeAutodiffBackend>(
     scale: f64,
     device: &B::Device,
 ) -> MicroStep<B> {
-    let out = model.forward(batch.inputs);
-    let [n, s, v] = out.logits.dims();
-    let ce = cross_entropy(
-        out.logits.reshape([n * s, v]),
-        batch.targets.reshape([n * s]),
-    )
-    .mean();
-    let router = model.router_loss(&out.moe, device);
+    let (nll, moe) = model.token_nll(batch.inputs, batch.targets);
+    let ce = nll.mean();
+    let router = model.router_loss(&moe, device);
     let loss = (ce.clone() + router.clone()) * scale;
     MicroStep {
         grads: GradientsParams::from_grads(loss.backward(), model),
         ce,
         router,
-        moe: out.moe,
+        moe,
     }
 }
 
