@@ -167,21 +167,32 @@ impl<B: MoeBackend> Transformer<B> {
     pub fn forward_cached(
         &self,
         tokens: Tensor<B, 2, Int>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
     ) -> TransformerOutput<B> {
+        let (x, moe) = self.hidden(tokens, cache);
+        TransformerOutput {
+            logits: self.head(x),
+            moe,
+        }
+    }
+
+    /// The last block's output `[B, S, d]` for `tokens: [B, S]` (before the final norm and
+    /// head) and the router outputs, continuing and extending `cache` when one is given.
+    fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> (Tensor<B, 3>, MoeOutputs<B>) {
         let seq = tokens.dims()[1];
         let start = cache.as_ref().map_or(0, |c| c.len);
         let rope = self.rope(start, seq, &tokens.device());
-        let (x, moe) = self.run_blocks(self.embed.forward(tokens), |layer, attn, h| {
+        let out = self.run_blocks(self.embed.forward(tokens), |layer, attn, h| {
             attn.forward(h, &rope, cache.as_deref_mut().map(|c| &mut c.layers[layer]))
         });
         if let Some(cache) = cache {
             cache.len += seq;
         }
-        TransformerOutput {
-            logits: self.head(x),
-            moe,
-        }
+        out
     }
 
     /// Negative log-likelihood of each of `targets: [B, S]` after `tokens: [B, S]` (from
@@ -197,10 +208,7 @@ impl<B: MoeBackend> Transformer<B> {
         tokens: Tensor<B, 2, Int>,
         targets: Tensor<B, 2, Int>,
     ) -> (Tensor<B, 1>, MoeOutputs<B>) {
-        let rope = self.rope(0, tokens.dims()[1], &tokens.device());
-        let (hidden, moe) = self.run_blocks(self.embed.forward(tokens), |_, attn, h| {
-            attn.forward(h, &rope, None)
-        });
+        let (hidden, moe) = self.hidden(tokens, None);
         let [batch, seq, d] = hidden.dims();
         let rows = batch * seq;
         let (hidden, targets) = (hidden.reshape([1, rows, d]), targets.reshape([rows]));
