@@ -346,6 +346,8 @@ macro_rules! backend_tests {
 backend_tests!(flex, burn::backend::Flex);
 backend_tests!(ndarray, burn::backend::NdArray);
 backend_tests!(wgpu, burn::backend::Wgpu);
+#[cfg(feature = "cuda")]
+backend_tests!(cuda, burn::backend::Cuda);
 
 /// flex's row-loop kernels and direct grouped matmul against the reference on flex.
 #[test]
@@ -357,4 +359,11 @@ fn flex_kernels_match_reference() {
 #[test]
 fn wgpu_kernels_match_reference() {
     kernels_match_reference::<burn::backend::Wgpu>(&Default::default());
+}
+
+/// The same kernels on CUDA (needs `--features cuda` and an NVIDIA GPU).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernels_match_reference() {
+    kernels_match_reference::<burn::backend::Cuda>(&Default::default());
 }

@@ -411,6 +411,8 @@ macro_rules! backend_tests {
 backend_tests!(flex, burn::backend::Flex);
 backend_tests!(ndarray, burn::backend::NdArray);
 backend_tests!(wgpu, burn::backend::Wgpu);
+#[cfg(feature = "cuda")]
+backend_tests!(cuda, burn::backend::Cuda);
 
 /// Central finite differences against autodiff for entries of the router and expert weights
 /// (step 1e-3: some burn ops evaluate in f32 precision even on an f64 backend).

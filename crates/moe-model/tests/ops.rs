@@ -268,3 +268,5 @@ macro_rules! backend_tests {
 backend_tests!(flex, burn::backend::Flex);
 backend_tests!(ndarray, burn::backend::NdArray);
 backend_tests!(wgpu, burn::backend::Wgpu);
+#[cfg(feature = "cuda")]
+backend_tests!(cuda, burn::backend::Cuda);

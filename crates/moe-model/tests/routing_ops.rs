@@ -43,23 +43,33 @@ fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Te
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
+/// The CubeCL routing kernel against the reference on the same backend.
 #[test]
 fn wgpu_routing_kernels_match_reference() {
-    type B = burn::backend::Wgpu;
-    let device = Default::default();
+    routing_kernels_match_reference::<burn::backend::Wgpu>(&Default::default());
+}
+
+/// The same on CUDA (needs `--features cuda` and an NVIDIA GPU).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_routing_kernels_match_reference() {
+    routing_kernels_match_reference::<burn::backend::Cuda>(&Default::default());
+}
+
+fn routing_kernels_match_reference<B: MoeBackend>(device: &B::Device) {
     for (tokens, n_experts, top_k) in SHAPES {
         for gate in GATES {
             for (one_expert, with_bias) in [(false, false), (false, true), (true, false)] {
                 let what = format!(
                     "T={tokens} E={n_experts} k={top_k} {gate:?} one_expert={one_expert} bias={with_bias}"
                 );
-                let logits = logits::<B>(tokens, n_experts, one_expert, &device);
+                let logits = logits::<B>(tokens, n_experts, one_expert, device);
                 let bias = if with_bias {
-                    tensor::<B, 1>([n_experts], 12, &device) * 0.5
+                    tensor::<B, 1>([n_experts], 12, device) * 0.5
                 } else {
-                    Tensor::zeros([n_experts], &device)
+                    Tensor::zeros([n_experts], device)
                 };
-                let grad = tensor::<B, 2>([tokens, top_k], 13, &device);
+                let grad = tensor::<B, 2>([tokens, top_k], 13, device);
                 let p = |t: &Tensor<B, 2>| t.clone().into_primitive().tensor();
 
                 let (weights, experts) = B::route_forward(
@@ -214,3 +224,5 @@ macro_rules! backend_tests {
 backend_tests!(flex, burn::backend::Flex);
 backend_tests!(ndarray, burn::backend::NdArray);
 backend_tests!(wgpu, burn::backend::Wgpu);
+#[cfg(feature = "cuda")]
+backend_tests!(cuda, burn::backend::Cuda);
