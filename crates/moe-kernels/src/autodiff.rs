@@ -10,7 +10,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Device, TensorMetadata};
 
-use super::{Gate, MoeBackend, reference};
+use super::{Gate, MoeBackend};
 
 /// Saved for attention's backward: the inputs and the attention probabilities.
 type AttentionState<B> = (
@@ -30,7 +30,7 @@ impl<B: MoeBackend> Backward<B, 3> for CausalAttentionBackward {
         let [node_q, node_k, node_v] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (q, k, v, probs) = ops.state;
-        let (dq, dk, dv) = reference::causal_attention_backward::<B>(q, k, v, probs, grad);
+        let (dq, dk, dv) = B::causal_attention_backward(q, k, v, probs, grad);
         for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -266,7 +266,7 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (output, probs) = reference::causal_attention_forward::<B>(
+                let (output, probs) = B::causal_attention_forward(
                     q.primitive.clone(),
                     k.primitive.clone(),
                     v.primitive.clone(),

@@ -47,18 +47,6 @@ pub enum Gate {
 /// and `cross_entropy` are the differentiable entry points, which `Autodiff` overrides to
 /// call the kernels of its inner backend.
 pub trait MoeBackend: Backend {
-    /// `softmax(scale * scores)` over the last axis of `scores: [B, H, Sq, Sk]` with a
-    /// causal mask: query row `i` sits at key position `Sk - Sq + i` and sees keys up to
-    /// and including it.
-    fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        reference::causal_softmax::<Self>(scores, scale)
-    }
-
-    /// Gradient through a softmax over the last axis: `p * (g - sum(p * g))`.
-    fn softmax_backward(probs: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        reference::softmax_backward::<Self>(probs, grad)
-    }
-
     /// Per-row cross-entropy of `logits: [N, V]` against `targets: [N]`:
     /// `(nll, logsumexp)`, both `[N]`.
     fn cross_entropy_forward(
@@ -128,6 +116,28 @@ pub trait MoeBackend: Backend {
         Self::rotary_forward(x, cos, sin)
     }
 
+    /// Causal attention's forward kernel: `(output, probs)`, the attention output
+    /// `[B, H, Sq, D]` and the probabilities `[B, H, Sq, Sk]` its backward needs.
+    fn causal_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::causal_attention_forward::<Self>(q, k, v)
+    }
+
+    /// Causal attention's backward kernel: `(dq, dk, dv)` from the inputs, the forward's
+    /// probabilities and the output's gradient.
+    fn causal_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::causal_attention_backward::<Self>(q, k, v, probs, grad)
+    }
+
     /// Causal scaled-dot-product attention of `q: [B, H, Sq, D]` over `k, v: [B, H, Sk, D]`
     /// (query `i` at key position `Sk - Sq + i`), `[B, H, Sq, D]`.
     fn causal_attention(
@@ -135,7 +145,7 @@ pub trait MoeBackend: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        reference::causal_attention_forward::<Self>(q, k, v).0
+        Self::causal_attention_forward(q, k, v).0
     }
 
     /// Per-row negative log-likelihood of `targets: [N]` under `logits: [N, V]`, `[N]`.

@@ -141,11 +141,9 @@ pub fn cross_entropy_backward<B: Backend>(
         .tensor()
 }
 
-/// Causal attention built from `B`'s matmul and [`MoeBackend::causal_softmax`]:
-/// `(output, probabilities)`.
-///
-/// [`MoeBackend::causal_softmax`]: super::MoeBackend::causal_softmax
-pub fn causal_attention_forward<B: super::MoeBackend>(
+/// Causal attention of `q: [B, H, Sq, D]` over `k, v: [B, H, Sk, D]` (query `i` at key
+/// position `Sk - Sq + i`) built from `B`'s matmul: `(output, probabilities)`.
+pub fn causal_attention_forward<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -156,7 +154,7 @@ pub fn causal_attention_forward<B: super::MoeBackend>(
     let [.., head_dim] = q.dims();
     let scale = 1.0 / (head_dim as f32).sqrt();
     let scores = q.matmul(k.swap_dims(2, 3)).into_primitive().tensor();
-    let probs: Tensor<B, 4> = float(B::causal_softmax(scores, scale));
+    let probs: Tensor<B, 4> = float(causal_softmax::<B>(scores, scale));
     let output = probs.clone().matmul(v);
     (
         output.into_primitive().tensor(),
@@ -165,7 +163,7 @@ pub fn causal_attention_forward<B: super::MoeBackend>(
 }
 
 /// Gradients `(dq, dk, dv)` of causal attention from its saved inputs and probabilities.
-pub fn causal_attention_backward<B: super::MoeBackend>(
+pub fn causal_attention_backward<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -181,7 +179,7 @@ pub fn causal_attention_backward<B: super::MoeBackend>(
     let scale = 1.0 / (head_dim as f64).sqrt();
     let dv = probs.clone().swap_dims(2, 3).matmul(grad.clone());
     let dprobs = grad.matmul(v.swap_dims(2, 3));
-    let dscores: Tensor<B, 4> = float(B::softmax_backward(
+    let dscores: Tensor<B, 4> = float(softmax_backward::<B>(
         probs.into_primitive().tensor(),
         dprobs.into_primitive().tensor(),
     ));

@@ -60,8 +60,9 @@ fn naive_attention(q: &[f64], k: &[f64], v: &[f64], qs: [usize; 4], keys: usize)
 
 fn attention_matches_naive<B: MoeBackend>(device: &B::Device) {
     // Full causal attention, and a shorter query block continuing a cache (Sq < Sk);
-    // head_dim 5 is not a multiple of any vector width.
-    for (queries, keys) in [(7, 7), (3, 9), (1, 4)] {
+    // head_dim 5 is not a multiple of any vector width. The longer ones span several of
+    // flex's query and key blocks (64), the last partial.
+    for (queries, keys) in [(7, 7), (3, 9), (1, 4), (130, 130), (70, 150)] {
         let (b, h, d) = (2, 3, 5);
         let q = tensor::<B, 4>([b, h, queries, d], 1, device);
         let k = tensor::<B, 4>([b, h, keys, d], 2, device);
@@ -187,6 +188,30 @@ fn fused_gradients_match_reference<B: MoeBackend>(device: &B::Device) {
             .matmul(v)
         },
         "attention",
+    );
+    // Several query and key blocks of flex's kernels, the last partial, Sq < Sk; inputs
+    // and the output's gradient are transposed views, as in the model ([B, S, H, D]).
+    let q = leaf::<A<B>, 4>([1, 130, 2, 8], 7, 1.0, device);
+    let k = leaf::<A<B>, 4>([1, 140, 2, 8], 8, 1.0, device);
+    let v = leaf::<A<B>, 4>([1, 140, 2, 8], 9, 1.0, device);
+    let heads_first = |[q, k, v]: [Tensor<A<B>, 4>; 3]| [q, k, v].map(|t| t.swap_dims(1, 2));
+    assert_same_grads::<B, 4, 3>(
+        [q, k, v],
+        |inputs| {
+            let [q, k, v] = heads_first(inputs);
+            causal_attention(q, k, v).swap_dims(1, 2)
+        },
+        |inputs| {
+            let [q, k, v] = heads_first(inputs);
+            let scores = q.matmul(k.swap_dims(2, 3));
+            float::<A<B>, 4>(reference::causal_softmax::<A<B>>(
+                prim(scores),
+                1.0 / 8f32.sqrt(),
+            ))
+            .matmul(v)
+            .swap_dims(1, 2)
+        },
+        "attention (blocks, strided)",
     );
 
     let gate = leaf::<A<B>, 4>([2, 3, 50, 31], 14, 5.0, device);

@@ -7,6 +7,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::matmul::{Matrix, matmul_into};
+
 /// Output rows per rayon task of a grouped matmul: enough to keep the micro-kernel busy,
 /// few enough to spread one expert's segment over the cores.
 const MATMUL_BLOCK_ROWS: usize = 128;
@@ -198,108 +200,6 @@ fn row_blocks<'a>(
         }
     }
     blocks
-}
-
-/// A strided matrix view of an f32 slice: element `(i, j)` at
-/// `offset + i * row_stride + j * column_stride`.
-#[derive(Clone, Copy)]
-struct Matrix<'a> {
-    data: &'a [f32],
-    offset: usize,
-    rows: usize,
-    columns: usize,
-    row_stride: usize,
-    column_stride: usize,
-}
-
-impl<'a> Matrix<'a> {
-    /// Rows `rows` of the row-major matrix `data` with `width` columns.
-    fn rows_of(data: &'a [f32], width: usize, rows: Range<usize>) -> Self {
-        Self {
-            data,
-            offset: rows.start * width,
-            rows: rows.len(),
-            columns: width,
-            row_stride: width,
-            column_stride: 1,
-        }
-    }
-
-    /// Matrix `e` (`[d_in, d_out]`) of the row-major stack `[E, d_in, d_out]`.
-    fn expert(data: &'a [f32], e: usize, d_in: usize, d_out: usize) -> Self {
-        Self::rows_of(data, d_out, e * d_in..(e + 1) * d_in)
-    }
-
-    /// The transpose (strides swapped, no copy).
-    fn transpose(self) -> Self {
-        Self {
-            rows: self.columns,
-            columns: self.rows,
-            row_stride: self.column_stride,
-            column_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    /// Rows `rows` of this matrix.
-    fn rows(self, rows: Range<usize>) -> Self {
-        Self {
-            offset: self.offset + rows.start * self.row_stride,
-            rows: rows.len(),
-            ..self
-        }
-    }
-
-    /// Whether every element lies inside `data`.
-    fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.columns == 0
-            || self.offset
-                + (self.rows - 1) * self.row_stride
-                + (self.columns - 1) * self.column_stride
-                < self.data.len()
-    }
-}
-
-/// `out = lhs rhs` with `out` row-major `[lhs.rows, rhs.columns]`, one thread (the callers
-/// parallelise over blocks).
-fn matmul_into(out: &mut [f32], lhs: Matrix, rhs: Matrix) {
-    assert_eq!(lhs.columns, rhs.rows, "matmul: inner dimensions differ");
-    assert_eq!(out.len(), lhs.rows * rhs.columns, "matmul: output size");
-    assert!(
-        lhs.in_bounds() && rhs.in_bounds(),
-        "matmul: view out of bounds"
-    );
-    if out.is_empty() {
-        return;
-    }
-    let stride = |s: usize| s as isize;
-    // SAFETY: the asserts above keep every element gemm reads inside `lhs.data` and
-    // `rhs.data` and every element it writes inside `out` (row-major, `rhs.columns` wide);
-    // `out` is borrowed mutably, so it aliases neither input.
-    unsafe {
-        gemm::gemm(
-            lhs.rows,
-            rhs.columns,
-            lhs.columns,
-            out.as_mut_ptr(),
-            1,
-            stride(rhs.columns),
-            false,
-            lhs.data.as_ptr().add(lhs.offset),
-            stride(lhs.column_stride),
-            stride(lhs.row_stride),
-            rhs.data.as_ptr().add(rhs.offset),
-            stride(rhs.column_stride),
-            stride(rhs.row_stride),
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 #[cfg(test)]

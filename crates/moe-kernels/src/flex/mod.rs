@@ -1,7 +1,9 @@
 //! CPU kernels for burn's `flex` backend: each fused operation is one pass over contiguous
 //! f32 rows, parallel over rows with rayon. Other dtypes take the reference path.
 
+mod attention;
 mod dispatch;
+mod matmul;
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -203,43 +205,47 @@ impl MoeBackend for Flex {
         }
     }
 
-    fn causal_softmax(scores: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        let Some(input) = f32_rows(&scores) else {
-            return reference::causal_softmax::<Self>(scores, scale);
+    fn causal_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (Some(q_heads), Some(k_heads), Some(v_heads)) = (heads(&q), heads(&k), heads(&v))
+        else {
+            return reference::causal_attention_forward::<Self>(q, k, v);
         };
-        let shape = scores.shape();
-        let dims = shape.dims::<4>();
-        let (queries, keys) = (dims[2], dims[3]);
-        let mut output = vec![0.0f32; input.len()];
-        par_rows(&mut output, keys, |row, out| {
-            let visible = keys - queries + row % queries + 1;
-            let x = &input[row * keys..row * keys + visible];
-            let max = max_of(x) * scale;
-            for (o, &v) in out[..visible].iter_mut().zip(x) {
-                *o = exp(v * scale - max);
-            }
-            let inv = 1.0 / sum_of(&out[..visible], |o| o);
-            out[..visible].iter_mut().for_each(|o| *o *= inv);
-        });
-        tensor(output, shape)
+        let dims = attention_dims(&q_heads, &k_heads);
+        let (output, probs) = attention::forward(q_heads, k_heads, v_heads, dims);
+        let [b, h, queries, _] = q_heads.shape;
+        (
+            tensor(output, Shape::new(q_heads.shape)),
+            tensor(probs, Shape::new([b, h, queries, dims.keys])),
+        )
     }
 
-    fn softmax_backward(probs: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (Some(p), Some(g)) = (f32_rows(&probs), f32_rows(&grad)) else {
-            return reference::softmax_backward::<Self>(probs, grad);
+    fn causal_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (Some(q_heads), Some(k_heads), Some(v_heads), Some(p_rows), Some(g_heads)) = (
+            heads(&q),
+            heads(&k),
+            heads(&v),
+            f32_rows(&probs),
+            heads(&grad),
+        ) else {
+            return reference::causal_attention_backward::<Self>(q, k, v, probs, grad);
         };
-        let shape = probs.shape();
-        let len = *shape.as_slice().last().expect("softmax_backward: rank 0");
-        let mut output = vec![0.0f32; p.len()];
-        par_rows(&mut output, len, |row, out| {
-            let p = &p[row * len..(row + 1) * len];
-            let g = &g[row * len..(row + 1) * len];
-            let dot = dot(p, g);
-            for ((o, p), g) in out.iter_mut().zip(p).zip(g) {
-                *o = p * (g - dot);
-            }
-        });
-        tensor(output, shape)
+        let dims = attention_dims(&q_heads, &k_heads);
+        let (dq, dk, dv) = attention::backward(q_heads, k_heads, v_heads, &p_rows, g_heads, dims);
+        (
+            tensor(dq, Shape::new(q_heads.shape)),
+            tensor(dk, Shape::new(k_heads.shape)),
+            tensor(dv, Shape::new(k_heads.shape)),
+        )
     }
 
     fn cross_entropy_forward(
@@ -401,6 +407,35 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// The attention sizes of `q: [B, H, Sq, D]` and `k: [B, H, Sk, D]`.
+fn attention_dims(q: &attention::Heads, k: &attention::Heads) -> attention::Dims {
+    let [b, h, queries, head_dim] = q.shape;
+    attention::Dims {
+        heads: b * h,
+        queries,
+        keys: k.shape[2],
+        head_dim,
+    }
+}
+
+/// A rank-4 f32 tensor as per-head matrices read through its strides; `None` for other
+/// dtypes or ranks and for negative strides.
+fn heads(tensor: &FlexTensor) -> Option<attention::Heads<'_>> {
+    let layout = tensor.layout();
+    let shape: [usize; 4] = layout.shape().as_slice().try_into().ok()?;
+    let strides: Vec<usize> = layout
+        .strides()
+        .iter()
+        .map(|&s| usize::try_from(s).ok())
+        .collect::<Option<_>>()?;
+    (tensor.dtype() == DType::F32).then(|| attention::Heads {
+        data: tensor.storage::<f32>(),
+        offset: layout.start_offset(),
+        shape,
+        strides: strides.try_into().expect("rank 4"),
+    })
 }
 
 /// Runs `kernel(row, output_row)` over rows of length `len`, in parallel.

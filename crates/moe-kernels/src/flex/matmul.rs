@@ -1,0 +1,139 @@
+//! Single-threaded `gemm` products on strided views of f32 slices, for the flex kernels
+//! that split a larger product into blocks and run the blocks in parallel themselves.
+
+use std::ops::Range;
+
+/// A strided matrix view of an f32 slice: element `(i, j)` at
+/// `offset + i * row_stride + j * column_stride`.
+#[derive(Clone, Copy)]
+pub(super) struct Matrix<'a> {
+    data: &'a [f32],
+    offset: usize,
+    rows: usize,
+    columns: usize,
+    row_stride: usize,
+    column_stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// Rows `rows` of the row-major matrix `data` with `width` columns.
+    pub(super) fn rows_of(data: &'a [f32], width: usize, rows: Range<usize>) -> Self {
+        Self::strided(data, rows.start * width, [rows.len(), width], [width, 1])
+    }
+
+    /// The `[rows, columns]` matrix whose element `(i, j)` is at
+    /// `offset + i * row_stride + j * column_stride` of `data`.
+    pub(super) fn strided(
+        data: &'a [f32],
+        offset: usize,
+        [rows, columns]: [usize; 2],
+        [row_stride, column_stride]: [usize; 2],
+    ) -> Self {
+        Self {
+            data,
+            offset,
+            rows,
+            columns,
+            row_stride,
+            column_stride,
+        }
+    }
+
+    /// Matrix `e` (`[d_in, d_out]`) of the row-major stack `[E, d_in, d_out]`.
+    pub(super) fn expert(data: &'a [f32], e: usize, d_in: usize, d_out: usize) -> Self {
+        Self::rows_of(data, d_out, e * d_in..(e + 1) * d_in)
+    }
+
+    /// The transpose (strides swapped, no copy).
+    pub(super) fn transpose(self) -> Self {
+        Self {
+            rows: self.columns,
+            columns: self.rows,
+            row_stride: self.column_stride,
+            column_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Rows `rows` of this matrix.
+    pub(super) fn rows(self, rows: Range<usize>) -> Self {
+        Self {
+            offset: self.offset + rows.start * self.row_stride,
+            rows: rows.len(),
+            ..self
+        }
+    }
+
+    /// Columns `columns` of this matrix.
+    pub(super) fn columns(self, columns: Range<usize>) -> Self {
+        self.transpose().rows(columns).transpose()
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.columns == 0
+            || self.offset
+                + (self.rows - 1) * self.row_stride
+                + (self.columns - 1) * self.column_stride
+                < self.data.len()
+    }
+}
+
+/// `out = lhs rhs` with `out` row-major `[lhs.rows, rhs.columns]`.
+pub(super) fn matmul_into(out: &mut [f32], lhs: Matrix, rhs: Matrix) {
+    assert_eq!(out.len(), lhs.rows * rhs.columns, "matmul: output size");
+    scaled_matmul_into(out, rhs.columns, lhs, rhs, 1.0);
+}
+
+/// `out = scale * lhs rhs`, where output row `i` starts at `out[i * out_stride]` (so `out`
+/// can be a block of columns of a wider row-major matrix). One thread: the callers
+/// parallelise over blocks.
+pub(super) fn scaled_matmul_into(
+    out: &mut [f32],
+    out_stride: usize,
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+) {
+    assert_eq!(lhs.columns, rhs.rows, "matmul: inner dimensions differ");
+    assert!(
+        lhs.in_bounds() && rhs.in_bounds(),
+        "matmul: view out of bounds"
+    );
+    let (rows, columns) = (lhs.rows, rhs.columns);
+    if rows == 0 || columns == 0 {
+        return;
+    }
+    assert!(
+        columns <= out_stride && (rows - 1) * out_stride + columns <= out.len(),
+        "matmul: output out of bounds"
+    );
+    let stride = |s: usize| s as isize;
+    // SAFETY: the asserts above keep every element gemm reads inside `lhs.data` and
+    // `rhs.data` and every element it writes (`rows` rows of `columns`, `out_stride`
+    // apart) inside `out`; `out` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            rows,
+            columns,
+            lhs.columns,
+            out.as_mut_ptr(),
+            1,
+            stride(out_stride),
+            false,
+            lhs.data.as_ptr().add(lhs.offset),
+            stride(lhs.column_stride),
+            stride(lhs.row_stride),
+            rhs.data.as_ptr().add(rhs.offset),
+            stride(rhs.column_stride),
+            stride(rhs.row_stride),
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
