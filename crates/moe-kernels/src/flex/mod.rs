@@ -1,5 +1,7 @@
-//! CPU kernels for burn's `flex` backend: each fused operation is one pass over contiguous
-//! f32 rows, parallel over rows with rayon. Other dtypes take the reference path.
+//! CPU kernels for burn's `flex` backend: the elementwise and row-wise fused operations are
+//! one pass over f32 rows, parallel over rows with rayon; attention and the dispatch
+//! (`attention.rs`, `dispatch.rs`) split their products into `gemm` blocks. Other dtypes
+//! take the reference path.
 
 mod attention;
 mod dispatch;
