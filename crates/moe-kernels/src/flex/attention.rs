@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{Matrix, scaled_matmul_into};
-use super::{dot, exp, max_of, sum_of};
+use super::{dot, exp, max_of, sum_of, vectorized};
 
 /// Queries per block: the scores of a block stay in cache between the products.
 const QUERY_BLOCK: usize = 64;
@@ -96,14 +96,19 @@ pub fn forward(q: Heads, k: Heads, v: Heads, dims: Dims) -> (Vec<f32>, Vec<f32>)
                 let q_rows = q.rows(rows.clone());
                 let k_seen = k.rows(0..seen).transpose();
                 scaled_matmul_into(block, keys, q_rows, k_seen, dims.scale());
-                for (i, row) in rows.clone().zip(block.chunks_mut(keys)) {
-                    let (visible, masked) = row[..seen].split_at_mut(dims.visible(i));
-                    masked.fill(0.0);
-                    let max = max_of(visible);
-                    visible.iter_mut().for_each(|s| *s = exp(*s - max));
-                    let inv = 1.0 / sum_of(visible, |p| p);
-                    visible.iter_mut().for_each(|p| *p *= inv);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (i, row) in rows.clone().zip(block.chunks_mut(keys)) {
+                            let (visible, masked) = row[..seen].split_at_mut(dims.visible(i));
+                            masked.fill(0.0);
+                            let max = max_of(visible);
+                            visible.iter_mut().for_each(|s| *s = exp(*s - max));
+                            let inv = 1.0 / sum_of(visible, |p| p);
+                            visible.iter_mut().for_each(|p| *p *= inv);
+                        }
+                    },
+                );
                 let p_rows = Matrix::rows_of(probs, keys, rows.clone()).columns(0..seen);
                 let out_rows = &mut output[rows.start * d..rows.end * d];
                 scaled_matmul_into(out_rows, d, p_rows, v.rows(0..seen), 1.0);
@@ -148,15 +153,20 @@ pub fn backward(
                 let block = &mut d_scores[rows.start * keys..];
                 let v_seen = v.rows(0..seen).transpose();
                 scaled_matmul_into(block, keys, grad.rows(rows.clone()), v_seen, 1.0);
-                for (i, row) in rows.clone().zip(block.chunks_mut(keys)) {
-                    let (visible, masked) = row[..seen].split_at_mut(dims.visible(i));
-                    masked.fill(0.0);
-                    let p = &probs[i * keys..i * keys + visible.len()];
-                    let p_dot_dp = dot(p, visible);
-                    for (ds, &p) in visible.iter_mut().zip(p) {
-                        *ds = p * (*ds - p_dot_dp);
-                    }
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (i, row) in rows.clone().zip(block.chunks_mut(keys)) {
+                            let (visible, masked) = row[..seen].split_at_mut(dims.visible(i));
+                            masked.fill(0.0);
+                            let p = &probs[i * keys..i * keys + visible.len()];
+                            let p_dot_dp = dot(p, visible);
+                            for (ds, &p) in visible.iter_mut().zip(p) {
+                                *ds = p * (*ds - p_dot_dp);
+                            }
+                        }
+                    },
+                );
                 let ds_rows = Matrix::rows_of(&d_scores, keys, rows.clone()).columns(0..seen);
                 let dq_rows = &mut dq[rows.start * d..rows.end * d];
                 scaled_matmul_into(dq_rows, d, ds_rows, k.rows(0..seen), dims.scale());

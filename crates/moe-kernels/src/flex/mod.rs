@@ -143,9 +143,14 @@ impl MoeBackend for Flex {
             .enumerate()
             .for_each(|(chunk, out)| {
                 let start = chunk * ELEMENTWISE_CHUNK;
-                for ((o, &g), &u) in out.iter_mut().zip(&g[start..]).zip(&u[start..]) {
-                    *o = g / (1.0 + exp(-g)) * u;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((o, &g), &u) in out.iter_mut().zip(&g[start..]).zip(&u[start..]) {
+                            *o = g / (1.0 + exp(-g)) * u;
+                        }
+                    },
+                )
             });
         tensor(output, gate.shape())
     }
@@ -166,11 +171,16 @@ impl MoeBackend for Flex {
             .for_each(|(chunk, (d_gate, d_up))| {
                 let start = chunk * ELEMENTWISE_CHUNK;
                 let inputs = g[start..].iter().zip(&u[start..]).zip(&dy[start..]);
-                for ((dg, du), ((&g, &u), &dy)) in d_gate.iter_mut().zip(d_up).zip(inputs) {
-                    let s = 1.0 / (1.0 + exp(-g));
-                    *du = dy * g * s;
-                    *dg = dy * u * s * (1.0 + g * (1.0 - s));
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((dg, du), ((&g, &u), &dy)) in d_gate.iter_mut().zip(d_up).zip(inputs) {
+                            let s = 1.0 / (1.0 + exp(-g));
+                            *du = dy * g * s;
+                            *dg = dy * u * s * (1.0 + g * (1.0 - s));
+                        }
+                    },
+                )
             });
         (tensor(d_gate, gate.shape()), tensor(d_up, gate.shape()))
     }
@@ -261,8 +271,14 @@ impl MoeBackend for Flex {
         let mut out = vec![[0.0f32; 2]; rows];
         out.par_iter_mut().enumerate().for_each(|(row, out)| {
             let x = &x[row * vocab..(row + 1) * vocab];
-            let max = max_of(x);
-            let sum = sum_of(x, |v| exp(v - max));
+            let max = vectorized(
+                #[inline(always)]
+                || max_of(x),
+            );
+            let sum = vectorized(
+                #[inline(always)]
+                || sum_of(x, |v| exp(v - max)),
+            );
             let lse = max + sum.ln();
             *out = [lse - x[targets_host[row]], lse];
         });
@@ -290,14 +306,19 @@ impl MoeBackend for Flex {
         let shape = logits.shape();
         let vocab = shape.dims::<2>()[1];
         let mut output = vec![0.0f32; x.len()];
-        par_rows(&mut output, vocab, |row, out| {
-            let x = &x[row * vocab..(row + 1) * vocab];
-            let (lse, g) = (lse[row], g[row]);
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = exp(v - lse) * g;
-            }
-            out[targets_host[row]] -= g;
-        });
+        par_rows(
+            &mut output,
+            vocab,
+            #[inline(always)]
+            |row, out| {
+                let x = &x[row * vocab..(row + 1) * vocab];
+                let (lse, g) = (lse[row], g[row]);
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = exp(v - lse) * g;
+                }
+                out[targets_host[row]] -= g;
+            },
+        );
         tensor(output, shape)
     }
 }
@@ -317,18 +338,42 @@ fn rotate_rows(
     let dim = out_shape[3];
     let half = dim / 2;
     let mut output = vec![0.0f32; x.len()];
-    par_rows(&mut output, dim, |row, out| {
-        let (input_row, position) = source(row);
-        let x = &x[input_row * dim..(input_row + 1) * dim];
-        let cos = &cos[position * dim..(position + 1) * dim];
-        let sin = &sin[position * dim..(position + 1) * dim];
-        for i in 0..half {
-            let (a, b) = (x[i], x[i + half]);
-            out[i] = a * cos[i] - sign * b * sin[i];
-            out[i + half] = b * cos[i + half] + sign * a * sin[i + half];
-        }
-    });
+    par_rows(
+        &mut output,
+        dim,
+        #[inline(always)]
+        |row, out| {
+            let (input_row, position) = source(row);
+            let x = &x[input_row * dim..(input_row + 1) * dim];
+            let cos = &cos[position * dim..(position + 1) * dim];
+            let sin = &sin[position * dim..(position + 1) * dim];
+            for i in 0..half {
+                let (a, b) = (x[i], x[i + half]);
+                out[i] = a * cos[i] - sign * b * sin[i];
+                out[i + half] = b * cos[i + half] + sign * a * sin[i + half];
+            }
+        },
+    );
     Some(tensor(output, Shape::new(out_shape)))
+}
+
+/// Runs `work` compiled for AVX2 when the CPU has it, else as built. Release builds
+/// target baseline x86-64 (SSE2) so the binary runs anywhere; the row kernels' loops
+/// (softmax, cross-entropy, SwiGLU, RMSNorm, rotary) then use four lanes, where AVX2
+/// offers eight. `work` and the closures it calls must be `#[inline(always)]`: code only
+/// takes on the wider instructions once inlined into the AVX2 function.
+#[inline(always)]
+fn vectorized<R>(work: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn avx2<R>(work: impl FnOnce() -> R) -> R {
+            work()
+        }
+        // SAFETY: the CPU was just found to support AVX2.
+        return unsafe { avx2(work) };
+    }
+    work()
 }
 
 /// `e^x` in a branch-free form the compiler vectorises (a loop of `f32::exp` is a
@@ -344,7 +389,8 @@ fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let clamped = x.clamp(MIN, 88.0);
-    let n = (clamped * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -353,8 +399,14 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < MIN { 0.0 } else { e_r * two_n }
+    // n as an integer, read from the rounded sum's low mantissa bits: `n as i32` would be
+    // a saturating conversion, and a branch on `x < MIN` a jump, each keeping the loop
+    // scalar (five times slower).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    // All ones, or zero below MIN (NaN keeps its bits).
+    let keep = u32::from(x < MIN).wrapping_sub(1);
+    f32::from_bits((e_r * two_n).to_bits() & keep)
 }
 
 /// Lanes of the reductions below: independent partial results the compiler keeps in one
@@ -440,7 +492,8 @@ fn heads(tensor: &FlexTensor) -> Option<attention::Heads<'_>> {
     })
 }
 
-/// Runs `kernel(row, output_row)` over rows of length `len`, in parallel.
+/// Runs `kernel(row, output_row)` over rows of length `len`, in parallel and
+/// [`vectorized`] (`kernel` must be `#[inline(always)]`).
 fn par_rows(output: &mut [f32], len: usize, kernel: impl Fn(usize, &mut [f32]) + Sync) {
     if len == 0 {
         return;
@@ -449,9 +502,14 @@ fn par_rows(output: &mut [f32], len: usize, kernel: impl Fn(usize, &mut [f32]) +
         .par_chunks_mut(len * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(chunk, rows)| {
-            for (i, out) in rows.chunks_mut(len).enumerate() {
-                kernel(chunk * ROWS_PER_TASK + i, out);
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (i, out) in rows.chunks_mut(len).enumerate() {
+                        kernel(chunk * ROWS_PER_TASK + i, out);
+                    }
+                },
+            )
         });
 }
 
@@ -526,6 +584,22 @@ mod tests {
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn vectorized_code_computes_the_same_bits() {
+        let x: Vec<f32> = (-2000..2000).map(|i| i as f32 / 16.0).collect();
+        let plain: Vec<f32> = x.iter().map(|&v| exp(v)).collect();
+        let wide = vectorized(
+            #[inline(always)]
+            || x.iter().map(|&v| exp(v)).collect::<Vec<f32>>(),
+        );
+        assert_eq!(plain, wide);
+        let sums = vectorized(
+            #[inline(always)]
+            || (sum_of(&x, exp), max_of(&x), dot(&x, &plain)),
+        );
+        assert_eq!(sums, (sum_of(&x, exp), max_of(&x), dot(&x, &plain)));
     }
 
     #[test]
