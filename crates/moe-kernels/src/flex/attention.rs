@@ -3,6 +3,8 @@
 //! scores in place, and the products go through `gemm`. The reference multiplies the whole
 //! square (the masked half included), then makes separate passes for the softmax.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::matmul::{Matrix, scaled_matmul_into};
@@ -31,7 +33,7 @@ impl Dims {
     }
 
     /// Blocks of at most `block` queries, each with the keys its last query sees.
-    fn query_blocks(&self) -> impl Iterator<Item = (std::ops::Range<usize>, usize)> {
+    fn query_blocks(&self) -> impl Iterator<Item = (Range<usize>, usize)> {
         (0..self.queries).step_by(QUERY_BLOCK).map(move |first| {
             let rows = first..(first + QUERY_BLOCK).min(self.queries);
             let seen = self.visible(rows.end - 1);
@@ -96,17 +98,17 @@ pub fn forward(q: Heads, k: Heads, v: Heads, dims: Dims) -> (Vec<f32>, Vec<f32>)
                 let q_rows = q.rows(rows.clone());
                 let k_seen = k.rows(0..seen).transpose();
                 scaled_matmul_into(block, keys, q_rows, k_seen, dims.scale());
-                vectorized(
+                for_visible_scores(
+                    block,
+                    rows.clone(),
+                    seen,
+                    dims,
                     #[inline(always)]
-                    || {
-                        for (i, row) in rows.clone().zip(block.chunks_mut(keys)) {
-                            let (visible, masked) = row[..seen].split_at_mut(dims.visible(i));
-                            masked.fill(0.0);
-                            let max = max_of(visible);
-                            visible.iter_mut().for_each(|s| *s = exp(*s - max));
-                            let inv = 1.0 / sum_of(visible, |p| p);
-                            visible.iter_mut().for_each(|p| *p *= inv);
-                        }
+                    |_, visible| {
+                        let max = max_of(visible);
+                        visible.iter_mut().for_each(|s| *s = exp(*s - max));
+                        let inv = 1.0 / sum_of(visible, |p| p);
+                        visible.iter_mut().for_each(|p| *p *= inv);
                     },
                 );
                 let p_rows = Matrix::rows_of(probs, keys, rows.clone()).columns(0..seen);
@@ -153,17 +155,17 @@ pub fn backward(
                 let block = &mut d_scores[rows.start * keys..];
                 let v_seen = v.rows(0..seen).transpose();
                 scaled_matmul_into(block, keys, grad.rows(rows.clone()), v_seen, 1.0);
-                vectorized(
+                for_visible_scores(
+                    block,
+                    rows.clone(),
+                    seen,
+                    dims,
                     #[inline(always)]
-                    || {
-                        for (i, row) in rows.clone().zip(block.chunks_mut(keys)) {
-                            let (visible, masked) = row[..seen].split_at_mut(dims.visible(i));
-                            masked.fill(0.0);
-                            let p = &probs[i * keys..i * keys + visible.len()];
-                            let p_dot_dp = dot(p, visible);
-                            for (ds, &p) in visible.iter_mut().zip(p) {
-                                *ds = p * (*ds - p_dot_dp);
-                            }
+                    |i, visible| {
+                        let p = &probs[i * keys..i * keys + visible.len()];
+                        let p_dot_dp = dot(p, visible);
+                        for (ds, &p) in visible.iter_mut().zip(p) {
+                            *ds = p * (*ds - p_dot_dp);
                         }
                     },
                 );
@@ -187,4 +189,27 @@ pub fn backward(
             }
         });
     (dq, dk, dv)
+}
+
+/// Runs `row(query, visible)` on each score row of the query block `rows` (rows of
+/// `dims.keys`, the first `seen` columns computed) after zeroing its masked columns,
+/// [`vectorized`] (`row` must be `#[inline(always)]`).
+#[inline(always)]
+fn for_visible_scores(
+    block: &mut [f32],
+    rows: Range<usize>,
+    seen: usize,
+    dims: Dims,
+    mut row: impl FnMut(usize, &mut [f32]),
+) {
+    vectorized(
+        #[inline(always)]
+        || {
+            for (i, scores) in rows.zip(block.chunks_mut(dims.keys)) {
+                let (visible, masked) = scores[..seen].split_at_mut(dims.visible(i));
+                masked.fill(0.0);
+                row(i, visible);
+            }
+        },
+    )
 }
