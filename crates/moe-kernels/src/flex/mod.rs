@@ -359,7 +359,7 @@ fn rotate_rows(
 
 /// Runs `work` compiled for AVX2 when the CPU has it, else as built. Release builds
 /// target baseline x86-64 (SSE2) so the binary runs anywhere; the row kernels' loops
-/// (softmax, cross-entropy, SwiGLU, RMSNorm, rotary) then use four lanes, where AVX2
+/// (softmax, cross-entropy, SwiGLU, rotary) would then use four lanes, where AVX2
 /// offers eight. `work` and the closures it calls must be `#[inline(always)]`: code only
 /// takes on the wider instructions once inlined into the AVX2 function.
 #[inline(always)]
