@@ -271,15 +271,13 @@ impl MoeBackend for Flex {
         let mut out = vec![[0.0f32; 2]; rows];
         out.par_iter_mut().enumerate().for_each(|(row, out)| {
             let x = &x[row * vocab..(row + 1) * vocab];
-            let max = vectorized(
+            let lse = vectorized(
                 #[inline(always)]
-                || max_of(x),
+                || {
+                    let max = max_of(x);
+                    max + sum_of(x, |v| exp(v - max)).ln()
+                },
             );
-            let sum = vectorized(
-                #[inline(always)]
-                || sum_of(x, |v| exp(v - max)),
-            );
-            let lse = max + sum.ln();
             *out = [lse - x[targets_host[row]], lse];
         });
         let (nll, lse) = out.into_iter().map(|[n, l]| (n, l)).unzip();
