@@ -7,6 +7,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Device, TensorMetadata};
 
@@ -20,6 +21,20 @@ type AttentionState<B> = (
     FloatTensor<B>,
 );
 
+/// Registers each of `gradients` with the parent of the same index, where that parent is
+/// tracked (`parents` are the ids of an op's parent nodes).
+fn register<B: Backend, const N: usize>(
+    grads: &mut Gradients,
+    parents: [Option<NodeId>; N],
+    gradients: [FloatTensor<B>; N],
+) {
+    for (parent, gradient) in parents.into_iter().zip(gradients) {
+        if let Some(parent) = parent {
+            grads.register::<B>(parent, gradient);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct CausalAttentionBackward;
 
@@ -27,15 +42,14 @@ impl<B: MoeBackend> Backward<B, 3> for CausalAttentionBackward {
     type State = AttentionState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_q, node_k, node_v] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (q, k, v, probs) = ops.state;
         let (dq, dk, dv) = B::causal_attention_backward(q, k, v, probs, grad);
-        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, grad);
-            }
-        }
+        register::<B, 3>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [dq, dk, dv],
+        );
     }
 }
 
@@ -71,15 +85,33 @@ impl<B: MoeBackend> Backward<B, 2> for SwigluBackward {
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_gate, node_up] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (gate, up) = ops.state;
         let (d_gate, d_up) = B::swiglu_backward(gate, up, grad);
-        for (node, grad) in [(node_gate, d_gate), (node_up, d_up)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, grad);
-            }
-        }
+        register::<B, 2>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [d_gate, d_up],
+        );
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: MoeBackend> Backward<B, 2> for RmsNormBackward {
+    /// The input, the scale and epsilon.
+    type State = (FloatTensor<B>, FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, gamma, epsilon) = ops.state;
+        let (d_x, d_gamma) = B::rms_norm_backward(x, gamma, epsilon, grad);
+        register::<B, 2>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [d_x, d_gamma],
+        );
     }
 }
 
@@ -141,15 +173,14 @@ impl<B: MoeBackend> Backward<B, 2> for CombineBackward {
     type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_buffer, node_weights] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (buffer, slot, weights) = ops.state;
         let (d_buffer, d_weights) = B::combine_backward(buffer, slot, weights, grad);
-        for (node, grad) in [(node_buffer, d_buffer), (node_weights, d_weights)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, grad);
-            }
-        }
+        register::<B, 2>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [d_buffer, d_weights],
+        );
     }
 }
 
@@ -161,15 +192,14 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, Vec<usize>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_weights] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (x, weights, counts) = ops.state;
         let (d_x, d_weights) = B::grouped_matmul_backward(x, weights, &counts, grad);
-        for (node, grad) in [(node_x, d_x), (node_weights, d_weights)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, grad);
-            }
-        }
+        register::<B, 2>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [d_x, d_weights],
+        );
     }
 }
 
@@ -230,6 +260,23 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::swiglu_forward(gate.primitive, up.primitive))
+            }
+        }
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+        match RmsNormBackward
+            .prepare::<C>([x.node.clone(), gamma.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output =
+                    B::rms_norm_forward(x.primitive.clone(), gamma.primitive.clone(), epsilon);
+                prep.finish((x.primitive, gamma.primitive, epsilon), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::rms_norm_forward(x.primitive, gamma.primitive, epsilon))
             }
         }
     }

@@ -1,8 +1,8 @@
 //! Fused operations the `moe` model calls through its backend.
 //!
 //! [`MoeBackend`] extends burn's `Backend` with the few operations whose plain tensor-op
-//! form is slow: the SwiGLU activation, rotary embedding, causal attention and the
-//! vocabulary cross-entropy. Every method has a
+//! form is slow: the SwiGLU activation, RMS normalisation, rotary embedding, causal
+//! attention and the vocabulary cross-entropy. Every method has a
 //! reference implementation built from tensor ops (used by ndarray and the CubeCL
 //! backends); burn's CPU backend `flex` overrides the kernels with fused row-parallel
 //! loops, and `Autodiff<B>` registers hand-written backward passes so training never
@@ -84,6 +84,31 @@ pub trait MoeBackend: Backend {
     /// Differentiable SwiGLU activation; see [`MoeBackend::swiglu_forward`].
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::swiglu_forward(gate, up)
+    }
+
+    /// RMS normalisation of the rows of `x` (its last axis, `d`) scaled by `gamma: [d]`:
+    /// `x / sqrt(mean(x^2) + epsilon) * gamma`, burn's `RmsNorm` in one pass.
+    fn rms_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        reference::rms_norm_forward::<Self>(x, gamma, epsilon)
+    }
+
+    /// Gradients `(d_x, d_gamma)` of [`MoeBackend::rms_norm_forward`] given the output's.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::rms_norm_backward::<Self>(x, gamma, epsilon, grad)
+    }
+
+    /// Differentiable RMS normalisation; see [`MoeBackend::rms_norm_forward`].
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+        Self::rms_norm_forward(x, gamma, epsilon)
     }
 
     /// Rotary embedding of `x: [B, S, H, D]` (half-split layout) with `cos, sin: [S, D]`,
@@ -358,6 +383,20 @@ pub fn swiglu<B: MoeBackend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D
     float(B::swiglu(
         gate.into_primitive().tensor(),
         up.into_primitive().tensor(),
+    ))
+}
+
+/// RMS normalisation of the last axis of `x`, scaled by `gamma`; see
+/// [`MoeBackend::rms_norm_forward`].
+pub fn rms_norm<B: MoeBackend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    epsilon: f64,
+) -> Tensor<B, D> {
+    float(B::rms_norm(
+        x.into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        epsilon,
     ))
 }
 

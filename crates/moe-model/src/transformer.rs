@@ -12,7 +12,7 @@ use crate::config::{ConfigError, ModelConfig, MoeConfig};
 use crate::experts::SwiGlu;
 use crate::moe::{MoeLayer, MoeOutput};
 use crate::rope::RopeAngles;
-use moe_kernels::{MoeBackend, cross_entropy};
+use moe_kernels::{MoeBackend, cross_entropy, rms_norm};
 
 /// The most logits [`Transformer::token_nll`] holds at once: 8 MiB of f32.
 pub const LOSS_BLOCK_LOGITS: usize = 1 << 21;
@@ -291,8 +291,8 @@ impl<B: MoeBackend> Transformer<B> {
         let [batch, seq, d] = x.dims();
         let mut moe = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = x.clone() + attend(layer, &block.attn, block.attn_norm.forward(x));
-            let h = block.ffn_norm.forward(x.clone());
+            x = x.clone() + attend(layer, &block.attn, normalize(&block.attn_norm, x));
+            let h = normalize(&block.ffn_norm, x.clone());
             let y = match &block.ffn {
                 FeedForward::Dense(ffn) => ffn.forward(h),
                 FeedForward::Moe(layer) => {
@@ -309,12 +309,17 @@ impl<B: MoeBackend> Transformer<B> {
 
     /// Final norm and output projection, `[B, S, d] -> [B, S, vocab]`.
     fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.norm.forward(x);
+        let x = normalize(&self.norm, x);
         match &self.lm_head {
             Some(head) => head.forward(x),
             None => x.matmul(self.embed.weight.val().transpose().unsqueeze()),
         }
     }
+}
+
+/// `norm` applied to `x` as one fused operation (the values of `RmsNorm::forward`).
+fn normalize<B: MoeBackend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    rms_norm(x, norm.gamma.val(), norm.epsilon)
 }
 
 impl<B: Backend> Transformer<B> {

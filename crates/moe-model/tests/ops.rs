@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 use common::{assert_close, host, leaf, tensor, values};
 use moe_model::MoeBackend;
-use moe_model::ops::{causal_attention, cross_entropy, reference, rotary, swiglu};
+use moe_model::ops::{causal_attention, cross_entropy, reference, rms_norm, rotary, swiglu};
 
 fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -147,6 +147,40 @@ fn swiglu_matches_naive<B: MoeBackend>(device: &B::Device) {
     assert_close(&host(swiglu(gate, up)), &expected, 1e-5, "swiglu");
 }
 
+/// Forward values and the gradients of `sum(rms_norm(x) * w)` against f64 host loops.
+/// (Against f64 rather than autodiff through burn's `RmsNorm`, whose chain rule through
+/// `x / rms` is off by up to 4e-5 relative here.)
+fn rms_norm_matches_naive<B: MoeBackend>(device: &B::Device) {
+    // 300 rows of 27: several parallel tasks, the last partial, rows not a multiple of
+    // the lane width.
+    let (d, epsilon) = (27, 1e-5);
+    let x = leaf::<Autodiff<B>, 3>([3, 100, d], 16, 3.0, device);
+    let gamma = leaf::<Autodiff<B>, 1>([d], 17, 1.0, device);
+    let w = tensor::<Autodiff<B>, 3>([3, 100, d], 99, device);
+    let out = rms_norm(x.clone(), gamma.clone(), epsilon);
+    let grads = (out.clone() * w.clone()).sum().backward();
+
+    let (x_host, gamma_host, w_host) = (host(x.clone()), host(gamma.clone()), host(w));
+    let (mut expected, mut d_x) = (Vec::new(), Vec::new());
+    let mut d_gamma = vec![0.0; d];
+    for (x, w) in x_host.chunks(d).zip(w_host.chunks(d)) {
+        let rms = (x.iter().map(|v| v * v).sum::<f64>() / d as f64 + epsilon).sqrt();
+        let x_hat: Vec<f64> = x.iter().map(|v| v / rms).collect();
+        let d_x_hat: Vec<f64> = w.iter().zip(&gamma_host).map(|(w, g)| w * g).collect();
+        let mean = d_x_hat.iter().zip(&x_hat).map(|(a, b)| a * b).sum::<f64>() / d as f64;
+        for j in 0..d {
+            expected.push(x_hat[j] * gamma_host[j]);
+            d_x.push((d_x_hat[j] - x_hat[j] * mean) / rms);
+            d_gamma[j] += w[j] * x_hat[j];
+        }
+    }
+    assert_close(&host(out), &expected, 1e-5, "rms norm");
+    let grad = |t: Tensor<Autodiff<B>, 3>| host(t.grad(&grads).expect("x has a gradient"));
+    assert_close(&grad(x), &d_x, 1e-5, "rms norm d_x");
+    let d_gamma_got = host(gamma.grad(&grads).expect("gamma has a gradient"));
+    assert_close(&d_gamma_got, &d_gamma, 1e-5, "rms norm d_gamma");
+}
+
 /// Gradients of `sum(op(inputs) * w)` through the fused op and through autodiff of the
 /// reference composition agree.
 fn assert_same_grads<B: MoeBackend, const D: usize, const N: usize>(
@@ -277,6 +311,10 @@ macro_rules! backend_tests {
             #[test]
             fn swiglu_matches_naive() {
                 super::swiglu_matches_naive::<B>(&device());
+            }
+            #[test]
+            fn rms_norm_matches_naive() {
+                super::rms_norm_matches_naive::<B>(&device());
             }
             #[test]
             fn rotary_matches_naive() {

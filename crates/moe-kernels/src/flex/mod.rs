@@ -185,6 +185,87 @@ impl MoeBackend for Flex {
         (tensor(d_gate, gate.shape()), tensor(d_up, gate.shape()))
     }
 
+    fn rms_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let (Some(values), Some(gamma_values)) = (f32_rows(&x), f32_rows(&gamma)) else {
+            return reference::rms_norm_forward::<Self>(x, gamma, epsilon);
+        };
+        let d = gamma_values.len();
+        let mut output = vec![0.0f32; values.len()];
+        par_rows(
+            &mut output,
+            d,
+            #[inline(always)]
+            |row, out| {
+                let x = &values[row * d..(row + 1) * d];
+                let inv_rms = inverse_rms(x, epsilon);
+                for ((o, &x), &g) in out.iter_mut().zip(x).zip(gamma_values.iter()) {
+                    *o = x * inv_rms * g;
+                }
+            },
+        );
+        tensor(output, x.shape())
+    }
+
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (Some(values), Some(gamma_values), Some(dy)) =
+            (f32_rows(&x), f32_rows(&gamma), f32_rows(&grad))
+        else {
+            return reference::rms_norm_backward::<Self>(x, gamma, epsilon, grad);
+        };
+        let d = gamma_values.len();
+        let mut d_x = vec![0.0f32; values.len()];
+        // Each task sums its rows' share of d_gamma; the shares are added in task order,
+        // so the result does not depend on scheduling.
+        let shares: Vec<Vec<f32>> = d_x
+            .par_chunks_mut((d * ROWS_PER_TASK).max(1))
+            .enumerate()
+            .map(|(chunk, d_x)| {
+                let mut d_gamma = vec![0.0f32; d];
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (i, d_x) in d_x.chunks_mut(d).enumerate() {
+                            let row = (chunk * ROWS_PER_TASK + i) * d;
+                            let (x, dy) = (&values[row..row + d], &dy[row..row + d]);
+                            let inv_rms = inverse_rms(x, epsilon);
+                            for (((dx, dg), &dy), (&x, &g)) in d_x
+                                .iter_mut()
+                                .zip(d_gamma.iter_mut())
+                                .zip(dy)
+                                .zip(x.iter().zip(gamma_values.iter()))
+                            {
+                                *dx = dy * g;
+                                *dg += dy * x * inv_rms;
+                            }
+                            // mean(d_xhat * xhat), with xhat = x * inv_rms.
+                            let mean = dot(d_x, x) * inv_rms / d as f32;
+                            for (dx, &x) in d_x.iter_mut().zip(x) {
+                                *dx = (*dx - x * inv_rms * mean) * inv_rms;
+                            }
+                        }
+                    },
+                );
+                d_gamma
+            })
+            .collect();
+        let mut d_gamma = vec![0.0f32; d];
+        for share in shares {
+            for (total, part) in d_gamma.iter_mut().zip(share) {
+                *total += part;
+            }
+        }
+        (tensor(d_x, x.shape()), tensor(d_gamma, gamma.shape()))
+    }
+
     fn rotary_forward(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -355,9 +436,15 @@ fn rotate_rows(
     Some(tensor(output, Shape::new(out_shape)))
 }
 
+/// `1 / sqrt(mean(x^2) + epsilon)` of one row.
+#[inline(always)]
+fn inverse_rms(x: &[f32], epsilon: f64) -> f32 {
+    1.0 / (dot(x, x) / x.len() as f32 + epsilon as f32).sqrt()
+}
+
 /// Runs `work` compiled for AVX2 when the CPU has it, else as built. Release builds
 /// target baseline x86-64 (SSE2) so the binary runs anywhere; the row kernels' loops
-/// (softmax, cross-entropy, SwiGLU, rotary) would then use four lanes, where AVX2
+/// (softmax, cross-entropy, SwiGLU, RMSNorm, rotary) would then use four lanes, where AVX2
 /// offers eight. `work` and the closures it calls must be `#[inline(always)]`: code only
 /// takes on the wider instructions once inlined into the AVX2 function.
 #[inline(always)]
