@@ -442,21 +442,32 @@ fn inverse_rms(x: &[f32], epsilon: f64) -> f32 {
     1.0 / (dot(x, x) / x.len() as f32 + epsilon as f32).sqrt()
 }
 
-/// Runs `work` compiled for AVX2 when the CPU has it, else as built. Release builds
-/// target baseline x86-64 (SSE2) so the binary runs anywhere; the row kernels' loops
-/// (softmax, cross-entropy, SwiGLU, RMSNorm, rotary) would then use four lanes, where AVX2
-/// offers eight. `work` and the closures it calls must be `#[inline(always)]`: code only
-/// takes on the wider instructions once inlined into the AVX2 function.
+/// Runs `work` compiled for the widest vectors the CPU has (AVX-512 or AVX2), else as
+/// built. Release builds target baseline x86-64 (SSE2) so the binary runs anywhere; the
+/// row kernels' loops (softmax, cross-entropy, SwiGLU, RMSNorm, rotary) would then use
+/// four lanes, where AVX2 offers eight and AVX-512 sixteen. `work` and the closures it
+/// calls must be `#[inline(always)]`: code only takes on the wider instructions once
+/// inlined into the function compiled for them.
 #[inline(always)]
 fn vectorized<R>(work: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        fn avx2<R>(work: impl FnOnce() -> R) -> R {
-            work()
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            fn avx512<R>(work: impl FnOnce() -> R) -> R {
+                work()
+            }
+            // SAFETY: the CPU was just found to support AVX-512.
+            return unsafe { avx512(work) };
         }
-        // SAFETY: the CPU was just found to support AVX2.
-        return unsafe { avx2(work) };
+        if std::arch::is_x86_feature_detected!("avx2") {
+            #[target_feature(enable = "avx2")]
+            fn avx2<R>(work: impl FnOnce() -> R) -> R {
+                work()
+            }
+            // SAFETY: the CPU was just found to support AVX2.
+            return unsafe { avx2(work) };
+        }
     }
     work()
 }
@@ -494,9 +505,10 @@ fn exp(x: f32) -> f32 {
     f32::from_bits((e_r * two_n).to_bits() & keep)
 }
 
-/// Lanes of the reductions below: independent partial results the compiler keeps in one
-/// vector register (a single running sum is a serial chain it may not reorder).
-const LANES: usize = 8;
+/// Lanes of the reductions below: independent partial results the compiler keeps in
+/// vector registers, one with AVX-512 (a single running sum is a serial chain it may not
+/// reorder).
+const LANES: usize = 16;
 
 /// `sum(f(v))` over `values`.
 #[inline(always)]
