@@ -190,7 +190,8 @@ impl MoeBackend for Flex {
         gamma: FloatTensor<Self>,
         epsilon: f64,
     ) -> FloatTensor<Self> {
-        let (Some(values), Some(gamma_values)) = (f32_rows(&x), f32_rows(&gamma)) else {
+        let inputs = (gamma_fits_rows(&x, &gamma), f32_rows(&x), f32_rows(&gamma));
+        let (true, Some(values), Some(gamma_values)) = inputs else {
             return reference::rms_norm_forward::<Self>(x, gamma, epsilon);
         };
         let d = gamma_values.len();
@@ -216,9 +217,13 @@ impl MoeBackend for Flex {
         epsilon: f64,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (Some(values), Some(gamma_values), Some(dy)) =
-            (f32_rows(&x), f32_rows(&gamma), f32_rows(&grad))
-        else {
+        let inputs = (
+            gamma_fits_rows(&x, &gamma),
+            f32_rows(&x),
+            f32_rows(&gamma),
+            f32_rows(&grad),
+        );
+        let (true, Some(values), Some(gamma_values), Some(dy)) = inputs else {
             return reference::rms_norm_backward::<Self>(x, gamma, epsilon, grad);
         };
         let d = gamma_values.len();
@@ -434,6 +439,12 @@ fn rotate_rows(
         },
     );
     Some(tensor(output, Shape::new(out_shape)))
+}
+
+/// Whether `gamma` has one scale per element of `x`'s rows (the kernels' row length);
+/// otherwise the reference reports the shape mismatch.
+fn gamma_fits_rows(x: &FlexTensor, gamma: &FlexTensor) -> bool {
+    x.shape().as_slice().last() == Some(&gamma.shape().num_elements())
 }
 
 /// `1 / sqrt(mean(x^2) + epsilon)` of one row.
