@@ -54,26 +54,21 @@ impl<B: MoeBackend> Backward<B, 3> for CausalAttentionBackward {
 }
 
 #[derive(Debug)]
-struct CrossEntropyBackward;
+struct LinearCrossEntropyBackward;
 
-impl<B: MoeBackend> Backward<B, 1> for CrossEntropyBackward {
-    /// Logits (checkpointed), log-sum-exp per row, targets.
-    type State = (NodeId, FloatTensor<B>, IntTensor<B>);
+impl<B: MoeBackend> Backward<B, 2> for LinearCrossEntropyBackward {
+    /// The input, the weight and the unit-gradient logits.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
-    fn backward(
-        self,
-        ops: Ops<Self::State, 1>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_logits] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
-        let (logits, logsumexp, targets) = ops.state;
-        let logits: FloatTensor<B> = checkpointer.retrieve_node_output(logits);
-        if let Some(node) = node_logits {
-            let dlogits = B::cross_entropy_backward(logits, logsumexp, targets, grad);
-            grads.register::<B>(node.id, dlogits);
-        }
+        let (x, weight, dlogits) = ops.state;
+        let (d_x, d_weight) = B::linear_cross_entropy_backward(x, weight, dlogits, grad);
+        register::<B, 2>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [d_x, d_weight],
+        );
     }
 }
 
@@ -421,20 +416,26 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         }
     }
 
-    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
-        match CrossEntropyBackward
-            .prepare::<C>([logits.node.clone()])
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match LinearCrossEntropyBackward
+            .prepare::<C>([x.node.clone(), weight.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(mut prep) => {
-                let saved = prep.checkpoint(&logits);
-                let (nll, logsumexp) = B::cross_entropy_forward(logits.primitive, targets.clone());
-                prep.finish((saved, logsumexp, targets), nll)
+            OpsKind::Tracked(prep) => {
+                let (nll, dlogits) = B::linear_cross_entropy_forward(
+                    x.primitive.clone(),
+                    weight.primitive.clone(),
+                    targets,
+                );
+                prep.finish((x.primitive, weight.primitive, dlogits), nll)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::cross_entropy_forward(logits.primitive, targets).0)
-            }
+            OpsKind::UnTracked(prep) => prep
+                .finish(B::linear_cross_entropy_forward(x.primitive, weight.primitive, targets).0),
         }
     }
 }

@@ -44,27 +44,32 @@ pub enum Gate {
 /// A backend with the model's fused operations.
 ///
 /// The `*_forward`/`*_backward` methods are kernels on plain tensors; `causal_attention`
-/// and `cross_entropy` are the differentiable entry points, which `Autodiff` overrides to
+/// and `linear_cross_entropy` are the differentiable entry points, which `Autodiff` overrides to
 /// call the kernels of its inner backend.
 pub trait MoeBackend: Backend {
-    /// Per-row cross-entropy of `logits: [N, V]` against `targets: [N]`:
-    /// `(nll, logsumexp)`, both `[N]`.
-    fn cross_entropy_forward(
-        logits: FloatTensor<Self>,
+    /// The output head and its loss in one: per-row cross-entropy of the logits
+    /// `x weight` (`x: [N, d]`, `weight: [d, V]`) against `targets: [N]`. Returns
+    /// `(nll, dlogits)`: the negative log-likelihoods `[N]` and
+    /// `softmax(x weight) - onehot(targets)`, `[N, V]`, the gradient of their sum with
+    /// respect to the logits, which is all the backward needs of them (so the logits
+    /// themselves are never kept).
+    fn linear_cross_entropy_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::cross_entropy_forward::<Self>(logits, targets)
+        reference::linear_cross_entropy_forward::<Self>(x, weight, targets)
     }
 
-    /// Gradient of the per-row NLL given its output gradient `grad: [N]`:
-    /// `(softmax(logits) - onehot(targets)) * grad`, `[N, V]`.
-    fn cross_entropy_backward(
-        logits: FloatTensor<Self>,
-        logsumexp: FloatTensor<Self>,
-        targets: IntTensor<Self>,
+    /// `(d_x, d_weight)` of the per-row NLL given its output gradient `grad: [N]`:
+    /// `d_x = diag(grad) dlogits weight^T`, `d_weight = (diag(grad) x)^T dlogits`.
+    fn linear_cross_entropy_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        dlogits: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        reference::cross_entropy_backward::<Self>(logits, logsumexp, targets, grad)
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::linear_cross_entropy_backward::<Self>(x, weight, dlogits, grad)
     }
 
     /// SwiGLU activation `silu(gate) * up`, elementwise over equal shapes.
@@ -173,9 +178,14 @@ pub trait MoeBackend: Backend {
         Self::causal_attention_forward(q, k, v).0
     }
 
-    /// Per-row negative log-likelihood of `targets: [N]` under `logits: [N, V]`, `[N]`.
-    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
-        Self::cross_entropy_forward(logits, targets).0
+    /// Per-row negative log-likelihood of `targets: [N]` under the logits `x weight`
+    /// (`x: [N, d]`, `weight: [d, V]`), `[N]`.
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::linear_cross_entropy_forward(x, weight, targets).0
     }
 
     /// Routing of `logits: [T, E]`: `(weights, experts)`, both `[T, k]`, the `top_k`
@@ -503,13 +513,16 @@ pub fn transfer<B: MoeBackend, const D: usize>(
     float(B::transfer(x.into_primitive().tensor(), device))
 }
 
-/// Negative log-likelihood of each row's target, `[N]`; see [`MoeBackend::cross_entropy`].
-pub fn cross_entropy<B: MoeBackend>(
-    logits: Tensor<B, 2>,
+/// Negative log-likelihood of each row's target under the logits `x weight`, `[N]`; see
+/// [`MoeBackend::linear_cross_entropy_forward`].
+pub fn linear_cross_entropy<B: MoeBackend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> Tensor<B, 1> {
-    float(B::cross_entropy(
-        logits.into_primitive().tensor(),
+    float(B::linear_cross_entropy(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
         targets.into_primitive(),
     ))
 }

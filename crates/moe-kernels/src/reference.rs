@@ -154,41 +154,43 @@ pub fn softmax_backward<B: Backend>(probs: FloatTensor<B>, grad: FloatTensor<B>)
     (probs * (grad - dot)).into_primitive().tensor()
 }
 
-/// `(nll, logsumexp)` per row of `logits: [N, V]`.
-pub fn cross_entropy_forward<B: Backend>(
-    logits: FloatTensor<B>,
+/// `(nll, dlogits)` of the logits `x weight` (see
+/// [`crate::MoeBackend::linear_cross_entropy_forward`]), from `B`'s matmul and softmax.
+pub fn linear_cross_entropy_forward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
     targets: IntTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let logits: Tensor<B, 2> = float(logits);
-    let targets: Tensor<B, 1, Int> = int(targets);
-    let [rows, _] = logits.dims();
+    let logits = float::<B, 2>(x).matmul(float(weight));
+    let targets: Tensor<B, 2, Int> = int::<B, 1>(targets).unsqueeze_dim(1);
     let max = logits.clone().max_dim(1);
     let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-    let picked = logits.gather(1, targets.reshape([rows, 1]));
-    let nll = (lse.clone() - picked).reshape([rows]);
+    let nll = lse.clone() - logits.clone().gather(1, targets.clone());
+    let probs = (logits - lse).exp();
+    let ones = Tensor::ones(targets.dims(), &probs.device());
+    let dlogits = probs.scatter(1, targets, ones.neg(), IndexingUpdateOp::Add);
     (
-        nll.into_primitive().tensor(),
-        lse.reshape([rows]).into_primitive().tensor(),
+        nll.squeeze_dim::<1>(1).into_primitive().tensor(),
+        dlogits.into_primitive().tensor(),
     )
 }
 
-/// `(softmax(logits) - onehot(targets)) * grad` per row.
-pub fn cross_entropy_backward<B: Backend>(
-    logits: FloatTensor<B>,
-    logsumexp: FloatTensor<B>,
-    targets: IntTensor<B>,
+/// `(d_x, d_weight)` of the per-row NLL given its gradient `grad: [N]`; see
+/// [`crate::MoeBackend::linear_cross_entropy_backward`].
+pub fn linear_cross_entropy_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    dlogits: FloatTensor<B>,
     grad: FloatTensor<B>,
-) -> FloatTensor<B> {
-    let logits: Tensor<B, 2> = float(logits);
-    let [rows, _] = logits.dims();
-    let lse = float::<B, 1>(logsumexp).reshape([rows, 1]);
-    let grad = float::<B, 1>(grad).reshape([rows, 1]);
-    let targets = int::<B, 1>(targets).reshape([rows, 1]);
-    let probs = (logits - lse).exp() * grad.clone();
-    probs
-        .scatter(1, targets, grad.neg(), IndexingUpdateOp::Add)
-        .into_primitive()
-        .tensor()
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let grad = float::<B, 1>(grad).unsqueeze_dim::<2>(1);
+    let dlogits = float::<B, 2>(dlogits) * grad;
+    let d_x = dlogits.clone().matmul(float::<B, 2>(weight).transpose());
+    let d_weight = float::<B, 2>(x).transpose().matmul(dlogits);
+    (
+        d_x.into_primitive().tensor(),
+        d_weight.into_primitive().tensor(),
+    )
 }
 
 /// Causal attention of `q: [B, H, Sq, D]` over `k, v: [B, H, Sk, D]` (query `i` at key

@@ -12,7 +12,7 @@ use crate::config::{ConfigError, ModelConfig, MoeConfig};
 use crate::experts::SwiGlu;
 use crate::moe::{MoeLayer, MoeOutput};
 use crate::rope::RopeAngles;
-use moe_kernels::{MoeBackend, cross_entropy, rms_norm};
+use moe_kernels::{MoeBackend, linear_cross_entropy, rms_norm};
 
 /// The most logits [`Transformer::token_nll`] holds at once: 8 MiB of f32.
 pub const LOSS_BLOCK_LOGITS: usize = 1 << 21;
@@ -199,10 +199,10 @@ impl<B: MoeBackend> Transformer<B> {
     /// position 0), `[B * S]` in row-major order, with the router outputs.
     ///
     /// The final norm, output projection and cross-entropy run over blocks of at most
-    /// [`LOSS_BLOCK_LOGITS`] logits rather than the whole `[B * S, vocab]` at once: a
-    /// training batch's full logits and their gradient (64 MiB each for 16 x 256 tokens and
-    /// 4096 ids) are too large for the CPU allocator to reuse, so each step took them fresh
-    /// from the OS, and the page faults cost about a tenth of a flex training step.
+    /// [`LOSS_BLOCK_LOGITS`] logits rather than the whole `[B * S, vocab]` at once: the
+    /// gradient of a training batch's full logits (64 MiB for 16 x 256 tokens and 4096
+    /// ids) is too large for the CPU allocator to reuse, so each step took it fresh from
+    /// the OS, and the page faults cost about a tenth of a flex training step.
     pub fn token_nll(
         &self,
         tokens: Tensor<B, 2, Int>,
@@ -217,9 +217,9 @@ impl<B: MoeBackend> Transformer<B> {
             .step_by(block)
             .map(|start| {
                 let len = block.min(rows - start);
-                let logits = self.head(hidden.clone().narrow(1, start, len));
-                let logits = logits.reshape([len, self.model.vocab_size]);
-                cross_entropy(logits, targets.clone().narrow(0, start, len))
+                let x = normalize(&self.norm, hidden.clone().narrow(1, start, len));
+                let targets = targets.clone().narrow(0, start, len);
+                linear_cross_entropy(x.reshape([len, d]), self.head_weight(), targets)
             })
             .collect();
         (Tensor::cat(nll, 0), moe)
@@ -309,10 +309,15 @@ impl<B: MoeBackend> Transformer<B> {
 
     /// Final norm and output projection, `[B, S, d] -> [B, S, vocab]`.
     fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = normalize(&self.norm, x);
+        normalize(&self.norm, x).matmul(self.head_weight().unsqueeze())
+    }
+
+    /// The output projection, `[d, vocab]`: the head's weight, or the embedding's
+    /// transposed when they are tied.
+    fn head_weight(&self) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => x.matmul(self.embed.weight.val().transpose().unsqueeze()),
+            Some(head) => head.weight.val(),
+            None => self.embed.weight.val().transpose(),
         }
     }
 }

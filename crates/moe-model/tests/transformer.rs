@@ -61,22 +61,30 @@ fn later_tokens_do_not_change_earlier_logits() {
 
 #[test]
 fn blockwise_token_nll_equals_cross_entropy_of_the_full_logits() {
-    // 10 x 60 rows of 8192 ids: blocks of 256 rows, the last one partial.
+    // 10 x 60 rows of 8192 ids: blocks of 256 rows, the last one partial; with a head of
+    // its own and one tied to the embedding.
     let vocab = 8192;
     assert_eq!(LOSS_BLOCK_LOGITS / vocab, 256);
     let device = Default::default();
-    let model_config = model_config(vocab, 16, 1, 2);
-    let model = Transformer::<B>::new(&model_config, &moe_config(4, 2, 8), &device).unwrap();
-    let ids: Vec<i64> = (0..601).map(|i| (i * 37 % vocab) as i64).collect();
-    let inputs = Tensor::<B, 1, Int>::from_ints(&ids[..600], &device).reshape([10, 60]);
-    let targets = Tensor::<B, 1, Int>::from_ints(&ids[1..], &device)
-        .narrow(0, 0, 600)
-        .reshape([10, 60]);
-    let (nll, moe) = model.token_nll(inputs.clone(), targets.clone());
-    let logits = model.forward(inputs).logits.reshape([600, vocab]);
-    let expected = moe_model::ops::cross_entropy(logits, targets.reshape([600]));
-    assert_eq!(moe.len(), 1);
-    assert_close(&host(nll), &host(expected), 1e-5, "token nll");
+    for tie in [false, true] {
+        let model_config = ModelConfig {
+            tie_embeddings: tie,
+            ..model_config(vocab, 16, 1, 2)
+        };
+        let model = Transformer::<B>::new(&model_config, &moe_config(4, 2, 8), &device).unwrap();
+        let ids: Vec<i64> = (0..601).map(|i| (i * 37 % vocab) as i64).collect();
+        let inputs = Tensor::<B, 1, Int>::from_ints(&ids[..600], &device).reshape([10, 60]);
+        let targets = Tensor::<B, 1, Int>::from_ints(&ids[1..], &device)
+            .narrow(0, 0, 600)
+            .reshape([600, 1]);
+        let (nll, moe) = model.token_nll(inputs.clone(), targets.clone().reshape([10, 60]));
+        let logits = model.forward(inputs).logits.reshape([600, vocab]);
+        let expected = burn::tensor::activation::log_softmax(logits, 1)
+            .gather(1, targets)
+            .neg();
+        assert_eq!(moe.len(), 1);
+        assert_close(&host(nll), &host(expected), 1e-5, "token nll");
+    }
 }
 
 #[test]

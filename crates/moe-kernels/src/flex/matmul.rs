@@ -44,6 +44,11 @@ impl<'a> Matrix<'a> {
         Self::rows_of(data, d_out, e * d_in..(e + 1) * d_in)
     }
 
+    /// `[rows, columns]`.
+    pub(super) fn shape(&self) -> [usize; 2] {
+        [self.rows, self.columns]
+    }
+
     /// The transpose (strides swapped, no copy).
     pub(super) fn transpose(self) -> Self {
         Self {
@@ -86,6 +91,14 @@ pub(super) fn matmul_into(out: &mut [f32], lhs: Matrix, rhs: Matrix) {
     scaled_matmul_into(out, rhs.columns, lhs, rhs, 1.0);
 }
 
+/// `out = lhs rhs` like [`matmul_into`], with gemm splitting the product over rayon's
+/// threads: for a product the caller cannot split into independent blocks itself (a
+/// long inner dimension, a narrow output).
+pub(super) fn parallel_matmul_into(out: &mut [f32], lhs: Matrix, rhs: Matrix) {
+    assert_eq!(out.len(), lhs.rows * rhs.columns, "matmul: output size");
+    gemm_into(out, rhs.columns, lhs, rhs, 1.0, gemm::Parallelism::Rayon(0));
+}
+
 /// `out = scale * lhs rhs`, where output row `i` starts at `out[i * out_stride]` (so `out`
 /// can be a block of columns of a wider row-major matrix). One thread: the callers
 /// parallelise over blocks.
@@ -95,6 +108,18 @@ pub(super) fn scaled_matmul_into(
     lhs: Matrix,
     rhs: Matrix,
     scale: f32,
+) {
+    gemm_into(out, out_stride, lhs, rhs, scale, gemm::Parallelism::None);
+}
+
+/// [`scaled_matmul_into`] on `parallelism`'s threads.
+fn gemm_into(
+    out: &mut [f32],
+    out_stride: usize,
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+    parallelism: gemm::Parallelism,
 ) {
     assert_eq!(lhs.columns, rhs.rows, "matmul: inner dimensions differ");
     assert!(
@@ -133,7 +158,7 @@ pub(super) fn scaled_matmul_into(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }

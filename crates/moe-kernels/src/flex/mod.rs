@@ -5,6 +5,7 @@
 
 mod attention;
 mod dispatch;
+mod linear_cross_entropy;
 mod matmul;
 
 use burn::backend::Flex;
@@ -346,64 +347,49 @@ impl MoeBackend for Flex {
         )
     }
 
-    fn cross_entropy_forward(
-        logits: FloatTensor<Self>,
+    fn linear_cross_entropy_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (Some(x), Some(targets_host)) = (f32_rows(&logits), indices(&targets)) else {
-            return reference::cross_entropy_forward::<Self>(logits, targets);
+        let [rows, d] = x.shape().dims::<2>();
+        let [_, vocab] = weight.shape().dims::<2>();
+        let (Some(x_rows), Some(w), Some(targets_host)) =
+            (f32_rows(&x), matrix(&weight), indices(&targets))
+        else {
+            return reference::linear_cross_entropy_forward::<Self>(x, weight, targets);
         };
-        let [rows, vocab] = logits.shape().dims::<2>();
-        let mut out = vec![[0.0f32; 2]; rows];
-        out.par_iter_mut().enumerate().for_each(|(row, out)| {
-            let x = &x[row * vocab..(row + 1) * vocab];
-            let lse = vectorized(
-                #[inline(always)]
-                || {
-                    let max = max_of(x);
-                    max + sum_of(x, |v| exp(v - max)).ln()
-                },
-            );
-            *out = [lse - x[targets_host[row]], lse];
-        });
-        let (nll, lse) = out.into_iter().map(|[n, l]| (n, l)).unzip();
+        let fits = w.shape()[0] == d
+            && targets_host.len() == rows
+            && targets_host.iter().all(|&t| t < vocab);
+        if !fits {
+            return reference::linear_cross_entropy_forward::<Self>(x, weight, targets);
+        }
+        let x_rows = matmul::Matrix::rows_of(&x_rows, d, 0..rows);
+        let (nll, dlogits) = linear_cross_entropy::forward(x_rows, w, &targets_host);
         (
             tensor(nll, Shape::new([rows])),
-            tensor(lse, Shape::new([rows])),
+            tensor(dlogits, Shape::new([rows, vocab])),
         )
     }
 
-    fn cross_entropy_backward(
-        logits: FloatTensor<Self>,
-        logsumexp: FloatTensor<Self>,
-        targets: IntTensor<Self>,
+    fn linear_cross_entropy_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        dlogits: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        let (Some(x), Some(lse), Some(g), Some(targets_host)) = (
-            f32_rows(&logits),
-            f32_rows(&logsumexp),
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (weight_shape, x_shape) = (weight.shape(), x.shape());
+        let (Some(x_rows), Some(w), Some(dl), Some(g)) = (
+            f32_rows(&x),
+            matrix(&weight),
+            f32_rows(&dlogits),
             f32_rows(&grad),
-            indices(&targets),
         ) else {
-            return reference::cross_entropy_backward::<Self>(logits, logsumexp, targets, grad);
+            return reference::linear_cross_entropy_backward::<Self>(x, weight, dlogits, grad);
         };
-        let shape = logits.shape();
-        let vocab = shape.dims::<2>()[1];
-        let mut output = vec![0.0f32; x.len()];
-        par_rows(
-            &mut output,
-            vocab,
-            #[inline(always)]
-            |row, out| {
-                let x = &x[row * vocab..(row + 1) * vocab];
-                let (lse, g) = (lse[row], g[row]);
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = exp(v - lse) * g;
-                }
-                out[targets_host[row]] -= g;
-            },
-        );
-        tensor(output, shape)
+        let (d_x, d_weight) = linear_cross_entropy::backward(&x_rows, w, &dl, &g);
+        (tensor(d_x, x_shape), tensor(d_weight, weight_shape))
     }
 }
 
@@ -585,18 +571,43 @@ fn attention_dims(q: &attention::Heads, k: &attention::Heads) -> attention::Dims
 /// A rank-4 f32 tensor as per-head matrices read through its strides; `None` for other
 /// dtypes or ranks and for negative strides.
 fn heads(tensor: &FlexTensor) -> Option<attention::Heads<'_>> {
+    let (data, offset, shape, strides) = strided(tensor)?;
+    Some(attention::Heads {
+        data,
+        offset,
+        shape,
+        strides,
+    })
+}
+
+/// A rank-2 f32 tensor as a matrix read through its strides (a transposed weight is
+/// not copied); `None` for other dtypes or ranks and for negative strides.
+fn matrix(tensor: &FlexTensor) -> Option<matmul::Matrix<'_>> {
+    let (data, offset, shape, strides) = strided(tensor)?;
+    Some(matmul::Matrix::strided(data, offset, shape, strides))
+}
+
+/// An f32 tensor's `(storage, offset, shape, strides)`.
+type Strided<'a, const R: usize> = (&'a [f32], usize, [usize; R], [usize; R]);
+
+/// An f32 tensor of rank `R` as [`Strided`]; `None` for other dtypes or ranks and for
+/// negative strides.
+fn strided<const R: usize>(tensor: &FlexTensor) -> Option<Strided<'_, R>> {
     let layout = tensor.layout();
-    let shape: [usize; 4] = layout.shape().as_slice().try_into().ok()?;
+    let shape = layout.shape().as_slice().try_into().ok()?;
     let strides: Vec<usize> = layout
         .strides()
         .iter()
         .map(|&s| usize::try_from(s).ok())
         .collect::<Option<_>>()?;
-    (tensor.dtype() == DType::F32).then(|| attention::Heads {
-        data: tensor.storage::<f32>(),
-        offset: layout.start_offset(),
-        shape,
-        strides: strides.try_into().expect("rank 4"),
+    let strides = strides.try_into().ok()?;
+    (tensor.dtype() == DType::F32).then(|| {
+        (
+            tensor.storage::<f32>(),
+            layout.start_offset(),
+            shape,
+            strides,
+        )
     })
 }
 

@@ -1,0 +1,93 @@
+//! The output head and its loss in one pass over blocks of rows: each block's logits are
+//! computed into the buffer that then holds their gradient, and turned into
+//! `softmax - onehot` while still in cache. The backward is two products with that
+//! gradient. No logits tensor is allocated, kept or copied, and the softmax makes one
+//! pass of `exp` over the vocabulary (the forward and backward of a separate
+//! cross-entropy took one each).
+
+use rayon::prelude::*;
+
+use super::matmul::{Matrix, matmul_into, parallel_matmul_into};
+use super::{exp, max_of, sum_of, vectorized};
+
+/// Rows of logits per rayon task: a 64 x 4096 block (1 MiB) stays in a core's cache
+/// between its product and its softmax.
+const ROWS_PER_BLOCK: usize = 64;
+
+/// `(nll, dlogits)` of the logits `x weight` against `targets` (one per row of `x`):
+/// `[rows]` and `softmax - onehot`, `[rows, vocab]` row-major.
+pub fn forward(x: Matrix, weight: Matrix, targets: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let ([rows, _], [_, vocab]) = (x.shape(), weight.shape());
+    let mut dlogits = vec![0.0f32; rows * vocab];
+    let mut nll = vec![0.0f32; rows];
+    if dlogits.is_empty() {
+        return (nll, dlogits);
+    }
+    dlogits
+        .par_chunks_mut(ROWS_PER_BLOCK * vocab)
+        .zip(nll.par_chunks_mut(ROWS_PER_BLOCK))
+        .enumerate()
+        .for_each(|(block, (dlogits, nll))| {
+            let first = block * ROWS_PER_BLOCK;
+            matmul_into(dlogits, x.rows(first..first + nll.len()), weight);
+            vectorized(
+                #[inline(always)]
+                || {
+                    let rows = dlogits.chunks_mut(vocab).zip(nll.iter_mut());
+                    for ((logits, nll), &target) in rows.zip(&targets[first..]) {
+                        *nll = softmax_minus_onehot(logits, target);
+                    }
+                },
+            );
+        });
+    (nll, dlogits)
+}
+
+/// Turns a row of logits into `softmax(logits) - onehot(target)` in place; returns the
+/// target's negative log-likelihood, `logsumexp(logits) - logits[target]`.
+#[inline(always)]
+fn softmax_minus_onehot(logits: &mut [f32], target: usize) -> f32 {
+    let (max, picked) = (max_of(logits), logits[target]);
+    logits.iter_mut().for_each(|v| *v = exp(*v - max));
+    let sum = sum_of(logits, |p| p);
+    let inv = 1.0 / sum;
+    logits.iter_mut().for_each(|p| *p *= inv);
+    logits[target] -= 1.0;
+    max + sum.ln() - picked
+}
+
+/// `(d_x, d_weight)`, row-major `[rows, d]` and `[d, vocab]`, given the row-major `x`
+/// (`[rows, d]`), the `weight` view, [`forward`]'s `dlogits` and the NLL's gradient
+/// `grad: [rows]`: `d_x = diag(grad) dlogits weight^T`, `d_weight = (diag(grad) x)^T dlogits`.
+pub fn backward(x: &[f32], weight: Matrix, dlogits: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let [d, vocab] = weight.shape();
+    let rows = grad.len();
+    let mut d_x = vec![0.0f32; rows * d];
+    let mut d_weight = vec![0.0f32; d * vocab];
+    if d_x.is_empty() || d_weight.is_empty() {
+        return (d_x, d_weight);
+    }
+    d_x.par_chunks_mut(ROWS_PER_BLOCK * d)
+        .enumerate()
+        .for_each(|(block, d_x)| {
+            let first = block * ROWS_PER_BLOCK;
+            let block_rows = first..first + d_x.len() / d;
+            let dlogits = Matrix::rows_of(dlogits, vocab, block_rows);
+            matmul_into(d_x, dlogits, weight.transpose());
+            for (row, &g) in d_x.chunks_mut(d).zip(&grad[first..]) {
+                row.iter_mut().for_each(|v| *v *= g);
+            }
+        });
+    let scaled_x: Vec<f32> = x
+        .chunks(d)
+        .zip(grad)
+        .flat_map(|(row, &g)| row.iter().map(move |v| v * g))
+        .collect();
+    let scaled_x = Matrix::rows_of(&scaled_x, d, 0..rows).transpose();
+    parallel_matmul_into(
+        &mut d_weight,
+        scaled_x,
+        Matrix::rows_of(dlogits, vocab, 0..rows),
+    );
+    (d_x, d_weight)
+}
