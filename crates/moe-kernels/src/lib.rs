@@ -41,6 +41,23 @@ pub enum Gate {
     },
 }
 
+/// One AdamW step's scalars: the hyper-parameters, the learning rate and the step number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Decay of the first moment.
+    pub beta_1: f32,
+    /// Decay of the second moment.
+    pub beta_2: f32,
+    /// Added to the root of the second moment.
+    pub epsilon: f32,
+    /// Decoupled weight decay (multiplied by `lr`).
+    pub weight_decay: f32,
+    /// This step's number, from 1: the bias corrections depend on it.
+    pub time: i32,
+}
+
 /// A backend with the model's fused operations.
 ///
 /// The `*_forward`/`*_backward` methods are kernels on plain tensors; `causal_attention`
@@ -305,6 +322,21 @@ pub trait MoeBackend: Backend {
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         Self::combine_forward(buffer, slot, weights)
+    }
+
+    /// One AdamW step of `param` given its gradient and moments (zeros before the first
+    /// step): the new `(param, moment_1, moment_2)`, each shaped like `param`. With
+    /// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`, `m^ = m / (1 - b1^t)` and
+    /// `v^ = v / (1 - b2^t)`: `param (1 - lr wd) - lr m^ / (sqrt(v^) + eps)`, the f32
+    /// operations of burn's `AdamW` in the same order.
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        reference::adamw_step::<Self>(param, grad, moment_1, moment_2, step)
     }
 
     /// Copies `x` to `device` (expert placement sends tokens to their expert's device and

@@ -20,7 +20,8 @@ use serde::Serialize;
 
 use crate::config::RunConfig;
 use crate::grad_clip::clip_global_norm;
-use crate::trainer::{forward_backward, optimizer_config};
+use crate::optimizer::FusedAdamW;
+use crate::trainer::forward_backward;
 
 /// Parameter counts that set a model's compute per token.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -144,7 +145,7 @@ fn time_train_steps<B: MoeAutodiffBackend>(
     B::seed(device, train.seed);
     let mut model = Transformer::<B>::new(&config.model, &config.moe, device)?;
     let params = ParamCounts::of(&model);
-    let mut optimizer = optimizer_config(train).init::<B, Transformer<B>>();
+    let mut optimizer = FusedAdamW::new(train).init::<B>();
     let mut tokens = RandomTokens::new(config);
     let mut timed = 0.0;
     for step in 0..warmup + steps {

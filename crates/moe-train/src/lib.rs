@@ -13,6 +13,7 @@ pub mod import;
 pub mod logger;
 pub mod metrics;
 pub mod model_tensors;
+pub mod optimizer;
 pub mod router_stats;
 pub mod safetensors_file;
 pub mod schedule;

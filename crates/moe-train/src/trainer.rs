@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use burn::data::dataloader::batcher::Batcher;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::Recorder;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
@@ -29,6 +29,7 @@ use crate::eval::{EvalResult, evaluate};
 use crate::grad_clip::clip_global_norm;
 use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
 use crate::model_tensors::{load_model_tensors, model_tensors};
+use crate::optimizer::FusedAdamW;
 use crate::router_stats::RouterStatsAccumulator;
 use crate::schedule::learning_rate;
 
@@ -188,7 +189,7 @@ pub fn train<B: MoeAutodiffBackend>(
         progress(&format!("initialised from {}", init.display()));
     }
     let train = &config.train;
-    let mut optimizer = optimizer_config(train).init::<B, Transformer<B>>();
+    let mut optimizer = FusedAdamW::new(train).init::<B>();
     let mut state = TrainingState {
         step: 0,
         elapsed_secs: 0.0,
@@ -532,7 +533,7 @@ impl<B: MoeAutodiffBackend> Replicas<B> {
                 std::thread::spawn(move || {
                     let run = || -> Result<()> {
                         let train = &config.train;
-                        let mut optimizer = optimizer_config(train).init::<B, Transformer<B>>();
+                        let mut optimizer = FusedAdamW::new(train).init::<B>();
                         if let Some(ckpt) = &resume_from {
                             let record = recorder().load(ckpt.join(OPTIMIZER_FILE), &device)?;
                             optimizer = optimizer.load_record(record);
@@ -608,15 +609,6 @@ impl<B: MoeAutodiffBackend> Drop for Replicas<B> {
             data_parallel::reset::<B::InnerBackend>();
         }
     }
-}
-
-/// AdamW with the run's hyper-parameters.
-pub fn optimizer_config(train: &TrainConfig) -> AdamWConfig {
-    AdamWConfig::new()
-        .with_beta_1(train.beta1 as f32)
-        .with_beta_2(train.beta2 as f32)
-        .with_epsilon(train.eps as f32)
-        .with_weight_decay(train.weight_decay as f32)
 }
 
 /// One micro-batch's forward pass and gradients.

@@ -15,7 +15,7 @@ use burn::tensor::{DType, Shape, TensorData, TensorMetadata};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
-use crate::{MoeBackend, reference, reference_dispatch};
+use crate::{AdamWStep, MoeBackend, reference, reference_dispatch};
 
 /// Rows handed to one rayon task: enough work to amortise the task, small enough to
 /// balance two to sixteen cores.
@@ -132,6 +132,50 @@ impl MoeBackend for Flex {
         };
         let (d_x, d_w) = dispatch::grouped_matmul_backward(&values, &w, counts, &g, d_in, d_out);
         (tensor(d_x, x.shape()), tensor(d_w, weights.shape()))
+    }
+
+    /// One pass over the four arrays, updating the parameter and the moments in place
+    /// when the optimiser holds the only reference to them (burn's `AdamW` makes about
+    /// fifteen passes, each allocating its result).
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let n = param.shape().num_elements();
+        let f32_of_one_size = [&param, &grad, &moment_1, &moment_2]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.shape().num_elements() == n);
+        let Some(g) = f32_rows(&grad).filter(|_| f32_of_one_size) else {
+            return reference::adamw_step::<Self>(param, grad, moment_1, moment_2, step);
+        };
+        let (mut param, mut m, mut v) = (writable(param), writable(moment_1), writable(moment_2));
+        let (b1, b2, eps) = (step.beta_1, step.beta_2, step.epsilon);
+        let (c1, c2) = (1.0 - b1.powi(step.time), 1.0 - b2.powi(step.time));
+        let keep = (1.0 - step.lr * f64::from(step.weight_decay)) as f32;
+        let lr = step.lr as f32;
+        param
+            .storage_mut::<f32>()
+            .par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(m.storage_mut::<f32>().par_chunks_mut(ELEMENTWISE_CHUNK))
+            .zip(v.storage_mut::<f32>().par_chunks_mut(ELEMENTWISE_CHUNK))
+            .zip(g.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                            *m = *m * b1 + g * (1.0 - b1);
+                            *v = *v * b2 + g * g * (1.0 - b2);
+                            let delta = (*m / c1) / ((*v / c2).sqrt() + eps);
+                            *p = *p * keep - delta * lr;
+                        }
+                    },
+                )
+            });
+        (param, m, v)
     }
 
     fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -678,6 +722,23 @@ fn f32_rows(tensor: &FlexTensor) -> Option<Cow<'_, [f32]>> {
             tensor.to_contiguous().as_slice::<f32>()?.to_vec(),
         )),
     }
+}
+
+/// An f32 tensor as one a kernel may overwrite: itself when it is contiguous from the
+/// start of its storage and holds the only reference to it, else a contiguous copy.
+fn writable(tensor: FlexTensor) -> FlexTensor {
+    let n = tensor.shape().num_elements();
+    let in_place = tensor.is_unique()
+        && tensor.is_contiguous()
+        && tensor.layout().start_offset() == 0
+        && tensor.storage::<f32>().len() == n;
+    if in_place {
+        return tensor;
+    }
+    let contiguous = tensor.to_contiguous();
+    let start = contiguous.layout().start_offset();
+    let values = contiguous.storage::<f32>()[start..start + n].to_vec();
+    self::tensor(values, tensor.shape())
 }
 
 /// The rows of a dispatch operand, unless the reference path is asked for
