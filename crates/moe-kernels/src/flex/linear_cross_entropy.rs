@@ -67,17 +67,16 @@ pub fn backward(x: &[f32], weight: Matrix, dlogits: &[f32], grad: &[f32]) -> (Ve
     if d_x.is_empty() || d_weight.is_empty() {
         return (d_x, d_weight);
     }
-    d_x.par_chunks_mut(ROWS_PER_BLOCK * d)
-        .enumerate()
-        .for_each(|(block, d_x)| {
-            let first = block * ROWS_PER_BLOCK;
-            let block_rows = first..first + d_x.len() / d;
-            let dlogits = Matrix::rows_of(dlogits, vocab, block_rows);
-            matmul_into(d_x, dlogits, weight.transpose());
-            for (row, &g) in d_x.chunks_mut(d).zip(&grad[first..]) {
-                row.iter_mut().for_each(|v| *v *= g);
-            }
-        });
+    // One product over all rows, blocked and split by gemm itself: with blocks of 64 rows
+    // of our own the training step ran about 10% slower (5 alternating pairs).
+    parallel_matmul_into(
+        &mut d_x,
+        Matrix::rows_of(dlogits, vocab, 0..rows),
+        weight.transpose(),
+    );
+    d_x.par_chunks_mut(d).zip(grad).for_each(|(row, &g)| {
+        row.iter_mut().for_each(|v| *v *= g);
+    });
     let scaled_x: Vec<f32> = x
         .chunks(d)
         .zip(grad)
