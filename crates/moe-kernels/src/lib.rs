@@ -60,9 +60,9 @@ pub struct AdamWStep {
 
 /// A backend with the model's fused operations.
 ///
-/// The `*_forward`/`*_backward` methods are kernels on plain tensors; `causal_attention`
-/// and `linear_cross_entropy` are the differentiable entry points, which `Autodiff` overrides to
-/// call the kernels of its inner backend.
+/// The `*_forward`/`*_backward` methods are kernels on plain tensors; `causal_attention`,
+/// `linear_cross_entropy` and the other methods without a suffix are the differentiable
+/// entry points, which `Autodiff` overrides to call the kernels of its inner backend.
 pub trait MoeBackend: Backend {
     /// The output head and its loss in one: per-row cross-entropy of the logits
     /// `x weight` (`x: [N, d]`, `weight: [d, V]`) against `targets: [N]`. Returns

@@ -125,8 +125,8 @@ fn linear_cross_entropy_matches_naive<B: MoeBackend>(device: &B::Device) {
     let targets_host: Vec<usize> = (0..rows).map(|r| r * 11 % vocab).collect();
     let ids: Vec<i64> = targets_host.iter().map(|&t| t as i64).collect();
     let targets = Tensor::<A<B>, 1, Int>::from_ints(ids.as_slice(), device);
-    let grad_host: Vec<f64> = values(rows, 12).iter().map(|&g| g as f64).collect();
     let grad = Tensor::<A<B>, 1>::from_floats(values(rows, 12).as_slice(), device);
+    let grad_host = host(grad.clone());
     // The weight as a plain [d, V] tensor and as the transposed view of a [V, d] one (a
     // head tied to the embedding).
     for transposed in [false, true] {
