@@ -6,7 +6,7 @@ mod common;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
-use common::{assert_close, host, leaf, tensor, values};
+use common::{assert_close, host, leaf, matmul_tol, tensor, values};
 use moe_model::MoeBackend;
 use moe_model::ops::{causal_attention, linear_cross_entropy, reference, rms_norm, rotary, swiglu};
 
@@ -62,6 +62,7 @@ fn attention_matches_naive<B: MoeBackend>(device: &B::Device) {
     // Full causal attention, and a shorter query block continuing a cache (Sq < Sk);
     // head_dim 5 is not a multiple of any vector width. The longer ones span several of
     // flex's query and key blocks (64), the last partial.
+    let tol = matmul_tol::<B>(device, 1e-5);
     for (queries, keys) in [(7, 7), (3, 9), (1, 4), (130, 130), (70, 150)] {
         let (b, h, d) = (2, 3, 5);
         let q = tensor::<B, 4>([b, h, queries, d], 1, device);
@@ -75,7 +76,7 @@ fn attention_matches_naive<B: MoeBackend>(device: &B::Device) {
             keys,
         );
         let out = causal_attention(q, k, v);
-        assert_close(&host(out), &expected, 1e-5, "attention");
+        assert_close(&host(out), &expected, tol, "attention");
     }
 }
 
@@ -127,6 +128,7 @@ fn linear_cross_entropy_matches_naive<B: MoeBackend>(device: &B::Device) {
     let targets = Tensor::<A<B>, 1, Int>::from_ints(ids.as_slice(), device);
     let grad = Tensor::<A<B>, 1>::from_floats(values(rows, 12).as_slice(), device);
     let grad_host = host(grad.clone());
+    let tol = matmul_tol::<B>(device, 1e-5);
     // The weight as a plain [d, V] tensor and as the transposed view of a [V, d] one (a
     // head tied to the embedding).
     for transposed in [false, true] {
@@ -147,13 +149,13 @@ fn linear_cross_entropy_matches_naive<B: MoeBackend>(device: &B::Device) {
         );
         let nll = linear_cross_entropy(x.clone(), w.clone(), targets.clone());
         let plain = linear_cross_entropy(x.clone().inner(), w.inner(), targets.clone().inner());
-        assert_close(&host(plain), &nll_e, 1e-5, "nll");
-        assert_close(&host(nll.clone()), &nll_e, 1e-5, "nll (autodiff)");
+        assert_close(&host(plain), &nll_e, tol, "nll");
+        assert_close(&host(nll.clone()), &nll_e, tol, "nll (autodiff)");
         let grads = (nll * grad.clone()).sum().backward();
-        assert_close(&host(x.grad(&grads).unwrap()), &d_x_e, 1e-5, "d_x");
+        assert_close(&host(x.grad(&grads).unwrap()), &d_x_e, tol, "d_x");
         let d_w = w_leaf.grad(&grads).unwrap();
         let d_w = if transposed { d_w.transpose() } else { d_w };
-        assert_close(&host(d_w), &d_w_e, 1e-5, "d_weight");
+        assert_close(&host(d_w), &d_w_e, tol, "d_weight");
     }
 }
 
@@ -248,8 +250,9 @@ fn assert_same_grads<B: MoeBackend, const D: usize, const N: usize>(
     };
     let got = grads_of(&fused);
     let expected = grads_of(&reference);
+    let tol = matmul_tol::<B>(&inputs[0].device(), 1e-5);
     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-        assert_close(g, e, 1e-5, &format!("{what} grad {i}"));
+        assert_close(g, e, tol, &format!("{what} grad {i}"));
     }
 }
 

@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
 use burn_cubecl::kernel::{into_contiguous, slice};
-use burn_cubecl::ops::numeric::{empty_device_dtype, ones, zeros_client};
+use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, ones, zeros_client};
 use burn_cubecl::ops::reshape;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -52,7 +52,7 @@ where
         gate: Gate,
         top_k: usize,
     ) -> (FloatTensor<Self>, IntTensor<Self>) {
-        if reference_path(&logits) {
+        if reference_dispatch() {
             return routing::route_forward::<Self>(logits, bias, gate, top_k);
         }
         route::<R>(logits, bias, gate, top_k, I::dtype())
@@ -65,7 +65,7 @@ where
         grad: FloatTensor<Self>,
         gate: Gate,
     ) -> FloatTensor<Self> {
-        if reference_path(&logits) {
+        if reference_dispatch() {
             return routing::route_backward::<Self>(logits, experts, weights, grad, gate);
         }
         route_backward(logits, experts, weights, grad, gate)
@@ -76,7 +76,7 @@ where
         n_experts: usize,
         capacity: Option<usize>,
     ) -> (IntTensor<Self>, IntTensor<Self>) {
-        if reference_path(&experts) {
+        if reference_dispatch() {
             return dispatch::expert_slots::<Self>(experts, n_experts, capacity);
         }
         expert_slots(experts, n_experts, capacity)
@@ -87,7 +87,7 @@ where
         slot: IntTensor<Self>,
         rows: usize,
     ) -> FloatTensor<Self> {
-        if reference_path(&x) {
+        if reference_dispatch() {
             return dispatch::permute_forward::<Self>(x, slot, rows);
         }
         let weights = unit_weights(&x, &slot);
@@ -99,7 +99,7 @@ where
         slot: IntTensor<Self>,
         tokens: usize,
     ) -> FloatTensor<Self> {
-        if reference_path(&grad) {
+        if reference_dispatch() {
             return dispatch::permute_backward::<Self>(grad, slot, tokens);
         }
         let weights = unit_weights(&grad, &slot);
@@ -111,7 +111,7 @@ where
         slot: IntTensor<Self>,
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        if reference_path(&buffer) {
+        if reference_dispatch() {
             return dispatch::combine_forward::<Self>(buffer, slot, weights);
         }
         let tokens = weights.shape()[0];
@@ -124,7 +124,7 @@ where
         weights: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if reference_path(&buffer) {
+        if reference_dispatch() {
             return dispatch::combine_backward::<Self>(buffer, slot, weights, grad);
         }
         let rows = buffer.shape()[0];
@@ -138,7 +138,7 @@ where
         weights: FloatTensor<Self>,
         counts: &[usize],
     ) -> FloatTensor<Self> {
-        if reference_path(&x) || !segments_in_place(&x, counts, weights.shape()[2]) {
+        if reference_dispatch() || !segments_in_place(&x, counts, weights.shape()[2]) {
             return dispatch::grouped_matmul_forward::<Self>(x, weights, counts);
         }
         let (x, weights) = (into_contiguous(x), into_contiguous(weights));
@@ -163,7 +163,9 @@ where
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let [n_experts, d_in, d_out] = weights.shape().dims();
-        if reference_path(&x) || !segments_in_place(&x, counts, d_in) || !aligned(&x, d_in * d_out)
+        if reference_dispatch()
+            || !segments_in_place(&x, counts, d_in)
+            || !aligned(&x, d_in * d_out)
         {
             return dispatch::grouped_matmul_backward::<Self>(x, weights, counts, grad);
         }
@@ -174,12 +176,7 @@ where
         );
         let d_x = empty_like(&x, x.shape(), x.dtype);
         // Experts with no rows get a zero gradient.
-        let d_weights = zeros_client(
-            x.client.clone(),
-            x.device.clone(),
-            Shape::new([n_experts, d_in, d_out]),
-            x.dtype,
-        );
+        let d_weights = zeros_like(&x, Shape::new([n_experts, d_in, d_out]), x.dtype);
         for (e, start, count) in segments(counts) {
             let rows = start..start + count;
             let (x_e, grad_e) = (rows_of(&x, rows.clone()), rows_of(&grad, rows.clone()));
@@ -233,14 +230,6 @@ fn segment_matmul<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, out: C
         .expect("matmul of a segment of well-formed matrices");
 }
 
-/// Whether an operation on `tensor` takes the tensor-op reference: inside
-/// [`with_reference_dispatch`](crate::with_reference_dispatch), and always on CUDA, whose
-/// kernels are not yet correct: on an H200 (2026-11-26) the routing kernel returned the
-/// experts of the wrong tokens (`tests/routing_ops.rs` built with `--features cuda`).
-fn reference_path<R: CubeRuntime>(tensor: &CubeTensor<R>) -> bool {
-    reference_dispatch() || R::name(&tensor.client) == "cuda"
-}
-
 /// Launch geometry for one unit per element of `units`.
 fn elementwise<R: CubeRuntime>(tensor: &CubeTensor<R>, units: usize) -> (CubeCount, CubeDim) {
     let cube_dim = CubeDim::new(&tensor.client, units);
@@ -266,8 +255,23 @@ fn unit_weights<R: CubeRuntime>(like: &CubeTensor<R>, slot: &CubeTensor<R>) -> C
     ones(like.device.clone(), slot.shape(), like.dtype)
 }
 
+/// A contiguous uninitialised tensor on `like`'s device. The kernels index their outputs
+/// linearly, so the layout must be plain row-major: burn's default allocation on CUDA pads
+/// rows to an aligned pitch (a `[T, 2]` i32 tensor got rows of 4), which made the routing
+/// kernel's results land at the wrong tokens.
 fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
-    empty_device_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+/// Contiguous zeros on `like`'s device (see [`empty_like`]): burn's zeros, copied to a
+/// row-major layout where the runtime pitched their rows.
+fn zeros_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
+    into_contiguous(zeros_client(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        dtype,
+    ))
 }
 
 /// The kernels' encoding of a gate: `(scoring, normalize, scale)`; see
@@ -408,12 +412,7 @@ fn scatter_rows<R: CubeRuntime>(
     );
     let [tokens, d] = x.shape().dims();
     let assignments = slot.shape().num_elements();
-    let out = zeros_client(
-        x.client.clone(),
-        x.device.clone(),
-        Shape::new([rows, d]),
-        x.dtype,
-    );
+    let out = zeros_like(&x, Shape::new([rows, d]), x.dtype);
     let vector_size = row_vector_size(&x);
     let (count, dim) = elementwise(&x, assignments * d / vector_size);
     let dtypes = [x.dtype.into(), slot.dtype.into()];
