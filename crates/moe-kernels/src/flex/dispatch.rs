@@ -3,11 +3,13 @@
 //! expands, scatters and concatenates, copying every row several times, and allocates
 //! every per-segment product before joining them.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::matmul::{Matrix, matmul_into};
+use super::written;
 
 /// Output rows per rayon task of a grouped matmul: enough to keep the micro-kernel busy,
 /// few enough to spread one expert's segment over the cores.
@@ -102,18 +104,21 @@ pub fn grouped_matmul(
     d_in: usize,
     d_out: usize,
 ) -> Vec<f32> {
-    let starts = starts(counts);
-    let mut out = vec![0.0f32; x.len() / d_in.max(1) * d_out];
-    let blocks = row_blocks(&mut out, d_out, counts);
-    blocks.into_par_iter().for_each(|(e, rows, out)| {
-        let rows = starts[e] + rows.start..starts[e] + rows.end;
-        matmul_into(
-            out,
-            Matrix::rows_of(x, d_in, rows),
-            Matrix::expert(w, e, d_in, d_out),
-        );
-    });
-    out
+    let (starts, rows) = segment_rows(x, counts, d_in);
+    // SAFETY: the blocks tile all `rows` rows, and each product writes its block whole.
+    unsafe {
+        written(rows * d_out, |out| {
+            let blocks = row_blocks(out, d_out, counts);
+            blocks.into_par_iter().for_each(|(e, rows, out)| {
+                let rows = starts[e] + rows.start..starts[e] + rows.end;
+                matmul_into(
+                    out,
+                    Matrix::rows_of(x, d_in, rows),
+                    Matrix::expert(w, e, d_in, d_out),
+                );
+            });
+        })
+    }
 }
 
 /// Gradients `(d_x, d_w)` of [`grouped_matmul`] given the output's `grad: [rows, d_out]`:
@@ -126,30 +131,52 @@ pub fn grouped_matmul_backward(
     d_in: usize,
     d_out: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let starts = starts(counts);
-    let mut d_x = vec![0.0f32; x.len()];
-    let blocks = row_blocks(&mut d_x, d_in, counts);
-    blocks.into_par_iter().for_each(|(e, rows, out)| {
-        let rows = starts[e] + rows.start..starts[e] + rows.end;
-        let w_e = Matrix::expert(w, e, d_in, d_out).transpose();
-        matmul_into(out, Matrix::rows_of(grad, d_out, rows), w_e);
-    });
+    let (starts, rows) = segment_rows(x, counts, d_in);
+    // SAFETY: the blocks tile all `rows` rows, and each product writes its block whole.
+    let d_x = unsafe {
+        written(rows * d_in, |d_x| {
+            let blocks = row_blocks(d_x, d_in, counts);
+            blocks.into_par_iter().for_each(|(e, rows, out)| {
+                let rows = starts[e] + rows.start..starts[e] + rows.end;
+                let w_e = Matrix::expert(w, e, d_in, d_out).transpose();
+                matmul_into(out, Matrix::rows_of(grad, d_out, rows), w_e);
+            });
+        })
+    };
     // d_w[e] rows i0..i1 = (x_e columns i0..i1)^T grad_e: blocks of every expert's matrix.
-    let mut d_w = vec![0.0f32; counts.len() * d_in * d_out];
-    let blocks = row_blocks(&mut d_w, d_out, &vec![d_in; counts.len()]);
-    blocks.into_par_iter().for_each(|(e, columns, out)| {
-        if counts[e] == 0 {
-            return;
-        }
-        let segment = starts[e]..starts[e] + counts[e];
-        let x_t = Matrix::rows_of(x, d_in, segment.clone()).transpose();
-        matmul_into(
-            out,
-            x_t.rows(columns),
-            Matrix::rows_of(grad, d_out, segment),
-        );
-    });
+    // SAFETY: the blocks tile every expert's `d_in` rows; each is written whole, by its
+    // product or with zeros for an expert without rows.
+    let d_w = unsafe {
+        written(counts.len() * d_in * d_out, |d_w| {
+            let blocks = row_blocks(d_w, d_out, &vec![d_in; counts.len()]);
+            blocks.into_par_iter().for_each(|(e, columns, out)| {
+                if counts[e] == 0 {
+                    out.fill(MaybeUninit::new(0.0));
+                    return;
+                }
+                let segment = starts[e]..starts[e] + counts[e];
+                let x_t = Matrix::rows_of(x, d_in, segment.clone()).transpose();
+                matmul_into(
+                    out,
+                    x_t.rows(columns),
+                    Matrix::rows_of(grad, d_out, segment),
+                );
+            });
+        })
+    };
     (d_x, d_w)
+}
+
+/// First row of each segment of the packed rows `x` (width `d_in`), and their number,
+/// which the counts must add up to.
+fn segment_rows(x: &[f32], counts: &[usize], d_in: usize) -> (Vec<usize>, usize) {
+    let rows = counts.iter().sum::<usize>();
+    assert_eq!(
+        rows * d_in,
+        x.len(),
+        "grouped matmul: counts and rows differ"
+    );
+    (starts(counts), rows)
 }
 
 /// Assignments per token.
@@ -185,11 +212,11 @@ fn par_row_blocks(out: &mut [f32], d: usize, kernel: impl Fn(usize, &mut [f32]) 
 
 /// Splits `out` (rows of `width`, consecutive segments of `counts` rows) into blocks of at
 /// most [`MATMUL_BLOCK_ROWS`] rows inside one segment: `(segment, rows within it, block)`.
-fn row_blocks<'a>(
-    mut out: &'a mut [f32],
+fn row_blocks<'a, T>(
+    mut out: &'a mut [T],
     width: usize,
     counts: &[usize],
-) -> Vec<(usize, Range<usize>, &'a mut [f32])> {
+) -> Vec<(usize, Range<usize>, &'a mut [T])> {
     let mut blocks = Vec::new();
     for (e, &count) in counts.iter().enumerate() {
         for first in (0..count).step_by(MATMUL_BLOCK_ROWS) {

@@ -1,7 +1,16 @@
 //! Single-threaded `gemm` products on strided views of f32 slices, for the flex kernels
 //! that split a larger product into blocks and run the blocks in parallel themselves.
+//! Outputs may be uninitialised (see `written`): `gemm` writes them without reading.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
+
+/// `slice` seen as possibly uninitialised, for products that write into initialised
+/// buffers.
+fn as_uninit(slice: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the products only ever write initialised values through it.
+    unsafe { &mut *(slice as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
 
 /// A strided matrix view of an f32 slice: element `(i, j)` at
 /// `offset + i * row_stride + j * column_stride`.
@@ -85,16 +94,24 @@ impl<'a> Matrix<'a> {
     }
 }
 
-/// `out = lhs rhs` with `out` row-major `[lhs.rows, rhs.columns]`.
-pub(super) fn matmul_into(out: &mut [f32], lhs: Matrix, rhs: Matrix) {
+/// `out = lhs rhs` with `out` row-major `[lhs.rows, rhs.columns]`, written whole; returns
+/// `out`, now initialised.
+pub(super) fn matmul_into<'o>(
+    out: &'o mut [MaybeUninit<f32>],
+    lhs: Matrix,
+    rhs: Matrix,
+) -> &'o mut [f32] {
     assert_eq!(out.len(), lhs.rows * rhs.columns, "matmul: output size");
-    scaled_matmul_into(out, rhs.columns, lhs, rhs, 1.0);
+    gemm_into(out, rhs.columns, lhs, rhs, 1.0, gemm::Parallelism::None);
+    // SAFETY: gemm wrote all `lhs.rows * rhs.columns` elements (`columns` apart per row),
+    // the whole of `out` (asserted above).
+    unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// `out = lhs rhs` like [`matmul_into`], with gemm splitting the product over rayon's
 /// threads: for a product the caller cannot split into independent blocks itself (a
 /// long inner dimension, a narrow output).
-pub(super) fn parallel_matmul_into(out: &mut [f32], lhs: Matrix, rhs: Matrix) {
+pub(super) fn parallel_matmul_into(out: &mut [MaybeUninit<f32>], lhs: Matrix, rhs: Matrix) {
     assert_eq!(out.len(), lhs.rows * rhs.columns, "matmul: output size");
     gemm_into(out, rhs.columns, lhs, rhs, 1.0, gemm::Parallelism::Rayon(0));
 }
@@ -109,12 +126,19 @@ pub(super) fn scaled_matmul_into(
     rhs: Matrix,
     scale: f32,
 ) {
-    gemm_into(out, out_stride, lhs, rhs, scale, gemm::Parallelism::None);
+    gemm_into(
+        as_uninit(out),
+        out_stride,
+        lhs,
+        rhs,
+        scale,
+        gemm::Parallelism::None,
+    );
 }
 
 /// [`scaled_matmul_into`] on `parallelism`'s threads.
 fn gemm_into(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     out_stride: usize,
     lhs: Matrix,
     rhs: Matrix,
@@ -137,13 +161,14 @@ fn gemm_into(
     let stride = |s: usize| s as isize;
     // SAFETY: the asserts above keep every element gemm reads inside `lhs.data` and
     // `rhs.data` and every element it writes (`rows` rows of `columns`, `out_stride`
-    // apart) inside `out`; `out` is borrowed mutably, so it aliases neither input.
+    // apart) inside `out`; `out` is borrowed mutably, so it aliases neither input. With
+    // `read_dst` false gemm never reads `out`, which may be uninitialised.
     unsafe {
         gemm::gemm(
             rows,
             columns,
             lhs.columns,
-            out.as_mut_ptr(),
+            out.as_mut_ptr().cast::<f32>(),
             1,
             stride(out_stride),
             false,
