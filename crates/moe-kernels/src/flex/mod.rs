@@ -217,14 +217,13 @@ impl MoeBackend for Flex {
         let (true, Some(g), Some(u), Some(dy)) = inputs else {
             return reference::swiglu_backward::<Self>(gate, up, grad);
         };
-        let mut d_up = Vec::with_capacity(g.len());
         // SAFETY: each chunk's loop writes all its elements of both outputs (`u` and `dy`
         // have `g`'s shape).
-        let d_gate = unsafe {
-            written(g.len(), |d_gate| {
+        let (d_gate, d_up) = unsafe {
+            written_pair(g.len(), |d_gate, d_up| {
                 d_gate
                     .par_chunks_mut(ELEMENTWISE_CHUNK)
-                    .zip(d_up.spare_capacity_mut()[..g.len()].par_chunks_mut(ELEMENTWISE_CHUNK))
+                    .zip(d_up.par_chunks_mut(ELEMENTWISE_CHUNK))
                     .enumerate()
                     .for_each(|(chunk, (d_gate, d_up))| {
                         let start = chunk * ELEMENTWISE_CHUNK;
@@ -243,8 +242,6 @@ impl MoeBackend for Flex {
                     })
             })
         };
-        // SAFETY: the loop that initialised `d_gate` wrote every element of `d_up` too.
-        unsafe { d_up.set_len(g.len()) };
         (tensor(d_gate, gate.shape()), tensor(d_up, gate.shape()))
     }
 
@@ -647,6 +644,25 @@ unsafe fn written(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Ve
     // SAFETY: the caller's `write` initialised the first `len` elements.
     unsafe { values.set_len(len) };
     values
+}
+
+/// Two vectors of `len` f32 that `write` initialises together, as [`written`] does one.
+///
+/// # Safety
+/// `write` must initialise every element of both.
+unsafe fn written_pair(
+    len: usize,
+    write: impl FnOnce(&mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]),
+) -> (Vec<f32>, Vec<f32>) {
+    let mut second = Vec::new();
+    // SAFETY: the caller's `write` initialises both slices (the block covers the inner
+    // call too).
+    let first = unsafe {
+        written(len, |first| {
+            second = written(len, |second| write(first, second));
+        })
+    };
+    (first, second)
 }
 
 /// Row-major `[B, H, S, D]` values as a `[B, H, S, D]` tensor whose memory is laid out
