@@ -180,6 +180,26 @@ impl<B: MoeBackend> Backward<B, 2> for CombineBackward {
 }
 
 #[derive(Debug)]
+struct LinearBackward;
+
+impl<B: MoeBackend> Backward<B, 2> for LinearBackward {
+    /// The input rows and the weight.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        let (d_x, d_w) = B::linear_backward(x, w, grad);
+        for (node, grad) in [(node_x, d_x), (node_w, d_w)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct GroupedMatmulBackward;
 
 impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
@@ -387,6 +407,20 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
                 slot,
                 weights.primitive,
             )),
+        }
+    }
+
+    fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        match LinearBackward
+            .prepare::<C>([x.node.clone(), w.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::linear_forward(x.primitive.clone(), w.primitive.clone());
+                prep.finish((x.primitive, w.primitive), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::linear_forward(x.primitive, w.primitive)),
         }
     }
 

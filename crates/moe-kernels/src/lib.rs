@@ -15,6 +15,7 @@ mod cube;
 mod flex;
 pub mod reference;
 
+use burn::nn::Linear;
 use burn::tensor::Device;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -290,6 +291,20 @@ pub trait MoeBackend: Backend {
         reference::dispatch::combine_backward::<Self>(buffer, slot, weights, grad)
     }
 
+    /// A bias-free linear layer, `x: [rows, d_in]` times `w: [d_in, d_out]`.
+    fn linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::linear_forward::<Self>(x, w)
+    }
+
+    /// Gradients `(d_x, d_w)` of [`MoeBackend::linear_forward`].
+    fn linear_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::linear_backward::<Self>(x, w, grad)
+    }
+
     /// Grouped matmul: segment `e` of the packed rows `x: [rows, d_in]` (`counts[e]` rows)
     /// times `weights[e]` of `weights: [E, d_in, d_out]`, `[rows, d_out]`.
     fn grouped_matmul_forward(
@@ -354,6 +369,11 @@ pub trait MoeBackend: Backend {
     /// serve it best; see [`run_compute`]. By default, on this thread.
     fn run_compute<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         work()
+    }
+
+    /// Differentiable linear layer; see [`MoeBackend::linear_forward`].
+    fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::linear_forward(x, w)
     }
 
     /// Differentiable grouped matmul; see [`MoeBackend::grouped_matmul_forward`].
@@ -510,6 +530,27 @@ pub fn combine<B: MoeBackend>(
         slot.into_primitive(),
         weights.into_primitive().tensor(),
     ))
+}
+
+/// `layer` applied to the last dimension of `x`; see [`MoeBackend::linear_forward`]. The
+/// same result as `layer.forward(x)`, through the backend's own kernel where it has one.
+pub fn linear<B: MoeBackend, const D: usize>(x: Tensor<B, D>, layer: &Linear<B>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    let weight = layer.weight.val();
+    let d_out = weight.dims()[1];
+    let out: Tensor<B, 2> = float(<B as MoeBackend>::linear(
+        x.reshape([rows, d_in]).into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+    ));
+    let mut out_dims = dims;
+    out_dims[D - 1] = d_out;
+    let out = out.reshape(out_dims);
+    match &layer.bias {
+        Some(bias) => out + bias.val().unsqueeze(),
+        None => out,
+    }
 }
 
 /// Segment `e` of the packed rows `x` times `weights[e]`; see

@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 use crate::rope::RopeAngles;
-use moe_kernels::{MoeBackend, causal_attention};
+use moe_kernels::{MoeBackend, causal_attention, linear};
 
 /// Keys and values seen so far by one attention layer, `[B, kv_heads, L, head_dim]`.
 #[derive(Debug, Clone)]
@@ -69,7 +69,7 @@ impl<B: MoeBackend> Attention<B> {
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [q, k, v] = self.project(x);
-        self.o_proj.forward(self.attend(q, k, v, rope, cache))
+        linear(self.attend(q, k, v, rope, cache), &self.o_proj)
     }
 
     /// Attends several independent sequences packed one after another in `x: [1, T, d]`:
@@ -91,15 +91,15 @@ impl<B: MoeBackend> Attention<B> {
             outputs.push(self.attend(part(&q), part(&k), part(&v), rope, Some(&mut **cache)));
             start += len;
         }
-        self.o_proj.forward(Tensor::cat(outputs, 1))
+        linear(Tensor::cat(outputs, 1), &self.o_proj)
     }
 
     /// Query, key and value projections of `x: [B, S, d]`.
     fn project(&self, x: Tensor<B, 3>) -> [Tensor<B, 3>; 3] {
         [
-            self.q_proj.forward(x.clone()),
-            self.k_proj.forward(x.clone()),
-            self.v_proj.forward(x),
+            linear(x.clone(), &self.q_proj),
+            linear(x.clone(), &self.k_proj),
+            linear(x, &self.v_proj),
         ]
     }
 

@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::dispatch::BufferLayout;
-use moe_kernels::{MoeBackend, grouped_matmul, swiglu, transfer};
+use moe_kernels::{MoeBackend, grouped_matmul, linear, swiglu, transfer};
 
 /// Dense SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases.
 #[derive(Module, Debug)]
@@ -23,7 +23,7 @@ pub struct SwiGlu<B: Backend> {
     pub w3: Linear<B>,
 }
 
-fn linear<B: Backend>(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Linear<B> {
+fn init_linear<B: Backend>(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Linear<B> {
     LinearConfig::new(d_in, d_out)
         .with_bias(false)
         .with_initializer(Initializer::Normal { mean: 0.0, std })
@@ -34,9 +34,9 @@ impl<B: Backend> SwiGlu<B> {
     /// A SwiGLU of width `ffn_dim`; `out_std` initialises the down projection.
     pub fn new(d_model: usize, ffn_dim: usize, std: f64, out_std: f64, device: &B::Device) -> Self {
         Self {
-            w1: linear(d_model, ffn_dim, std, device),
-            w2: linear(ffn_dim, d_model, out_std, device),
-            w3: linear(d_model, ffn_dim, std, device),
+            w1: init_linear(d_model, ffn_dim, std, device),
+            w2: init_linear(ffn_dim, d_model, out_std, device),
+            w3: init_linear(d_model, ffn_dim, std, device),
         }
     }
 
@@ -45,8 +45,8 @@ impl<B: Backend> SwiGlu<B> {
     where
         B: MoeBackend,
     {
-        self.w2
-            .forward(swiglu(self.w1.forward(x.clone()), self.w3.forward(x)))
+        let hidden = swiglu(linear(x.clone(), &self.w1), linear(x, &self.w3));
+        linear(hidden, &self.w2)
     }
 }
 

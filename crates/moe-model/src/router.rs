@@ -6,7 +6,7 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 
-use moe_kernels::{Gate, MoeBackend};
+use moe_kernels::{Gate, MoeBackend, linear};
 
 use crate::config::{MoeConfig, RouterKind};
 
@@ -83,7 +83,7 @@ impl<B: Backend> Router<B> {
         } else {
             x
         };
-        let logits = self.gate.forward(x);
+        let logits = linear(x, &self.gate);
         let (weights, experts) = moe_kernels::route(
             logits.clone(),
             self.expert_bias.val().detach(),

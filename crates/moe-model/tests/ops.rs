@@ -1,5 +1,6 @@
 //! The fused operations against naive host loops (forward) and against autodiff through
-//! their tensor-op reference (gradients), on every CPU backend and wgpu.
+//! their tensor-op reference (gradients), on every CPU backend and wgpu; the linear op
+//! against burn's `Linear`.
 
 mod common;
 
@@ -8,7 +9,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 use common::{assert_close, host, leaf, matmul_tol, tensor, values};
 use moe_model::MoeBackend;
-use moe_model::ops::{causal_attention, linear_cross_entropy, reference, rms_norm, rotary, swiglu};
+use moe_model::ops::{
+    causal_attention, linear, linear_cross_entropy, reference, rms_norm, rotary, swiglu,
+};
 
 fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -324,6 +327,43 @@ fn fused_gradients_match_reference<B: MoeBackend>(device: &B::Device) {
     );
 }
 
+/// The linear op against burn's `Linear::forward`, values and gradients (input, weight and
+/// bias): 600 rows are several of flex's row blocks, the last one partial.
+fn linear_matches_burn_linear<B: MoeBackend>(device: &B::Device) {
+    type A<B> = Autodiff<B>;
+    for bias in [false, true] {
+        let layer = burn::nn::LinearConfig::new(20, 7)
+            .with_bias(bias)
+            .init::<A<B>>(device);
+        let x = leaf::<A<B>, 3>([2, 300, 20], 16, 1.0, device);
+        let run = |forward: &dyn Fn(Tensor<A<B>, 3>) -> Tensor<A<B>, 3>| {
+            let x = x.clone().detach().require_grad();
+            let out = forward(x.clone());
+            let w = tensor::<A<B>, 3>([2, 300, 7], 17, device);
+            let grads = (out.clone() * w).sum().backward();
+            let weight_grad = layer.weight.val().grad(&grads).expect("weight gradient");
+            let mut all = vec![host(out), host(x.grad(&grads).unwrap()), host(weight_grad)];
+            if let Some(b) = &layer.bias {
+                all.push(host(b.val().grad(&grads).expect("bias gradient")));
+            }
+            all
+        };
+        let got = run(&|x| linear(x, &layer));
+        let expected = run(&|x| layer.forward(x));
+        for (what, (g, e)) in ["output", "d_x", "d_w", "d_bias"]
+            .iter()
+            .zip(got.iter().zip(&expected))
+        {
+            assert_close(
+                g,
+                e,
+                matmul_tol::<B>(device, 1e-5),
+                &format!("linear (bias {bias}) {what}"),
+            );
+        }
+    }
+}
+
 macro_rules! backend_tests {
     ($name:ident, $backend:ty) => {
         mod $name {
@@ -355,6 +395,10 @@ macro_rules! backend_tests {
             #[test]
             fn rotary_matches_naive() {
                 super::rotary_matches_naive::<B>(&device());
+            }
+            #[test]
+            fn linear_matches_burn_linear() {
+                super::linear_matches_burn_linear::<B>(&device());
             }
             #[test]
             fn fused_gradients_match_reference() {

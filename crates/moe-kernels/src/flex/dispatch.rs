@@ -131,18 +131,8 @@ pub fn grouped_matmul_backward(
     d_in: usize,
     d_out: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (starts, rows) = segment_rows(x, counts, d_in);
-    // SAFETY: the blocks tile all `rows` rows, and each product writes its block whole.
-    let d_x = unsafe {
-        written(rows * d_in, |d_x| {
-            let blocks = row_blocks(d_x, d_in, counts);
-            blocks.into_par_iter().for_each(|(e, rows, out)| {
-                let rows = starts[e] + rows.start..starts[e] + rows.end;
-                let w_e = Matrix::expert(w, e, d_in, d_out).transpose();
-                matmul_into(out, Matrix::rows_of(grad, d_out, rows), w_e);
-            });
-        })
-    };
+    let (starts, _) = segment_rows(x, counts, d_in);
+    let d_x = grouped_matmul_input_grad(w, counts, grad, d_in, d_out);
     // d_w[e] rows i0..i1 = (x_e columns i0..i1)^T grad_e: blocks of every expert's matrix.
     // SAFETY: the blocks tile every expert's `d_in` rows; each is written whole, by its
     // product or with zeros for an expert without rows.
@@ -167,12 +157,34 @@ pub fn grouped_matmul_backward(
     (d_x, d_w)
 }
 
-/// First row of each segment of the packed rows `x` (width `d_in`), and their number,
+/// The input gradient of [`grouped_matmul`], `[rows, d_in]`: `grad w[e]^T` per segment.
+pub fn grouped_matmul_input_grad(
+    w: &[f32],
+    counts: &[usize],
+    grad: &[f32],
+    d_in: usize,
+    d_out: usize,
+) -> Vec<f32> {
+    let (starts, rows) = segment_rows(grad, counts, d_out);
+    // SAFETY: the blocks tile all `rows` rows, and each product writes its block whole.
+    unsafe {
+        written(rows * d_in, |d_x| {
+            let blocks = row_blocks(d_x, d_in, counts);
+            blocks.into_par_iter().for_each(|(e, rows, out)| {
+                let rows = starts[e] + rows.start..starts[e] + rows.end;
+                let w_e = Matrix::expert(w, e, d_in, d_out).transpose();
+                matmul_into(out, Matrix::rows_of(grad, d_out, rows), w_e);
+            });
+        })
+    }
+}
+
+/// First row of each segment of the packed rows `x` (width `width`), and their number,
 /// which the counts must add up to.
-fn segment_rows(x: &[f32], counts: &[usize], d_in: usize) -> (Vec<usize>, usize) {
+fn segment_rows(x: &[f32], counts: &[usize], width: usize) -> (Vec<usize>, usize) {
     let rows = counts.iter().sum::<usize>();
     assert_eq!(
-        rows * d_in,
+        rows * width,
         x.len(),
         "grouped matmul: counts and rows differ"
     );

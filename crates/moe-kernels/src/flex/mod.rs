@@ -5,6 +5,7 @@
 
 mod attention;
 mod dispatch;
+mod linear;
 mod linear_cross_entropy;
 mod matmul;
 
@@ -102,6 +103,34 @@ impl MoeBackend for Flex {
                 weights.shape(),
             ),
         )
+    }
+
+    fn linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [rows, d_in] = x.shape().dims::<2>();
+        let [w_in, d_out] = w.shape().dims::<2>();
+        match (f32_rows(&x), f32_rows(&w)) {
+            (Some(x), Some(w)) if d_in == w_in => tensor(
+                linear::forward(&x, &w, d_in, d_out),
+                Shape::new([rows, d_out]),
+            ),
+            _ => reference::linear_forward::<Self>(x, w),
+        }
+    }
+
+    fn linear_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let [d_in, d_out] = w.shape().dims::<2>();
+        let shapes_fit = x.shape()[1] == d_in && grad.shape().dims::<2>() == [x.shape()[0], d_out];
+        match (f32_rows(&x), f32_rows(&w), f32_rows(&grad)) {
+            (Some(x_rows), Some(w_rows), Some(g)) if shapes_fit => {
+                let (d_x, d_w) = linear::backward(&x_rows, &w_rows, &g, d_in, d_out);
+                (tensor(d_x, x.shape()), tensor(d_w, w.shape()))
+            }
+            _ => reference::linear_backward::<Self>(x, w, grad),
+        }
     }
 
     fn grouped_matmul_forward(
