@@ -3,12 +3,14 @@
 //! scores in place, and the products go through `gemm`. The reference multiplies the whole
 //! square (the masked half included), then makes separate passes for the softmax.
 
+use std::iter::repeat;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::matmul::{Matrix, scaled_matmul_into};
-use super::{dot, exp, max_of, sum_of, vectorized};
+use super::{assume_init, dot, exp, max_of, sum_of, vectorized, write_row, written, written_pair};
 
 /// Queries per block: the scores of a block stay in cache between the products.
 const QUERY_BLOCK: usize = 64;
@@ -82,41 +84,47 @@ pub fn forward(q: Heads, k: Heads, v: Heads, dims: Dims) -> (Vec<f32>, Vec<f32>)
         head_dim: d,
         ..
     } = dims;
-    let mut output = vec![0.0f32; dims.heads * queries * d];
-    let mut probs = vec![0.0f32; dims.heads * queries * keys];
-    if output.is_empty() {
-        return (output, probs);
-    }
-    output
-        .par_chunks_mut(queries * d)
-        .zip(probs.par_chunks_mut(queries * keys))
-        .enumerate()
-        .for_each(|(head, (output, probs))| {
-            let (q, k, v) = (q.matrix(head), k.matrix(head), v.matrix(head));
-            for (rows, seen) in dims.query_blocks() {
-                let block = &mut probs[rows.start * keys..];
-                let q_rows = q.rows(rows.clone());
-                let k_seen = k.rows(0..seen).transpose();
-                scaled_matmul_into(block, keys, q_rows, k_seen, dims.scale());
-                for_visible_scores(
-                    block,
-                    rows.clone(),
-                    seen,
-                    dims,
-                    #[inline(always)]
-                    |_, visible| {
-                        let max = max_of(visible);
-                        visible.iter_mut().for_each(|s| *s = exp(*s - max));
-                        let inv = 1.0 / sum_of(visible, |p| p);
-                        visible.iter_mut().for_each(|p| *p *= inv);
-                    },
-                );
-                let p_rows = Matrix::rows_of(probs, keys, rows.clone()).columns(0..seen);
-                let out_rows = &mut output[rows.start * d..rows.end * d];
-                scaled_matmul_into(out_rows, d, p_rows, v.rows(0..seen), 1.0);
+    let lens = [dims.heads * queries * d, dims.heads * queries * keys];
+    // SAFETY: per head, the query blocks tile the output and the probabilities, and each
+    // block's rows are written whole (see `softmax_rows`).
+    unsafe {
+        written_pair(lens, |output, probs| {
+            if output.is_empty() || probs.is_empty() {
+                for values in [output, probs] {
+                    write_row(values, repeat(0.0));
+                }
+                return;
             }
-        });
-    (output, probs)
+            output
+                .par_chunks_mut(queries * d)
+                .zip(probs.par_chunks_mut(queries * keys))
+                .enumerate()
+                .for_each(|(head, (output, probs))| {
+                    let (q, k, v) = (q.matrix(head), k.matrix(head), v.matrix(head));
+                    for (rows, seen) in dims.query_blocks() {
+                        let block = &mut probs[rows.start * keys..rows.end * keys];
+                        let k_seen = k.rows(0..seen).transpose();
+                        scaled_matmul_into(block, keys, q.rows(rows.clone()), k_seen, dims.scale());
+                        let block = softmax_rows(
+                            block,
+                            rows.clone(),
+                            seen,
+                            dims,
+                            #[inline(always)]
+                            |_, visible| {
+                                let max = max_of(visible);
+                                visible.iter_mut().for_each(|s| *s = exp(*s - max));
+                                let inv = 1.0 / sum_of(visible, |p| p);
+                                visible.iter_mut().for_each(|p| *p *= inv);
+                            },
+                        );
+                        let p_rows = Matrix::rows_of(block, keys, 0..rows.len()).columns(0..seen);
+                        let out_rows = &mut output[rows.start * d..rows.end * d];
+                        scaled_matmul_into(out_rows, d, p_rows, v.rows(0..seen), 1.0);
+                    }
+                });
+        })
+    }
 }
 
 /// Gradients `(dq, dk, dv)` of [`forward`], row-major, from its inputs, its probabilities
@@ -135,27 +143,56 @@ pub fn backward(
         head_dim: d,
         ..
     } = dims;
-    let mut dq = vec![0.0f32; dims.heads * queries * d];
-    let mut dk = vec![0.0f32; dims.heads * keys * d];
-    let mut dv = vec![0.0f32; dims.heads * keys * d];
-    if dq.is_empty() || dk.is_empty() {
-        return (dq, dk, dv);
-    }
-    dq.par_chunks_mut(queries * d)
-        .zip(dk.par_chunks_mut(keys * d))
-        .zip(dv.par_chunks_mut(keys * d))
-        .enumerate()
-        .for_each(|(head, ((dq, dk), dv))| {
-            let (q, k, v) = (q.matrix(head), k.matrix(head), v.matrix(head));
-            let grad = grad.matrix(head);
-            let probs = &probs[head * queries * keys..(head + 1) * queries * keys];
-            // Gradient of the scores, zero where masked: p * (dp - <p, dp>), dp = grad v^T.
-            let mut d_scores = vec![0.0f32; queries * keys];
+    let (mut dk, mut dv) = (Vec::new(), Vec::new());
+    // SAFETY: per head, the query blocks tile `dq` and the key blocks `dk` and `dv`, and
+    // each block is written whole by its product.
+    let dq = unsafe {
+        written(dims.heads * queries * d, |dq| {
+            (dk, dv) = written_pair([dims.heads * keys * d; 2], |dk, dv| {
+                if dq.is_empty() || dk.is_empty() {
+                    for values in [&mut *dq, dk, dv] {
+                        write_row(values, repeat(0.0));
+                    }
+                    return;
+                }
+                dq.par_chunks_mut(queries * d)
+                    .zip(dk.par_chunks_mut(keys * d))
+                    .zip(dv.par_chunks_mut(keys * d))
+                    .enumerate()
+                    .for_each(|(head, ((dq, dk), dv))| {
+                        let probs = &probs[head * queries * keys..(head + 1) * queries * keys];
+                        head_backward(head, [q, k, v, grad], probs, dims, [dq, dk, dv]);
+                    });
+            });
+        })
+    };
+    (dq, dk, dv)
+}
+
+/// [`backward`] of one head into its blocks of `dq`, `dk` and `dv`, which it writes whole.
+fn head_backward(
+    head: usize,
+    [q, k, v, grad]: [Heads; 4],
+    probs: &[f32],
+    dims: Dims,
+    [dq, dk, dv]: [&mut [MaybeUninit<f32>]; 3],
+) {
+    let (Dims { queries, keys, .. }, d) = (dims, dims.head_dim);
+    let (q, k, v, grad) = (
+        q.matrix(head),
+        k.matrix(head),
+        v.matrix(head),
+        grad.matrix(head),
+    );
+    // Gradient of the scores, zero where masked: p * (dp - <p, dp>), dp = grad v^T.
+    // SAFETY: the query blocks tile the scores, each block's rows written whole.
+    let d_scores = unsafe {
+        written(queries * keys, |d_scores| {
             for (rows, seen) in dims.query_blocks() {
-                let block = &mut d_scores[rows.start * keys..];
+                let block = &mut d_scores[rows.start * keys..rows.end * keys];
                 let v_seen = v.rows(0..seen).transpose();
                 scaled_matmul_into(block, keys, grad.rows(rows.clone()), v_seen, 1.0);
-                for_visible_scores(
+                let block = softmax_rows(
                     block,
                     rows.clone(),
                     seen,
@@ -169,47 +206,53 @@ pub fn backward(
                         }
                     },
                 );
-                let ds_rows = Matrix::rows_of(&d_scores, keys, rows.clone()).columns(0..seen);
+                let ds_rows = Matrix::rows_of(block, keys, 0..rows.len()).columns(0..seen);
                 let dq_rows = &mut dq[rows.start * d..rows.end * d];
                 scaled_matmul_into(dq_rows, d, ds_rows, k.rows(0..seen), dims.scale());
             }
-            // Key block `j0..j1` is seen by the queries from `j0 - (keys - queries)` on.
-            for first_key in (0..keys).step_by(KEY_BLOCK) {
-                let columns = first_key..(first_key + KEY_BLOCK).min(keys);
-                let seers = first_key.saturating_sub(keys - queries)..queries;
-                let key_block =
-                    |m| Matrix::rows_of(m, keys, seers.clone()).columns(columns.clone());
-                let key_rows = columns.start * d..columns.end * d;
-                let p_t = key_block(probs).transpose();
-                let grad_rows = grad.rows(seers.clone());
-                scaled_matmul_into(&mut dv[key_rows.clone()], d, p_t, grad_rows, 1.0);
-                let ds_t = key_block(&d_scores).transpose();
-                let q_rows = q.rows(seers.clone());
-                scaled_matmul_into(&mut dk[key_rows], d, ds_t, q_rows, dims.scale());
-            }
-        });
-    (dq, dk, dv)
+        })
+    };
+    // Key block `j0..j1` is seen by the queries from `j0 - (keys - queries)` on.
+    for first_key in (0..keys).step_by(KEY_BLOCK) {
+        let columns = first_key..(first_key + KEY_BLOCK).min(keys);
+        let seers = first_key.saturating_sub(keys - queries)..queries;
+        let key_block = |m| Matrix::rows_of(m, keys, seers.clone()).columns(columns.clone());
+        let key_rows = columns.start * d..columns.end * d;
+        let p_t = key_block(probs).transpose();
+        let grad_rows = grad.rows(seers.clone());
+        scaled_matmul_into(&mut dv[key_rows.clone()], d, p_t, grad_rows, 1.0);
+        let ds_t = key_block(&d_scores).transpose();
+        let q_rows = q.rows(seers.clone());
+        scaled_matmul_into(&mut dk[key_rows], d, ds_t, q_rows, dims.scale());
+    }
 }
 
-/// Runs `row(query, visible)` on each score row of the query block `rows` (rows of
-/// `dims.keys`, the first `seen` columns computed) after zeroing its masked columns,
-/// [`vectorized`] (`row` must be `#[inline(always)]`).
+/// Finishes the score rows `rows` of a query block (rows of `dims.keys`; the product
+/// wrote their first `seen` columns): zeroes each row's masked and unseen columns, runs
+/// `row(query, visible)` on the rest, [`vectorized`] (`row` must be `#[inline(always)]`),
+/// and returns the block, now written whole.
 #[inline(always)]
-fn for_visible_scores(
-    block: &mut [f32],
+fn softmax_rows(
+    block: &mut [MaybeUninit<f32>],
     rows: Range<usize>,
     seen: usize,
     dims: Dims,
     mut row: impl FnMut(usize, &mut [f32]),
-) {
+) -> &mut [f32] {
     vectorized(
         #[inline(always)]
         || {
             for (i, scores) in rows.zip(block.chunks_mut(dims.keys)) {
-                let (visible, masked) = scores[..seen].split_at_mut(dims.visible(i));
+                let (computed, unseen) = scores.split_at_mut(seen);
+                write_row(unseen, repeat(0.0));
+                // SAFETY: the product wrote the first `seen` columns.
+                let computed = unsafe { assume_init(computed) };
+                let (visible, masked) = computed.split_at_mut(dims.visible(i));
                 masked.fill(0.0);
                 row(i, visible);
             }
         },
-    )
+    );
+    // SAFETY: every row was written whole above.
+    unsafe { assume_init(block) }
 }

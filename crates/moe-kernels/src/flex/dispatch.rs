@@ -3,13 +3,14 @@
 //! expands, scatters and concatenates, copying every row several times, and allocates
 //! every per-segment product before joining them.
 
+use std::iter::repeat;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::matmul::{Matrix, matmul_into};
-use super::written;
+use super::{write_row, written};
 
 /// Output rows per rayon task of a grouped matmul: enough to keep the micro-kernel busy,
 /// few enough to spread one expert's segment over the cores.
@@ -36,17 +37,19 @@ pub fn scatter_rows(
             source[row] = Some(a);
         }
     }
-    let mut out = vec![0.0f32; rows * d];
-    par_row_blocks(&mut out, d, |row, out| {
-        if let Some(a) = source[row] {
-            let weight = weights.map_or(1.0, |w| w[a]);
-            let token = &x[a / top_k * d..(a / top_k + 1) * d];
-            for (o, &v) in out.iter_mut().zip(token) {
-                *o = weight * v;
+    // SAFETY: every row is written whole, from its token or with zeros.
+    unsafe {
+        par_row_blocks(rows, d, |row, out| match source[row] {
+            Some(a) => {
+                let weight = weights.map_or(1.0, |w| w[a]);
+                let token = &x[a / top_k * d..(a / top_k + 1) * d];
+                write_row(out, token.iter().map(|&v| weight * v));
             }
-        }
-    });
-    out
+            None => {
+                write_row(out, repeat(0.0));
+            }
+        })
+    }
 }
 
 /// Token rows `[T, d]`: `out[t] = sum_j weight(t k + j) * buffer[slot[t k + j]]` over the
@@ -60,19 +63,21 @@ pub fn gather_rows(
 ) -> Vec<f32> {
     let rows = buffer.len() / d.max(1);
     let top_k = slot.len() / tokens.max(1);
-    let mut out = vec![0.0f32; tokens * d];
-    par_row_blocks(&mut out, d, |t, out| {
-        for a in t * top_k..(t + 1) * top_k {
-            if slot[a] < rows {
-                let weight = weights.map_or(1.0, |w| w[a]);
-                let row = &buffer[slot[a] * d..(slot[a] + 1) * d];
-                for (o, &v) in out.iter_mut().zip(row) {
-                    *o += weight * v;
+    // SAFETY: every row is zeroed whole first.
+    unsafe {
+        par_row_blocks(tokens, d, |t, out| {
+            let out = write_row(out, repeat(0.0));
+            for a in t * top_k..(t + 1) * top_k {
+                if slot[a] < rows {
+                    let weight = weights.map_or(1.0, |w| w[a]);
+                    let row = &buffer[slot[a] * d..(slot[a] + 1) * d];
+                    for (o, &v) in out.iter_mut().zip(row) {
+                        *o += weight * v;
+                    }
                 }
             }
-        }
-    });
-    out
+        })
+    }
 }
 
 /// `out[a] = <buffer[slot[a]], grad[a / k]>`, 0 for dropped assignments, `[A]`: the combine
@@ -208,18 +213,30 @@ fn starts(counts: &[usize]) -> Vec<usize> {
         .collect()
 }
 
-/// Runs `kernel(row, out_row)` over the rows of width `d` of `out`, blocks in parallel.
-fn par_row_blocks(out: &mut [f32], d: usize, kernel: impl Fn(usize, &mut [f32]) + Sync) {
-    if d == 0 {
-        return;
-    }
-    out.par_chunks_mut(d * MOVE_BLOCK_ROWS)
-        .enumerate()
-        .for_each(|(block, rows)| {
-            for (i, row) in rows.chunks_mut(d).enumerate() {
-                kernel(block * MOVE_BLOCK_ROWS + i, row);
+/// `rows` rows of width `d` that `kernel(row, out_row)` writes, blocks in parallel.
+///
+/// # Safety
+/// `kernel` must initialise every element of each row it is given (see [`write_row`]).
+unsafe fn par_row_blocks(
+    rows: usize,
+    d: usize,
+    kernel: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    // SAFETY: the blocks tile the output, and the caller's `kernel` writes each row whole.
+    unsafe {
+        written(rows * d, |out| {
+            if d == 0 {
+                return;
             }
-        });
+            out.par_chunks_mut(d * MOVE_BLOCK_ROWS)
+                .enumerate()
+                .for_each(|(block, rows)| {
+                    for (i, row) in rows.chunks_mut(d).enumerate() {
+                        kernel(block * MOVE_BLOCK_ROWS + i, row);
+                    }
+                });
+        })
+    }
 }
 
 /// Splits `out` (rows of `width`, consecutive segments of `counts` rows) into blocks of at

@@ -5,13 +5,6 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-/// `slice` seen as possibly uninitialised, for products that write into initialised
-/// buffers.
-fn as_uninit(slice: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: same layout; the products only ever write initialised values through it.
-    unsafe { &mut *(slice as *mut [f32] as *mut [MaybeUninit<f32>]) }
-}
-
 /// A strided matrix view of an f32 slice: element `(i, j)` at
 /// `offset + i * row_stride + j * column_stride`.
 #[derive(Clone, Copy)]
@@ -120,20 +113,13 @@ pub(super) fn parallel_matmul_into(out: &mut [MaybeUninit<f32>], lhs: Matrix, rh
 /// can be a block of columns of a wider row-major matrix). One thread: the callers
 /// parallelise over blocks.
 pub(super) fn scaled_matmul_into(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     out_stride: usize,
     lhs: Matrix,
     rhs: Matrix,
     scale: f32,
 ) {
-    gemm_into(
-        as_uninit(out),
-        out_stride,
-        lhs,
-        rhs,
-        scale,
-        gemm::Parallelism::None,
-    );
+    gemm_into(out, out_stride, lhs, rhs, scale, gemm::Parallelism::None);
 }
 
 /// [`scaled_matmul_into`] on `parallelism`'s threads.

@@ -249,7 +249,7 @@ impl MoeBackend for Flex {
         // SAFETY: each chunk's loop writes all its elements of both outputs (`u` and `dy`
         // have `g`'s shape).
         let (d_gate, d_up) = unsafe {
-            written_pair(g.len(), |d_gate, d_up| {
+            written_pair([g.len(); 2], |d_gate, d_up| {
                 d_gate
                     .par_chunks_mut(ELEMENTWISE_CHUNK)
                     .zip(d_up.par_chunks_mut(ELEMENTWISE_CHUNK))
@@ -284,19 +284,20 @@ impl MoeBackend for Flex {
             return reference::rms_norm_forward::<Self>(x, gamma, epsilon);
         };
         let d = gamma_values.len();
-        let mut output = vec![0.0f32; values.len()];
-        par_rows(
-            &mut output,
-            d,
-            #[inline(always)]
-            |row, out| {
-                let x = &values[row * d..(row + 1) * d];
-                let inv_rms = inverse_rms(x, epsilon);
-                for ((o, &x), &g) in out.iter_mut().zip(x).zip(gamma_values.iter()) {
-                    *o = x * inv_rms * g;
-                }
-            },
-        );
+        // SAFETY: each row is written whole (`gamma` has one scale per element).
+        let output = unsafe {
+            par_rows(
+                values.len() / d.max(1),
+                d,
+                #[inline(always)]
+                |row, out| {
+                    let x = &values[row * d..(row + 1) * d];
+                    let inv_rms = inverse_rms(x, epsilon);
+                    let normed = x.iter().zip(gamma_values.iter());
+                    write_row(out, normed.map(|(&x, &g)| x * inv_rms * g));
+                },
+            )
+        };
         tensor(output, x.shape())
     }
 
@@ -316,41 +317,42 @@ impl MoeBackend for Flex {
             return reference::rms_norm_backward::<Self>(x, gamma, epsilon, grad);
         };
         let d = gamma_values.len();
-        let mut d_x = vec![0.0f32; values.len()];
+        let mut shares = Vec::new();
         // Each task sums its rows' share of d_gamma; the shares are added in task order,
         // so the result does not depend on scheduling.
-        let shares: Vec<Vec<f32>> = d_x
-            .par_chunks_mut((d * ROWS_PER_TASK).max(1))
-            .enumerate()
-            .map(|(chunk, d_x)| {
-                let mut d_gamma = vec![0.0f32; d];
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        for (i, d_x) in d_x.chunks_mut(d).enumerate() {
-                            let row = (chunk * ROWS_PER_TASK + i) * d;
-                            let (x, dy) = (&values[row..row + d], &dy[row..row + d]);
-                            let inv_rms = inverse_rms(x, epsilon);
-                            for (((dx, dg), &dy), (&x, &g)) in d_x
-                                .iter_mut()
-                                .zip(d_gamma.iter_mut())
-                                .zip(dy)
-                                .zip(x.iter().zip(gamma_values.iter()))
-                            {
-                                *dx = dy * g;
-                                *dg += dy * x * inv_rms;
-                            }
-                            // mean(d_xhat * xhat), with xhat = x * inv_rms.
-                            let mean = dot(d_x, x) * inv_rms / d as f32;
-                            for (dx, &x) in d_x.iter_mut().zip(x) {
-                                *dx = (*dx - x * inv_rms * mean) * inv_rms;
-                            }
-                        }
-                    },
-                );
-                d_gamma
+        // SAFETY: the chunks tile `d_x`, and each of their rows is written whole first.
+        let d_x = unsafe {
+            written(values.len(), |d_x| {
+                shares = d_x
+                    .par_chunks_mut((d * ROWS_PER_TASK).max(1))
+                    .enumerate()
+                    .map(|(chunk, d_x)| {
+                        let mut d_gamma = vec![0.0f32; d];
+                        vectorized(
+                            #[inline(always)]
+                            || {
+                                for (i, d_x) in d_x.chunks_mut(d).enumerate() {
+                                    let row = (chunk * ROWS_PER_TASK + i) * d;
+                                    let (x, dy) = (&values[row..row + d], &dy[row..row + d]);
+                                    let inv_rms = inverse_rms(x, epsilon);
+                                    let scaled = dy.iter().zip(gamma_values.iter());
+                                    let d_x = write_row(d_x, scaled.map(|(&dy, &g)| dy * g));
+                                    for ((dg, &dy), &x) in d_gamma.iter_mut().zip(dy).zip(x) {
+                                        *dg += dy * x * inv_rms;
+                                    }
+                                    // mean(d_xhat * xhat), with xhat = x * inv_rms.
+                                    let mean = dot(d_x, x) * inv_rms / d as f32;
+                                    for (dx, &x) in d_x.iter_mut().zip(x) {
+                                        *dx = (*dx - x * inv_rms * mean) * inv_rms;
+                                    }
+                                }
+                            },
+                        );
+                        d_gamma
+                    })
+                    .collect::<Vec<_>>();
             })
-            .collect();
+        };
         let mut d_gamma = vec![0.0f32; d];
         for share in shares {
             for (total, part) in d_gamma.iter_mut().zip(share) {
@@ -499,24 +501,42 @@ fn rotate_rows(
 ) -> Option<FlexTensor> {
     let (x, cos, sin) = (f32_rows(input)?, f32_rows(cos)?, f32_rows(sin)?);
     let dim = out_shape[3];
+    if !dim.is_multiple_of(2) {
+        return None;
+    }
     let half = dim / 2;
-    let mut output = vec![0.0f32; x.len()];
-    par_rows(
-        &mut output,
-        dim,
-        #[inline(always)]
-        |row, out| {
-            let (input_row, position) = source(row);
-            let x = &x[input_row * dim..(input_row + 1) * dim];
-            let cos = &cos[position * dim..(position + 1) * dim];
-            let sin = &sin[position * dim..(position + 1) * dim];
-            for i in 0..half {
-                let (a, b) = (x[i], x[i + half]);
-                out[i] = a * cos[i] - sign * b * sin[i];
-                out[i + half] = b * cos[i + half] + sign * a * sin[i + half];
-            }
-        },
-    );
+    /// The two halves of row `row` (of `2 * half`) of `values`.
+    fn halves(values: &[f32], row: usize, half: usize) -> (&[f32], &[f32]) {
+        values[row * 2 * half..(row + 1) * 2 * half].split_at(half)
+    }
+    // SAFETY: each row is written whole, as its two halves.
+    let output = unsafe {
+        par_rows(
+            x.len() / dim.max(1),
+            dim,
+            #[inline(always)]
+            |row, out| {
+                let (input_row, position) = source(row);
+                let (first, second) = halves(&x, input_row, half);
+                let ((cos_first, cos_second), (sin_first, sin_second)) =
+                    (halves(&cos, position, half), halves(&sin, position, half));
+                let (out_first, out_second) = out.split_at_mut(half);
+                let pairs = first.iter().zip(second);
+                let angles = cos_first.iter().zip(sin_first);
+                let rotated = pairs.clone().zip(angles);
+                write_row(
+                    out_first,
+                    rotated.map(|((&a, &b), (&c, &s))| a * c - sign * b * s),
+                );
+                let angles = cos_second.iter().zip(sin_second);
+                let rotated = pairs.zip(angles);
+                write_row(
+                    out_second,
+                    rotated.map(|((&a, &b), (&c, &s))| b * c + sign * a * s),
+                );
+            },
+        )
+    };
     Some(tensor(output, Shape::new(out_shape)))
 }
 
@@ -675,20 +695,20 @@ unsafe fn written(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Ve
     values
 }
 
-/// Two vectors of `len` f32 that `write` initialises together, as [`written`] does one.
+/// Two vectors of `lens` f32 that `write` initialises together, as [`written`] does one.
 ///
 /// # Safety
 /// `write` must initialise every element of both.
 unsafe fn written_pair(
-    len: usize,
+    [first_len, second_len]: [usize; 2],
     write: impl FnOnce(&mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]),
 ) -> (Vec<f32>, Vec<f32>) {
     let mut second = Vec::new();
     // SAFETY: the caller's `write` initialises both slices (the block covers the inner
     // call too).
     let first = unsafe {
-        written(len, |first| {
-            second = written(len, |second| write(first, second));
+        written(first_len, |first| {
+            second = written(second_len, |second| write(first, second));
         })
     };
     (first, second)
@@ -700,19 +720,25 @@ unsafe fn written_pair(
 /// reshape copy nothing. Our permutation is one parallel pass of row copies; flex's
 /// strided copy of the same took about eight times longer (`perf` samples).
 fn heads_interleaved(values: Vec<f32>, [b, h, s, d]: [usize; 4]) -> FlexTensor {
-    let mut output = vec![0.0f32; values.len()];
-    if !output.is_empty() {
-        output
-            .par_chunks_mut(s * h * d)
-            .zip(values.par_chunks(h * s * d))
-            .for_each(|(output, values)| {
-                for (head, rows) in values.chunks(s * d).enumerate() {
-                    for (position, row) in rows.chunks(d).enumerate() {
-                        output[(position * h + head) * d..][..d].copy_from_slice(row);
+    // SAFETY: each sequence's `s * h` rows of `d` are all copied: position `p` of head
+    // `head` to row `p * h + head`.
+    let output = unsafe {
+        written(values.len(), |output| {
+            if output.is_empty() {
+                return;
+            }
+            output
+                .par_chunks_mut(s * h * d)
+                .zip(values.par_chunks(h * s * d))
+                .for_each(|(output, values)| {
+                    for (head, rows) in values.chunks(s * d).enumerate() {
+                        for (position, row) in rows.chunks(d).enumerate() {
+                            output[(position * h + head) * d..][..d].write_copy_of_slice(row);
+                        }
                     }
-                }
-            });
-    }
+                });
+        })
+    };
     Flex::float_swap_dims(tensor(output, Shape::new([b, s, h, d])), 1, 2)
 }
 
@@ -772,25 +798,60 @@ fn strided<const R: usize>(tensor: &FlexTensor) -> Option<Strided<'_, R>> {
     })
 }
 
-/// Runs `kernel(row, output_row)` over rows of length `len`, in parallel and
-/// [`vectorized`] (`kernel` must be `#[inline(always)]`).
-fn par_rows(output: &mut [f32], len: usize, kernel: impl Fn(usize, &mut [f32]) + Sync) {
-    if len == 0 {
-        return;
+/// A vector of `rows * len` f32 whose rows `kernel(row, output_row)` writes, in parallel
+/// and [`vectorized`] (`kernel` must be `#[inline(always)]`).
+///
+/// # Safety
+/// `kernel` must initialise every element of each row it is given (see [`write_row`]).
+unsafe fn par_rows(
+    rows: usize,
+    len: usize,
+    kernel: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    // SAFETY: the chunks tile the output, and the caller's `kernel` writes each row whole.
+    unsafe {
+        written(rows * len, |output| {
+            if len == 0 {
+                return;
+            }
+            output
+                .par_chunks_mut(len * ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(chunk, rows)| {
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            for (i, out) in rows.chunks_mut(len).enumerate() {
+                                kernel(chunk * ROWS_PER_TASK + i, out);
+                            }
+                        },
+                    )
+                });
+        })
     }
-    output
-        .par_chunks_mut(len * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(chunk, rows)| {
-            vectorized(
-                #[inline(always)]
-                || {
-                    for (i, out) in rows.chunks_mut(len).enumerate() {
-                        kernel(chunk * ROWS_PER_TASK + i, out);
-                    }
-                },
-            )
-        });
+}
+
+/// Writes `values` into `row`, which they must fill exactly, and returns it initialised.
+#[inline(always)]
+fn write_row(row: &mut [MaybeUninit<f32>], values: impl IntoIterator<Item = f32>) -> &mut [f32] {
+    let mut count = 0;
+    for (slot, value) in row.iter_mut().zip(values) {
+        slot.write(value);
+        count += 1;
+    }
+    assert_eq!(count, row.len(), "a row written in part");
+    // SAFETY: every element was written above.
+    unsafe { assume_init(row) }
+}
+
+/// `slice` as initialised f32.
+///
+/// # Safety
+/// Every element of `slice` must have been written.
+#[inline(always)]
+unsafe fn assume_init(slice: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: same layout; the caller guarantees initialisation.
+    unsafe { &mut *(slice as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// The tensor's values in row-major order when it holds f32 (copied only if strided).
