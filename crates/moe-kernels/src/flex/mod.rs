@@ -733,7 +733,10 @@ fn heads_interleaved(values: Vec<f32>, [b, h, s, d]: [usize; 4]) -> FlexTensor {
                 .for_each(|(output, values)| {
                     for (head, rows) in values.chunks(s * d).enumerate() {
                         for (position, row) in rows.chunks(d).enumerate() {
-                            output[(position * h + head) * d..][..d].write_copy_of_slice(row);
+                            write_row(
+                                &mut output[(position * h + head) * d..][..d],
+                                row.iter().copied(),
+                            );
                         }
                     }
                 });
