@@ -100,30 +100,42 @@ pub fn forward(q: Heads, k: Heads, v: Heads, dims: Dims) -> (Vec<f32>, Vec<f32>)
                 .zip(probs.par_chunks_mut(queries * keys))
                 .enumerate()
                 .for_each(|(head, (output, probs))| {
-                    let (q, k, v) = (q.matrix(head), k.matrix(head), v.matrix(head));
-                    for (rows, seen) in dims.query_blocks() {
-                        let block = &mut probs[rows.start * keys..rows.end * keys];
-                        let k_seen = k.rows(0..seen).transpose();
-                        scaled_matmul_into(block, keys, q.rows(rows.clone()), k_seen, dims.scale());
-                        let block = softmax_rows(
-                            block,
-                            rows.clone(),
-                            seen,
-                            dims,
-                            #[inline(always)]
-                            |_, visible| {
-                                let max = max_of(visible);
-                                visible.iter_mut().for_each(|s| *s = exp(*s - max));
-                                let inv = 1.0 / sum_of(visible, |p| p);
-                                visible.iter_mut().for_each(|p| *p *= inv);
-                            },
-                        );
-                        let p_rows = Matrix::rows_of(block, keys, 0..rows.len()).columns(0..seen);
-                        let out_rows = &mut output[rows.start * d..rows.end * d];
-                        scaled_matmul_into(out_rows, d, p_rows, v.rows(0..seen), 1.0);
-                    }
+                    head_forward(head, [q, k, v], dims, [output, probs]);
                 });
         })
+    }
+}
+
+/// [`forward`] of one head into its blocks of the output and the probabilities, which it
+/// writes whole.
+fn head_forward(
+    head: usize,
+    [q, k, v]: [Heads; 3],
+    dims: Dims,
+    [output, probs]: [&mut [MaybeUninit<f32>]; 2],
+) {
+    let (keys, d) = (dims.keys, dims.head_dim);
+    let (q, k, v) = (q.matrix(head), k.matrix(head), v.matrix(head));
+    for (rows, seen) in dims.query_blocks() {
+        let block = &mut probs[rows.start * keys..rows.end * keys];
+        let (q_rows, k_seen) = (q.rows(rows.clone()), k.rows(0..seen).transpose());
+        scaled_matmul_into(block, keys, q_rows, k_seen, dims.scale());
+        let block = softmax_rows(
+            block,
+            rows.clone(),
+            seen,
+            dims,
+            #[inline(always)]
+            |_, visible| {
+                let max = max_of(visible);
+                visible.iter_mut().for_each(|s| *s = exp(*s - max));
+                let inv = 1.0 / sum_of(visible, |p| p);
+                visible.iter_mut().for_each(|p| *p *= inv);
+            },
+        );
+        let p_rows = Matrix::rows_of(block, keys, 0..rows.len()).columns(0..seen);
+        let out_rows = &mut output[rows.start * d..rows.end * d];
+        scaled_matmul_into(out_rows, d, p_rows, v.rows(0..seen), 1.0);
     }
 }
 

@@ -10,14 +10,11 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::matmul::{Matrix, matmul_into};
-use super::{write_row, written};
+use super::{par_rows, write_row, written};
 
 /// Output rows per rayon task of a grouped matmul: enough to keep the micro-kernel busy,
 /// few enough to spread one expert's segment over the cores.
 const MATMUL_BLOCK_ROWS: usize = 128;
-
-/// Token rows per rayon task of the row moves.
-const MOVE_BLOCK_ROWS: usize = 32;
 
 /// The expert-major buffer `[rows, d]`: row `slot[a]` holds `weight(a) * x[a / k]`
 /// (`k = slot.len() / tokens`), rows no kept assignment fills are zero; slots of `rows` or
@@ -39,16 +36,21 @@ pub fn scatter_rows(
     }
     // SAFETY: every row is written whole, from its token or with zeros.
     unsafe {
-        par_row_blocks(rows, d, |row, out| match source[row] {
-            Some(a) => {
-                let weight = weights.map_or(1.0, |w| w[a]);
-                let token = &x[a / top_k * d..(a / top_k + 1) * d];
-                write_row(out, token.iter().map(|&v| weight * v));
-            }
-            None => {
-                write_row(out, repeat(0.0));
-            }
-        })
+        par_rows(
+            rows,
+            d,
+            #[inline(always)]
+            |row, out| match source[row] {
+                Some(a) => {
+                    let weight = weights.map_or(1.0, |w| w[a]);
+                    let token = &x[a / top_k * d..(a / top_k + 1) * d];
+                    write_row(out, token.iter().map(|&v| weight * v));
+                }
+                None => {
+                    write_row(out, repeat(0.0));
+                }
+            },
+        )
     }
 }
 
@@ -65,18 +67,23 @@ pub fn gather_rows(
     let top_k = slot.len() / tokens.max(1);
     // SAFETY: every row is zeroed whole first.
     unsafe {
-        par_row_blocks(tokens, d, |t, out| {
-            let out = write_row(out, repeat(0.0));
-            for a in t * top_k..(t + 1) * top_k {
-                if slot[a] < rows {
-                    let weight = weights.map_or(1.0, |w| w[a]);
-                    let row = &buffer[slot[a] * d..(slot[a] + 1) * d];
-                    for (o, &v) in out.iter_mut().zip(row) {
-                        *o += weight * v;
+        par_rows(
+            tokens,
+            d,
+            #[inline(always)]
+            |t, out| {
+                let out = write_row(out, repeat(0.0));
+                for a in t * top_k..(t + 1) * top_k {
+                    if slot[a] < rows {
+                        let weight = weights.map_or(1.0, |w| w[a]);
+                        let row = &buffer[slot[a] * d..(slot[a] + 1) * d];
+                        for (o, &v) in out.iter_mut().zip(row) {
+                            *o += weight * v;
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
     }
 }
 
@@ -211,32 +218,6 @@ fn starts(counts: &[usize]) -> Vec<usize> {
             Some(first)
         })
         .collect()
-}
-
-/// `rows` rows of width `d` that `kernel(row, out_row)` writes, blocks in parallel.
-///
-/// # Safety
-/// `kernel` must initialise every element of each row it is given (see [`write_row`]).
-unsafe fn par_row_blocks(
-    rows: usize,
-    d: usize,
-    kernel: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
-) -> Vec<f32> {
-    // SAFETY: the blocks tile the output, and the caller's `kernel` writes each row whole.
-    unsafe {
-        written(rows * d, |out| {
-            if d == 0 {
-                return;
-            }
-            out.par_chunks_mut(d * MOVE_BLOCK_ROWS)
-                .enumerate()
-                .for_each(|(block, rows)| {
-                    for (i, row) in rows.chunks_mut(d).enumerate() {
-                        kernel(block * MOVE_BLOCK_ROWS + i, row);
-                    }
-                });
-        })
-    }
 }
 
 /// Splits `out` (rows of `width`, consecutive segments of `counts` rows) into blocks of at
