@@ -178,14 +178,23 @@ pub fn grouped_matmul_input_grad(
     d_out: usize,
 ) -> Vec<f32> {
     let (starts, rows) = segment_rows(grad, counts, d_out);
+    // Each expert's `w^T` made contiguous once, not gathered again for every block.
+    let w_t: Vec<_> = counts
+        .iter()
+        .enumerate()
+        .map(|(e, &count)| match count {
+            0 => Default::default(),
+            _ => Matrix::expert(w, e, d_in, d_out).transpose().row_major(),
+        })
+        .collect();
     // SAFETY: the blocks tile all `rows` rows, and each product writes its block whole.
     unsafe {
         written(rows * d_in, |d_x| {
             let blocks = row_blocks(d_x, d_in, counts);
             blocks.into_par_iter().for_each(|(e, rows, out)| {
                 let rows = starts[e] + rows.start..starts[e] + rows.end;
-                let w_e = Matrix::expert(w, e, d_in, d_out).transpose();
-                matmul_into(out, Matrix::rows_of(grad, d_out, rows), w_e);
+                let w_t = Matrix::rows_of(&w_t[e], d_in, 0..d_out);
+                matmul_into(out, Matrix::rows_of(grad, d_out, rows), w_t);
             });
         })
     }

@@ -2,8 +2,11 @@
 //! that split a larger product into blocks and run the blocks in parallel themselves.
 //! Outputs may be uninitialised (see `written`): `gemm` writes them without reading.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::ops::Range;
+
+use super::{par_rows, write_row};
 
 /// A strided matrix view of an f32 slice: element `(i, j)` at
 /// `offset + i * row_stride + j * column_stride`.
@@ -74,6 +77,32 @@ impl<'a> Matrix<'a> {
     /// Columns `columns` of this matrix.
     pub(super) fn columns(self, columns: Range<usize>) -> Self {
         self.transpose().rows(columns).transpose()
+    }
+
+    /// The elements as a row-major `[rows, columns]` slice: borrowed when they already are
+    /// one, else copied in one parallel pass. A product whose right operand is a transposed
+    /// view (the input gradient `grad w^T`) reads it far faster this way: `gemm` otherwise
+    /// gathers the strided view again for every block of rows it packs.
+    pub(super) fn row_major(self) -> Cow<'a, [f32]> {
+        assert!(self.in_bounds(), "matmul: view out of bounds");
+        let len = self.rows * self.columns;
+        if self.column_stride == 1 && (self.row_stride == self.columns || self.rows <= 1) {
+            return Cow::Borrowed(&self.data[self.offset..self.offset + len]);
+        }
+        let element = |i: usize, j: usize| {
+            self.data[self.offset + i * self.row_stride + j * self.column_stride]
+        };
+        // SAFETY: every row is written whole.
+        Cow::Owned(unsafe {
+            par_rows(
+                self.rows,
+                self.columns,
+                #[inline(always)]
+                |i, row| {
+                    write_row(row, (0..self.columns).map(|j| element(i, j)));
+                },
+            )
+        })
     }
 
     /// Whether every element lies inside `data`.
