@@ -2,6 +2,7 @@
 //! models.
 
 mod ablate;
+mod allocator;
 mod backend;
 mod bench;
 
@@ -685,6 +686,7 @@ fn upcycle_dense(args: UpcycleArgs) -> Result<()> {
 }
 
 fn main() {
+    allocator::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => TrainJob::new(args)
