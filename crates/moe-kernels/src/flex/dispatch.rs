@@ -116,21 +116,10 @@ pub fn grouped_matmul(
     d_in: usize,
     d_out: usize,
 ) -> Vec<f32> {
-    let (starts, rows) = segment_rows(x, counts, d_in);
-    // SAFETY: the blocks tile all `rows` rows, and each product writes its block whole.
-    unsafe {
-        written(rows * d_out, |out| {
-            let blocks = row_blocks(out, d_out, counts);
-            blocks.into_par_iter().for_each(|(e, rows, out)| {
-                let rows = starts[e] + rows.start..starts[e] + rows.end;
-                matmul_into(
-                    out,
-                    Matrix::rows_of(x, d_in, rows),
-                    Matrix::expert(w, e, d_in, d_out),
-                );
-            });
-        })
-    }
+    let experts: Vec<_> = (0..counts.len())
+        .map(|e| Matrix::expert(w, e, d_in, d_out))
+        .collect();
+    segment_products(x, counts, &experts, [d_in, d_out])
 }
 
 /// Gradients `(d_x, d_w)` of [`grouped_matmul`] given the output's `grad: [rows, d_out]`:
@@ -177,9 +166,8 @@ pub fn grouped_matmul_input_grad(
     d_in: usize,
     d_out: usize,
 ) -> Vec<f32> {
-    let (starts, rows) = segment_rows(grad, counts, d_out);
     // Each expert's `w^T` made contiguous once, not gathered again for every block.
-    let w_t: Vec<_> = counts
+    let transposed: Vec<_> = counts
         .iter()
         .enumerate()
         .map(|(e, &count)| match count {
@@ -187,14 +175,29 @@ pub fn grouped_matmul_input_grad(
             _ => Matrix::expert(w, e, d_in, d_out).transpose().row_major(),
         })
         .collect();
+    let experts: Vec<_> = transposed
+        .iter()
+        .map(|w_t| Matrix::rows_of(w_t, d_in, 0..w_t.len() / d_in.max(1)))
+        .collect();
+    segment_products(grad, counts, &experts, [d_out, d_in])
+}
+
+/// Segment `e` of the packed rows `x: [rows, d_in]` times `matrices[e]` (`[d_in, d_out]`),
+/// `[rows, d_out]`: blocks of rows in parallel, each written once by its product.
+fn segment_products(
+    x: &[f32],
+    counts: &[usize],
+    matrices: &[Matrix],
+    [d_in, d_out]: [usize; 2],
+) -> Vec<f32> {
+    let (starts, rows) = segment_rows(x, counts, d_in);
     // SAFETY: the blocks tile all `rows` rows, and each product writes its block whole.
     unsafe {
-        written(rows * d_in, |d_x| {
-            let blocks = row_blocks(d_x, d_in, counts);
+        written(rows * d_out, |out| {
+            let blocks = row_blocks(out, d_out, counts);
             blocks.into_par_iter().for_each(|(e, rows, out)| {
                 let rows = starts[e] + rows.start..starts[e] + rows.end;
-                let w_t = Matrix::rows_of(&w_t[e], d_in, 0..d_out);
-                matmul_into(out, Matrix::rows_of(grad, d_out, rows), w_t);
+                matmul_into(out, Matrix::rows_of(x, d_in, rows), matrices[e]);
             });
         })
     }
