@@ -82,9 +82,10 @@ impl<'a> Matrix<'a> {
     }
 
     /// The elements as a row-major `[rows, columns]` slice: borrowed when they already are
-    /// one, else copied in one parallel pass. A product whose right operand is a transposed
-    /// view (the input gradient `grad w^T`) reads it far faster this way: `gemm` otherwise
-    /// gathers the strided view again for every block of rows it packs.
+    /// one, else copied in one parallel pass. For the experts' input gradients (`grad w^T`
+    /// over many blocks of rows) the copy costs less than `gemm` gathering the strided
+    /// view again for every block it packs; for the output head's large weight it cost
+    /// more, so that product reads the view.
     pub(super) fn row_major(self) -> Cow<'a, [f32]> {
         assert!(self.in_bounds(), "matmul: view out of bounds");
         let len = self.rows * self.columns;
