@@ -114,29 +114,20 @@ fn head_forward(
     dims: Dims,
     [output, probs]: [&mut [MaybeUninit<f32>]; 2],
 ) {
-    let (keys, d) = (dims.keys, dims.head_dim);
     let (q, k, v) = (q.matrix(head), k.matrix(head), v.matrix(head));
-    for (rows, seen) in dims.query_blocks() {
-        let block = &mut probs[rows.start * keys..rows.end * keys];
-        let (q_rows, k_seen) = (q.rows(rows.clone()), k.rows(0..seen).transpose());
-        scaled_matmul_into(block, keys, q_rows, k_seen, dims.scale());
-        let block = softmax_rows(
-            block,
-            rows.clone(),
-            seen,
-            dims,
-            #[inline(always)]
-            |_, visible| {
-                let max = max_of(visible);
-                visible.iter_mut().for_each(|s| *s = exp(*s - max));
-                let inv = 1.0 / sum_of(visible, |p| p);
-                visible.iter_mut().for_each(|p| *p *= inv);
-            },
-        );
-        let p_rows = Matrix::rows_of(block, keys, 0..rows.len()).columns(0..seen);
-        let out_rows = &mut output[rows.start * d..rows.end * d];
-        scaled_matmul_into(out_rows, d, p_rows, v.rows(0..seen), 1.0);
-    }
+    score_blocks(
+        [probs, output],
+        [q, k, v],
+        [dims.scale(), 1.0],
+        dims,
+        #[inline(always)]
+        |_, visible| {
+            let max = max_of(visible);
+            visible.iter_mut().for_each(|s| *s = exp(*s - max));
+            let inv = 1.0 / sum_of(visible, |p| p);
+            visible.iter_mut().for_each(|p| *p *= inv);
+        },
+    );
 }
 
 /// Gradients `(dq, dk, dv)` of [`forward`], row-major, from its inputs, its probabilities
@@ -200,28 +191,20 @@ fn head_backward(
     // SAFETY: the query blocks tile the scores, each block's rows written whole.
     let d_scores = unsafe {
         written(queries * keys, |d_scores| {
-            for (rows, seen) in dims.query_blocks() {
-                let block = &mut d_scores[rows.start * keys..rows.end * keys];
-                let v_seen = v.rows(0..seen).transpose();
-                scaled_matmul_into(block, keys, grad.rows(rows.clone()), v_seen, 1.0);
-                let block = softmax_rows(
-                    block,
-                    rows.clone(),
-                    seen,
-                    dims,
-                    #[inline(always)]
-                    |i, visible| {
-                        let p = &probs[i * keys..i * keys + visible.len()];
-                        let p_dot_dp = dot(p, visible);
-                        for (ds, &p) in visible.iter_mut().zip(p) {
-                            *ds = p * (*ds - p_dot_dp);
-                        }
-                    },
-                );
-                let ds_rows = Matrix::rows_of(block, keys, 0..rows.len()).columns(0..seen);
-                let dq_rows = &mut dq[rows.start * d..rows.end * d];
-                scaled_matmul_into(dq_rows, d, ds_rows, k.rows(0..seen), dims.scale());
-            }
+            score_blocks(
+                [d_scores, dq],
+                [grad, v, k],
+                [1.0, dims.scale()],
+                dims,
+                #[inline(always)]
+                |i, visible| {
+                    let p = &probs[i * keys..i * keys + visible.len()];
+                    let p_dot_dp = dot(p, visible);
+                    for (ds, &p) in visible.iter_mut().zip(p) {
+                        *ds = p * (*ds - p_dot_dp);
+                    }
+                },
+            );
         })
     };
     // Key block `j0..j1` is seen by the queries from `j0 - (keys - queries)` on.
@@ -236,6 +219,31 @@ fn head_backward(
         let ds_t = key_block(&d_scores).transpose();
         let q_rows = q.rows(seers.clone());
         scaled_matmul_into(&mut dk[key_rows], d, ds_t, q_rows, dims.scale());
+    }
+}
+
+/// The query-block loop of both passes: per block of rows, `scores = a b^T * scale`
+/// over the keys its last query sees, `row(query, visible)` on each score row (see
+/// [`softmax_rows`]; `Copy`, so each block takes it by value and inlines it), then
+/// `out = scores c * out_scale`. Writes `scores` (`[queries, keys]`) and `out`
+/// (`[queries, head_dim]`) whole.
+#[inline(always)]
+fn score_blocks(
+    [scores, out]: [&mut [MaybeUninit<f32>]; 2],
+    [a, b, c]: [Matrix; 3],
+    [scale, out_scale]: [f32; 2],
+    dims: Dims,
+    row: impl FnMut(usize, &mut [f32]) + Copy,
+) {
+    let (keys, d) = (dims.keys, dims.head_dim);
+    for (rows, seen) in dims.query_blocks() {
+        let block = &mut scores[rows.start * keys..rows.end * keys];
+        let (a_rows, b_seen) = (a.rows(rows.clone()), b.rows(0..seen).transpose());
+        scaled_matmul_into(block, keys, a_rows, b_seen, scale);
+        let block = softmax_rows(block, rows.clone(), seen, dims, row);
+        let block_rows = Matrix::rows_of(block, keys, 0..rows.len()).columns(0..seen);
+        let out_rows = &mut out[rows.start * d..rows.end * d];
+        scaled_matmul_into(out_rows, d, block_rows, c.rows(0..seen), out_scale);
     }
 }
 
