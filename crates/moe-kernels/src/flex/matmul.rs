@@ -98,20 +98,28 @@ impl<'a> Matrix<'a> {
         let element = |i: usize, j: usize| {
             self.data[self.offset + i * self.row_stride + j * self.column_stride]
         };
-        // Tiles of TILE output rows, filled column by column: for a transposed view each
-        // column's TILE elements are adjacent in `data`, so reads and writes both stay
-        // within a few cache lines (a row at a time would read one line per element).
-        const TILE: usize = 16;
-        // SAFETY: the tiles cover every row, and each tile's loops write all its elements.
+        // Tasks of TILE output rows, each filled in blocks of BLOCK columns, row by row:
+        // for a transposed view the BLOCK elements of an output row lie in BLOCK
+        // different lines of `data`, so their cache misses overlap, and the next rows
+        // of the block read the same lines again from L1. (Filling a column at a time
+        // waited for one line per column: the weights are no longer in cache by the
+        // backward pass.)
+        const TILE: usize = 64;
+        const BLOCK: usize = 16;
+        let columns = self.columns;
+        // SAFETY: the tiles cover every row, and each tile's blocks write all its elements.
         Cow::Owned(unsafe {
             written(len, |out| {
-                out.par_chunks_mut(TILE * self.columns)
+                out.par_chunks_mut(TILE * columns)
                     .enumerate()
                     .for_each(|(tile, out)| {
-                        let rows = out.len() / self.columns;
-                        for j in 0..self.columns {
+                        let rows = out.len() / columns;
+                        for first in (0..columns).step_by(BLOCK) {
+                            let block = first..(first + BLOCK).min(columns);
                             for r in 0..rows {
-                                out[r * self.columns + j].write(element(tile * TILE + r, j));
+                                for j in block.clone() {
+                                    out[r * columns + j].write(element(tile * TILE + r, j));
+                                }
                             }
                         }
                     });
@@ -230,11 +238,13 @@ mod tests {
             .flat_map(|j| (1..4).map(move |i| (i * 12 + 2 + j) as f32))
             .collect();
         assert_eq!(&*view.row_major(), &expected[..]);
-        // A transpose longer than one tile: [40, 3] from a row-major [3, 40].
-        let transposed = Matrix::rows_of(&data, 40, 0..3).transpose().row_major();
-        for i in 0..40 {
-            for j in 0..3 {
-                assert_eq!(transposed[i * 3 + j], data[j * 40 + i], "({i}, {j})");
+        // A transpose over more than one tile of rows and block of columns: [70, 20] from
+        // a row-major [20, 70].
+        let wide: Vec<f32> = (0..1400).map(|v| v as f32).collect();
+        let transposed = Matrix::rows_of(&wide, 70, 0..20).transpose().row_major();
+        for i in 0..70 {
+            for j in 0..20 {
+                assert_eq!(transposed[i * 20 + j], wide[j * 70 + i], "({i}, {j})");
             }
         }
         // Contiguous rows are borrowed, not copied.
