@@ -1,7 +1,8 @@
-//! Token dispatch on flex: the permute, combine and grouped matmul as loops over contiguous
-//! f32 rows, parallel with rayon, each output row written once. The tensor-op reference
-//! expands, scatters and concatenates, copying every row several times, and allocates
-//! every per-segment product before joining them.
+//! Token dispatch on flex: the counting sort of assignments by expert as one pass, and the
+//! permute, combine and grouped matmul as loops over contiguous f32 rows, parallel with
+//! rayon, each output row written once. The tensor-op reference expands, scatters and
+//! concatenates, copying every row several times, and allocates every per-segment product
+//! before joining them.
 
 use std::iter::repeat;
 use std::mem::MaybeUninit;
@@ -16,6 +17,35 @@ use super::{par_rows, write_row, written};
 /// weight few times and runs few edge blocks (256 beat 128 in 10 of 11 paired MoE steps),
 /// few enough to spread one expert's segment over the cores.
 const MATMUL_BLOCK_ROWS: usize = 256;
+
+/// `(slot, counts)` of the assignments `experts` (token-major): the reference's
+/// `expert_slots` as one counting pass instead of a one-hot matrix and its cumulative
+/// sums. With a capacity, expert `e`'s `r`-th assignment takes row `e * capacity + r`,
+/// or the trash row `n_experts * capacity` once `r` reaches the capacity; dropless, row
+/// `offset[e] + r` of the packed buffer. `None` if an assignment names no expert.
+pub fn expert_slots(
+    experts: &[usize],
+    n_experts: usize,
+    capacity: Option<usize>,
+) -> Option<(Vec<usize>, Vec<usize>)> {
+    let mut counts = vec![0; n_experts];
+    let mut ranks = Vec::with_capacity(experts.len());
+    for &e in experts {
+        ranks.push(*counts.get(e)?);
+        counts[e] += 1;
+    }
+    let offsets = starts(&counts);
+    let slot = experts
+        .iter()
+        .zip(ranks)
+        .map(|(&e, rank)| match capacity {
+            Some(capacity) if rank < capacity => e * capacity + rank,
+            Some(capacity) => n_experts * capacity,
+            None => offsets[e] + rank,
+        })
+        .collect();
+    Some((slot, counts))
+}
 
 /// The expert-major buffer `[rows, d]`: row `slot[a]` holds `weight(a) * x[a / k]`
 /// (`k = slot.len() / tokens`), rows no kept assignment fills are zero; slots of `rows` or

@@ -32,6 +32,22 @@ impl MoeBackend for Flex {
         rayon::scope(|_| work())
     }
 
+    fn expert_slots(
+        experts: IntTensor<Self>,
+        n_experts: usize,
+        capacity: Option<usize>,
+    ) -> (IntTensor<Self>, IntTensor<Self>) {
+        let dtype = experts.dtype();
+        let slots = (!reference_dispatch())
+            .then(|| indices(&experts))
+            .flatten()
+            .and_then(|assigned| dispatch::expert_slots(&assigned, n_experts, capacity));
+        match slots {
+            Some((slot, counts)) => (int_tensor(&slot, dtype), int_tensor(&counts, dtype)),
+            None => reference::dispatch::expert_slots::<Self>(experts, n_experts, capacity),
+        }
+    }
+
     fn permute_forward(
         x: FloatTensor<Self>,
         slot: IntTensor<Self>,
@@ -923,6 +939,16 @@ fn indices(tensor: &FlexTensor) -> Option<Vec<usize>> {
         ),
         _ => None,
     }
+}
+
+/// A 1-d integer tensor of `values` in `dtype` (I32 or I64, as [`indices`] reads).
+fn int_tensor(values: &[usize], dtype: DType) -> FlexTensor {
+    let shape = Shape::new([values.len()]);
+    let data = match dtype {
+        DType::I32 => TensorData::new(values.iter().map(|&v| v as i32).collect(), shape),
+        _ => TensorData::new(values.iter().map(|&v| v as i64).collect(), shape),
+    };
+    FlexTensor::from_data(data)
 }
 
 fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
