@@ -236,6 +236,24 @@ impl<B: MoeBackend> Backward<B, 1> for RouteBackward {
     }
 }
 
+#[derive(Debug)]
+struct RouterLossesBackward;
+
+impl<B: MoeBackend> Backward<B, 1> for RouterLossesBackward {
+    /// The logits, the counts, the gate and `k`.
+    type State = (FloatTensor<B>, IntTensor<B>, Gate, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_logits] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (logits, counts, gate, top_k) = ops.state;
+        if let Some(node) = node_logits {
+            let d_logits = B::router_losses_backward(logits, counts, gate, top_k, grad);
+            grads.register::<B>(node.id, d_logits);
+        }
+    }
+}
+
 impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     fn route(
         logits: FloatTensor<Self>,
@@ -260,6 +278,31 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
                 let (weights, experts) = B::route_forward(logits.primitive, bias, gate, top_k);
                 (prep.finish(weights), experts)
             }
+        }
+    }
+
+    fn router_losses(
+        logits: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+    ) -> FloatTensor<Self> {
+        match RouterLossesBackward
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let losses =
+                    B::router_losses_forward(logits.primitive.clone(), counts.clone(), gate, top_k);
+                prep.finish((logits.primitive, counts, gate, top_k), losses)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::router_losses_forward(
+                logits.primitive,
+                counts,
+                gate,
+                top_k,
+            )),
         }
     }
 

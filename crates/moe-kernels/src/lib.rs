@@ -240,6 +240,42 @@ pub trait MoeBackend: Backend {
         Self::route_forward(logits, bias, gate, top_k)
     }
 
+    /// The router's loss terms and statistics in one: `[balance, z, entropy, max |logit|]`,
+    /// `[4]`, of `logits: [T, E]` whose routing put `counts: [E]` assignments on each
+    /// expert, with the distribution `gate` implies; see
+    /// [`reference::router_losses::router_losses_forward`].
+    fn router_losses_forward(
+        logits: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+    ) -> FloatTensor<Self> {
+        reference::router_losses::router_losses_forward::<Self>(logits, counts, gate, top_k)
+    }
+
+    /// Gradient of the logits `[T, E]` given the gradient `grad: [4]` of the losses; the
+    /// two statistics pass none.
+    fn router_losses_backward(
+        logits: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::router_losses::router_losses_backward::<Self>(logits, counts, gate, top_k, grad)
+    }
+
+    /// Differentiable router losses; see [`MoeBackend::router_losses_forward`]. The
+    /// counts carry no gradient.
+    fn router_losses(
+        logits: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+    ) -> FloatTensor<Self> {
+        Self::router_losses_forward(logits, counts, gate, top_k)
+    }
+
     /// Counting sort of the routed assignments `experts: [A]` (token-major, so stable in
     /// token order): `(slot, counts)`, each assignment's row in the expert-major buffer and
     /// the per-expert counts before dropping. See [`reference::dispatch::expert_slots`] for
@@ -491,6 +527,22 @@ pub fn route<B: MoeBackend>(
         top_k,
     );
     (float(weights), Tensor::from_primitive(experts))
+}
+
+/// The router's `[balance, z, entropy, max |logit|]` from its `logits: [T, E]` and the
+/// per-expert assignment `counts: [E]`; see [`MoeBackend::router_losses_forward`].
+pub fn router_losses<B: MoeBackend>(
+    logits: Tensor<B, 2>,
+    counts: Tensor<B, 1, Int>,
+    gate: Gate,
+    top_k: usize,
+) -> Tensor<B, 1> {
+    float(B::router_losses(
+        logits.into_primitive().tensor(),
+        counts.into_primitive(),
+        gate,
+        top_k,
+    ))
 }
 
 /// `(slot, counts)` of the routed assignments `experts: [A]`; see

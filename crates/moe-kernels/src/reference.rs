@@ -8,6 +8,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
 
 pub mod dispatch;
+pub mod router_losses;
 pub mod routing;
 
 /// A float primitive as a tensor of rank `D`.

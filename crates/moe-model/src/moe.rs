@@ -7,9 +7,8 @@ use burn::tensor::{Int, Tensor};
 use crate::config::MoeConfig;
 use crate::dispatch;
 use crate::experts::{Experts, SwiGlu};
-use crate::losses::{load_balancing_loss, router_entropy, router_z_loss};
 use crate::router::{Router, Routing};
-use moe_kernels::MoeBackend;
+use moe_kernels::{MoeBackend, router_losses};
 
 /// Routing statistics of one MoE layer for one forward pass, kept on the device until read.
 #[derive(Debug, Clone)]
@@ -100,7 +99,6 @@ impl<B: Backend> MoeLayer<B> {
         let training = B::ad_enabled(&x.device());
         let Routing {
             logits,
-            probs,
             weights,
             experts,
         } = self.router.forward(x.clone());
@@ -117,16 +115,22 @@ impl<B: Backend> MoeLayer<B> {
         if let Some(shared) = &self.shared {
             output = output + shared.forward(x);
         }
-        let balance_loss =
-            load_balancing_loss(probs.clone(), plan.counts.clone(), self.config.top_k);
-        let z_loss = router_z_loss(logits.clone());
+        // [balance, z, entropy, max |logit|] in one pass over the logits.
+        let losses = router_losses(
+            logits,
+            plan.counts.clone(),
+            self.router.gate_kind(),
+            self.config.top_k,
+        );
         let stats = RouterStats {
             counts: plan.counts,
             dropped: plan.dropped,
             assignments: tokens * self.config.top_k,
-            entropy: router_entropy(probs.detach()),
-            max_logit: logits.detach().abs().max(),
+            entropy: losses.clone().slice(2..3).detach(),
+            max_logit: losses.clone().slice(3..4).detach(),
         };
+        let balance_loss = losses.clone().slice(0..1);
+        let z_loss = losses.slice(1..2);
         MoeOutput {
             output,
             balance_loss,

@@ -2,7 +2,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 
@@ -13,10 +12,9 @@ use crate::config::{MoeConfig, RouterKind};
 /// The routing decision for a flat batch of `T` tokens.
 #[derive(Debug, Clone)]
 pub struct Routing<B: Backend> {
-    /// Raw router logits, `[T, E]`.
+    /// Raw router logits, `[T, E]`; the balancing loss and the entropy measure the
+    /// distribution they imply ([`moe_kernels::reference::router_losses::router_probs`]).
     pub logits: Tensor<B, 2>,
-    /// Full distribution over experts used by the balancing loss and entropy, `[T, E]`.
-    pub probs: Tensor<B, 2>,
     /// Combine weight of each chosen expert, `[T, k]`.
     pub weights: Tensor<B, 2>,
     /// Chosen experts, best first, `[T, k]`.
@@ -54,7 +52,7 @@ impl<B: Backend> Router<B> {
     }
 
     /// How the chosen experts' weights come from the logits.
-    fn gate_kind(&self) -> Gate {
+    pub fn gate_kind(&self) -> Gate {
         match self.config.router {
             RouterKind::SoftmaxTopk => Gate::Softmax {
                 renormalize: self.config.renormalize,
@@ -90,16 +88,8 @@ impl<B: Backend> Router<B> {
             self.gate_kind(),
             self.config.top_k,
         );
-        let probs = match self.config.router {
-            RouterKind::SoftmaxTopk | RouterKind::TopkSoftmax => softmax(logits.clone(), 1),
-            RouterKind::Sigmoid => {
-                let scores = sigmoid(logits.clone());
-                scores.clone() / scores.sum_dim(1)
-            }
-        };
         Routing {
             logits,
-            probs,
             weights,
             experts,
         }

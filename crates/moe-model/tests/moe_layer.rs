@@ -8,7 +8,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use common::*;
 use moe_model::dispatch;
-use moe_model::losses::{load_balancing_loss, router_z_loss};
+use moe_model::losses::{load_balancing_loss, router_probs, router_z_loss};
 use moe_model::{DropPolicy, MoeBackend, MoeConfig, MoeLayer, RouterKind};
 
 fn silu(x: f64) -> f64 {
@@ -286,12 +286,11 @@ pub fn all_tokens_to_one_expert<B: MoeBackend>(device: &B::Device) {
     );
     // Balance loss when everything goes to one expert with probability p:
     // E / (k T^2) * (T p) * T = E p.
-    let p = host(
-        layer
-            .router
-            .forward(Tensor::ones([tokens, d], device))
-            .probs,
-    )[2];
+    let logits = layer
+        .router
+        .forward(Tensor::ones([tokens, d], device))
+        .logits;
+    let p = host(router_probs(logits, layer.router.gate_kind()))[2];
     assert_close(
         &host(out.balance_loss),
         &[experts as f64 * p],

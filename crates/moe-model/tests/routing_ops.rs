@@ -1,7 +1,8 @@
-//! The routing operation (scores, top-k, combine weights): each backend's implementation
-//! against the tensor-op reference, forward and gradient. On wgpu that is the CubeCL
-//! kernel; elsewhere the reference itself. Every backend's gradient is also checked against
-//! finite differences of the weights computed on the host in f64.
+//! The routing operation (scores, top-k, combine weights) and the router's losses: each
+//! backend's implementation against the tensor-op reference, forward and gradient. Routing
+//! on wgpu is the CubeCL kernel, the losses on flex a loop over tokens; elsewhere the
+//! reference itself. Every backend's values and gradients are also checked against values
+//! and finite differences computed on the host in f64.
 
 mod common;
 
@@ -10,7 +11,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 use common::{assert_close, host, host_int, tensor};
 use moe_model::MoeBackend;
-use moe_model::ops::{self, Gate, reference::routing as reference};
+use moe_model::ops::{
+    self, Gate, reference::router_losses as losses_reference, reference::routing as reference,
+};
 
 const GATES: [Gate; 4] = [
     Gate::Softmax { renormalize: true },
@@ -209,6 +212,136 @@ fn route_gradient_matches_finite_differences<B: MoeBackend>(device: &B::Device) 
     }
 }
 
+/// Assignments per expert for the losses' tests: uneven, some experts empty.
+fn counts(tokens: usize, n_experts: usize, top_k: usize) -> Vec<i64> {
+    let mut counts: Vec<i64> = (0..n_experts).map(|e| (e % 3) as i64).collect();
+    counts[0] += (tokens * top_k) as i64 - counts.iter().sum::<i64>();
+    counts
+}
+
+/// One row of logits' router distribution under `gate` and its log-sum-exp, in f64.
+fn host_row(row: &[f64], gate: Gate) -> (Vec<f64>, f64) {
+    let lse = row.iter().map(|l| l.exp()).sum::<f64>().ln();
+    let probs = match gate {
+        Gate::Sigmoid { .. } => {
+            let scores: Vec<f64> = row.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect();
+            let sum: f64 = scores.iter().sum();
+            scores.iter().map(|s| s / sum).collect()
+        }
+        _ => row.iter().map(|l| (l - lse).exp()).collect(),
+    };
+    (probs, lse)
+}
+
+/// `[balance, z, entropy, max |logit|]` of one batch of logits computed on the host in f64.
+fn host_losses(logits: &[f64], counts: &[i64], gate: Gate, top_k: usize) -> [f64; 4] {
+    let n_experts = counts.len();
+    let tokens = logits.len() / n_experts;
+    let (mut balance, mut z, mut entropy) = (0.0, 0.0, 0.0);
+    for row in logits.chunks(n_experts) {
+        let (probs, lse) = host_row(row, gate);
+        balance += probs
+            .iter()
+            .zip(counts)
+            .map(|(p, &c)| p * c as f64)
+            .sum::<f64>();
+        z += lse * lse;
+        entropy -= probs.iter().map(|p| p * p.max(1e-12).ln()).sum::<f64>();
+    }
+    let scale = n_experts as f64 / (top_k * tokens * tokens) as f64;
+    let max_abs = logits.iter().fold(0.0f64, |m, l| m.max(l.abs()));
+    [
+        scale * balance,
+        z / tokens as f64,
+        entropy / tokens as f64,
+        max_abs,
+    ]
+}
+
+/// `ops::router_losses`' four values and its logit gradient (of `losses . probe`) against
+/// f64 host values and central finite differences of the two losses: the entropy and the
+/// largest logit are statistics and pass no gradient.
+fn router_losses_match_host<B: MoeBackend>(device: &B::Device) {
+    type A<B> = Autodiff<B>;
+    let probe = [0.7, -1.3, 2.0, 5.0];
+    for (tokens, n_experts, top_k) in SHAPES {
+        for gate in [
+            Gate::Softmax { renormalize: true },
+            Gate::Sigmoid { scale: 2.5 },
+        ] {
+            let what = format!("T={tokens} E={n_experts} k={top_k} {gate:?}");
+            let init = logits::<B>(tokens, n_experts, false, device);
+            let logits = Tensor::<A<B>, 2>::from_inner(init.clone()).require_grad();
+            let counts = counts(tokens, n_experts, top_k);
+            let counts_tensor = Tensor::<A<B>, 1, Int>::from_ints(counts.as_slice(), device);
+
+            let losses = ops::router_losses(logits.clone(), counts_tensor, gate, top_k);
+            let probe_tensor = Tensor::<A<B>, 1>::from_floats(probe, device);
+            let grads = (losses.clone() * probe_tensor).sum().backward();
+            let fused = host(logits.grad(&grads).expect("gradient"));
+            let values = host(init);
+
+            let expected = host_losses(&values, &counts, gate, top_k);
+            assert_close(&host(losses), &expected, 1e-5, &format!("losses {what}"));
+            // Each row's share of `probe[0] * balance + probe[1] * z`: a logit moves only
+            // its own row's.
+            let scale = n_experts as f64 / (top_k * tokens * tokens) as f64;
+            let objective = |row: &[f64]| {
+                let (probs, lse) = host_row(row, gate);
+                let balance: f64 = probs.iter().zip(&counts).map(|(p, &c)| p * c as f64).sum();
+                probe[0] * scale * balance + probe[1] * lse * lse / tokens as f64
+            };
+            let h = 1e-5;
+            let mut expected_grad = Vec::with_capacity(values.len());
+            for row in values.chunks(n_experts) {
+                for e in 0..n_experts {
+                    let (mut up, mut down) = (row.to_vec(), row.to_vec());
+                    up[e] += h;
+                    down[e] -= h;
+                    expected_grad.push((objective(&up) - objective(&down)) / (2.0 * h));
+                }
+            }
+            assert_close(&fused, &expected_grad, 1e-5, &format!("d_logits {what}"));
+        }
+    }
+}
+
+/// Flex's one-pass router losses against the reference on flex, forward and gradient.
+#[test]
+fn flex_router_losses_match_reference() {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    for (tokens, n_experts, top_k) in SHAPES {
+        for gate in GATES {
+            let what = format!("T={tokens} E={n_experts} k={top_k} {gate:?}");
+            let logits = logits::<B>(tokens, n_experts, false, &device);
+            let counts = counts(tokens, n_experts, top_k);
+            let counts = Tensor::<B, 1, Int>::from_ints(counts.as_slice(), &device);
+            let grad = Tensor::<B, 1>::from_floats([0.7, -1.3, 2.0, 5.0], &device);
+            let p = || logits.clone().into_primitive().tensor();
+            let c = || counts.clone().into_primitive();
+            let g = || grad.clone().into_primitive().tensor();
+            let losses = B::router_losses_forward(p(), c(), gate, top_k);
+            let ref_losses = losses_reference::router_losses_forward::<B>(p(), c(), gate, top_k);
+            assert_close(
+                &host(float::<B, 1>(losses)),
+                &host(float::<B, 1>(ref_losses)),
+                1e-5,
+                &format!("losses {what}"),
+            );
+            let d_logits = B::router_losses_backward(p(), c(), gate, top_k, g());
+            let ref_d_logits =
+                losses_reference::router_losses_backward::<B>(p(), c(), gate, top_k, g());
+            assert_close(
+                &host(float::<B, 2>(d_logits)),
+                &host(float::<B, 2>(ref_d_logits)),
+                1e-5,
+                &format!("d_logits {what}"),
+            );
+        }
+    }
+}
+
 macro_rules! backend_tests {
     ($name:ident, $backend:ty) => {
         mod $name {
@@ -216,6 +349,10 @@ macro_rules! backend_tests {
             #[test]
             fn route_gradient_matches_finite_differences() {
                 super::route_gradient_matches_finite_differences::<B>(&Default::default());
+            }
+            #[test]
+            fn router_losses_match_host() {
+                super::router_losses_match_host::<B>(&Default::default());
             }
         }
     };

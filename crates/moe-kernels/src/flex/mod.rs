@@ -8,6 +8,7 @@ mod dispatch;
 mod linear;
 mod linear_cross_entropy;
 mod matmul;
+mod router_losses;
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -17,7 +18,7 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
-use crate::{AdamWStep, MoeBackend, reference, reference_dispatch};
+use crate::{AdamWStep, Gate, MoeBackend, reference, reference_dispatch};
 
 /// Rows handed to one rayon task: enough work to amortise the task, small enough to
 /// balance two to sixteen cores.
@@ -30,6 +31,45 @@ impl MoeBackend for Flex {
     /// On a thread of rayon's pool (the pool flex's kernels and matmuls run on).
     fn run_compute<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         rayon::scope(|_| work())
+    }
+
+    fn router_losses_forward(
+        logits: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+    ) -> FloatTensor<Self> {
+        match (dispatch_rows(&logits), indices(&counts)) {
+            (Some(values), Some(counts)) if router_shape(&logits, &counts) => tensor(
+                router_losses::forward(&values, &counts, gate, top_k).to_vec(),
+                Shape::new([4]),
+            ),
+            _ => {
+                reference::router_losses::router_losses_forward::<Self>(logits, counts, gate, top_k)
+            }
+        }
+    }
+
+    fn router_losses_backward(
+        logits: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let shape = logits.shape();
+        match (dispatch_rows(&logits), indices(&counts), f32_rows(&grad)) {
+            (Some(values), Some(counts), Some(grad)) if router_shape(&logits, &counts) => {
+                let grad = [grad[0], grad[1]];
+                tensor(
+                    router_losses::backward(&values, &counts, gate, top_k, grad),
+                    shape,
+                )
+            }
+            _ => reference::router_losses::router_losses_backward::<Self>(
+                logits, counts, gate, top_k, grad,
+            ),
+        }
     }
 
     fn expert_slots(
@@ -917,6 +957,12 @@ fn packed_rows<'a>(tensor: &'a FlexTensor, counts: &[usize]) -> Option<Cow<'a, [
     (tensor.shape()[0] == counts.iter().sum::<usize>())
         .then(|| dispatch_rows(tensor))
         .flatten()
+}
+
+/// Whether router `logits` have at least one token and one column per expert of `counts`.
+fn router_shape(logits: &FlexTensor, counts: &[usize]) -> bool {
+    let [tokens, n_experts] = logits.shape().dims::<2>();
+    tokens > 0 && n_experts > 0 && n_experts == counts.len()
 }
 
 /// Integer indices as `usize`, for the integer dtypes flex uses.
