@@ -1,8 +1,8 @@
 //! The routing operation (scores, top-k, combine weights) and the router's losses: each
-//! backend's implementation against the tensor-op reference, forward and gradient. Routing
-//! on wgpu is the CubeCL kernel, the losses on flex a loop over tokens; elsewhere the
-//! reference itself. Every backend's values and gradients are also checked against values
-//! and finite differences computed on the host in f64.
+//! backend's implementation against the tensor-op reference, forward and gradient.
+//! Routing on wgpu is the CubeCL kernel, routing and the losses on flex loops over
+//! tokens; elsewhere the reference itself. Every backend's values and gradients are also
+//! checked against values and finite differences computed on the host in f64.
 
 mod common;
 
@@ -44,6 +44,12 @@ fn logits<B: Backend>(
 
 fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// Flex's one-pass routing against the reference on flex.
+#[test]
+fn flex_routing_kernels_match_reference() {
+    routing_kernels_match_reference::<burn::backend::Flex>(&Default::default());
 }
 
 /// The CubeCL routing kernel against the reference on the same backend.

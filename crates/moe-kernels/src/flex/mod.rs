@@ -9,6 +9,7 @@ mod linear;
 mod linear_cross_entropy;
 mod matmul;
 mod router_losses;
+mod routing;
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -31,6 +32,24 @@ impl MoeBackend for Flex {
     /// On a thread of rayon's pool (the pool flex's kernels and matmuls run on).
     fn run_compute<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         rayon::scope(|_| work())
+    }
+
+    fn route_forward(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        gate: Gate,
+        top_k: usize,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        let [tokens, n_experts] = logits.shape().dims::<2>();
+        match (dispatch_rows(&logits), f32_rows(&bias)) {
+            (Some(values), Some(bias)) if bias.len() == n_experts && top_k <= n_experts => {
+                let (weights, experts) = routing::route(&values, &bias, gate, top_k);
+                let shape = Shape::new([tokens, top_k]);
+                let experts = TensorData::new(experts, shape.clone());
+                (tensor(weights, shape), FlexTensor::from_data(experts))
+            }
+            _ => reference::routing::route_forward::<Self>(logits, bias, gate, top_k),
+        }
     }
 
     fn router_losses_forward(
