@@ -5,62 +5,29 @@
 
 use rayon::prelude::*;
 
+use super::routing::{Row, TOKENS_PER_TASK};
 use crate::Gate;
 use crate::reference::router_losses::balance_scale;
 
-/// Tokens per rayon task.
-const TOKENS_PER_TASK: usize = 256;
-
-/// One token's row of logits, with the quantities both passes need.
-struct Row<'a> {
-    logits: &'a [f32],
-    /// `max_j logits_j`.
-    max: f32,
-    /// `sum_j exp(logits_j - max)`.
-    sum_exp: f32,
-}
-
-impl<'a> Row<'a> {
-    fn new(logits: &'a [f32]) -> Self {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum_exp = logits.iter().map(|&l| (l - max).exp()).sum();
-        Self {
-            logits,
-            max,
-            sum_exp,
+/// The router distribution over the experts under `gate` of one token's `row`, into
+/// `probs`; for sigmoid gates also the scores into `scores` and their sum returned, else 0.
+fn distribution(row: &Row, gate: Gate, probs: &mut [f32], scores: &mut [f32]) -> f32 {
+    match gate {
+        Gate::Softmax { .. } | Gate::TopkSoftmax => {
+            for (j, p) in probs.iter_mut().enumerate() {
+                *p = row.softmax(j);
+            }
+            0.0
         }
-    }
-
-    /// `log sum_j exp(logits_j)`.
-    fn log_sum_exp(&self) -> f32 {
-        self.sum_exp.ln() + self.max
-    }
-
-    /// Softmax probability of expert `j`.
-    fn softmax(&self, j: usize) -> f32 {
-        (self.logits[j] - self.max).exp() / self.sum_exp
-    }
-
-    /// The router distribution over the experts under `gate`, into `probs`; for sigmoid
-    /// gates also the scores into `scores` and their sum returned, else 0.
-    fn probs(&self, gate: Gate, probs: &mut [f32], scores: &mut [f32]) -> f32 {
-        match gate {
-            Gate::Softmax { .. } | Gate::TopkSoftmax => {
-                for (j, p) in probs.iter_mut().enumerate() {
-                    *p = self.softmax(j);
-                }
-                0.0
+        Gate::Sigmoid { .. } => {
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = row.sigmoid(j);
             }
-            Gate::Sigmoid { .. } => {
-                for (s, &l) in scores.iter_mut().zip(self.logits) {
-                    *s = 1.0 / (1.0 + (-l).exp());
-                }
-                let sum: f32 = scores.iter().sum();
-                for (p, &s) in probs.iter_mut().zip(scores.iter()) {
-                    *p = s / sum;
-                }
-                sum
+            let sum: f32 = scores.iter().sum();
+            for (p, &s) in probs.iter_mut().zip(scores.iter()) {
+                *p = s / sum;
             }
+            sum
         }
     }
 }
@@ -106,7 +73,7 @@ pub fn forward(logits: &[f32], counts: &[usize], gate: Gate, top_k: usize) -> [f
             let (mut probs, mut scores) = (vec![0.0; n_experts], vec![0.0; n_experts]);
             for logits in block.chunks(n_experts) {
                 let row = Row::new(logits);
-                row.probs(gate, &mut probs, &mut scores);
+                distribution(&row, gate, &mut probs, &mut scores);
                 for (mass, &p) in partial.prob_mass.iter_mut().zip(&probs) {
                     *mass += p as f64;
                 }
@@ -157,7 +124,7 @@ pub fn backward(
             let (mut probs, mut scores) = (vec![0.0; n_experts], vec![0.0; n_experts]);
             for (out, logits) in out.chunks_mut(n_experts).zip(block.chunks(n_experts)) {
                 let row = Row::new(logits);
-                let sum = row.probs(gate, &mut probs, &mut scores);
+                let sum = distribution(&row, gate, &mut probs, &mut scores);
                 let dot: f32 = probs.iter().zip(&d_probs).map(|(p, d)| p * d).sum();
                 let lse = row.log_sum_exp();
                 for (j, out) in out.iter_mut().enumerate() {

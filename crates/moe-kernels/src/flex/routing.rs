@@ -7,8 +7,44 @@ use rayon::prelude::*;
 
 use crate::Gate;
 
-/// Tokens per rayon task.
-const TOKENS_PER_TASK: usize = 256;
+/// Tokens per rayon task of the router's loops over tokens.
+pub(super) const TOKENS_PER_TASK: usize = 256;
+
+/// One token's row of router logits, with its softmax statistics.
+pub(super) struct Row<'a> {
+    logits: &'a [f32],
+    /// `max_j logits_j`.
+    max: f32,
+    /// `sum_j exp(logits_j - max)`.
+    sum_exp: f32,
+}
+
+impl<'a> Row<'a> {
+    pub(super) fn new(logits: &'a [f32]) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum_exp = logits.iter().map(|&l| (l - max).exp()).sum();
+        Self {
+            logits,
+            max,
+            sum_exp,
+        }
+    }
+
+    /// `log sum_j exp(logits_j)`.
+    pub(super) fn log_sum_exp(&self) -> f32 {
+        self.sum_exp.ln() + self.max
+    }
+
+    /// Softmax probability of expert `j`.
+    pub(super) fn softmax(&self, j: usize) -> f32 {
+        (self.logits[j] - self.max).exp() / self.sum_exp
+    }
+
+    /// Sigmoid score of expert `j`.
+    pub(super) fn sigmoid(&self, j: usize) -> f32 {
+        1.0 / (1.0 + (-self.logits[j]).exp())
+    }
+}
 
 /// `(weights, experts)`, both `[T, top_k]` row-major, of `logits: [T, n_experts]`: the
 /// reference's `route_forward` (best first; among equal scores the lower expert index).
@@ -46,21 +82,13 @@ fn route_token(
     weights: &mut [f32],
     experts: &mut [i32],
 ) {
-    match gate {
-        Gate::Softmax { .. } => {
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            scores
-                .iter_mut()
-                .zip(logits)
-                .for_each(|(s, &l)| *s = (l - max).exp());
-            let inv = 1.0 / scores.iter().sum::<f32>();
-            scores.iter_mut().for_each(|s| *s *= inv);
-        }
-        Gate::TopkSoftmax => scores.copy_from_slice(logits),
-        Gate::Sigmoid { .. } => scores
-            .iter_mut()
-            .zip(logits)
-            .for_each(|(s, &l)| *s = 1.0 / (1.0 + (-l).exp())),
+    let row = Row::new(logits);
+    for (j, score) in scores.iter_mut().enumerate() {
+        *score = match gate {
+            Gate::Softmax { .. } => row.softmax(j),
+            Gate::TopkSoftmax => logits[j],
+            Gate::Sigmoid { .. } => row.sigmoid(j),
+        };
     }
     for j in 0..experts.len() {
         let chosen = &experts[..j];
