@@ -219,6 +219,31 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
 }
 
 #[derive(Debug)]
+struct ExpertFfnBackward;
+
+impl<B: MoeBackend> Backward<B, 4> for ExpertFfnBackward {
+    /// The rows, the weights `[w1, w3, w2]`, the segment sizes and `[gate, up]`.
+    type State = (
+        FloatTensor<B>,
+        [FloatTensor<B>; 3],
+        Vec<usize>,
+        [FloatTensor<B>; 2],
+    );
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weights, counts, pre_activations) = ops.state;
+        let (d_x, [d_w1, d_w3, d_w2]) =
+            B::expert_ffn_backward(x, weights, &counts, pre_activations, grad);
+        register::<B, 4>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [d_x, d_w1, d_w3, d_w2],
+        );
+    }
+}
+
+#[derive(Debug)]
 struct RouteBackward;
 
 impl<B: MoeBackend> Backward<B, 1> for RouteBackward {
@@ -490,6 +515,30 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
                 weights.primitive,
                 counts,
             )),
+        }
+    }
+
+    fn expert_ffn(
+        x: FloatTensor<Self>,
+        [w1, w3, w2]: [FloatTensor<Self>; 3],
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        let nodes = [&x, &w1, &w3, &w2].map(|t| t.node.clone());
+        let inner = [w1, w3, w2].map(|w| w.primitive);
+        match ExpertFfnBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (output, pre_activations) =
+                    B::expert_ffn_forward(x.primitive.clone(), inner.clone(), counts);
+                let state = (x.primitive, inner, counts.to_vec(), pre_activations);
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::expert_ffn_forward(x.primitive, inner, counts).0)
+            }
         }
     }
 

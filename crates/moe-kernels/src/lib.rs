@@ -361,6 +361,41 @@ pub trait MoeBackend: Backend {
         reference::dispatch::grouped_matmul_backward::<Self>(x, weights, counts, grad)
     }
 
+    /// The experts' SwiGLU FFN over packed segments: segment `e` of `x: [rows, d]`
+    /// (`counts[e]` rows) through expert `e`, `swiglu(x w1[e], x w3[e]) w2[e]`, with
+    /// `weights = [w1, w3, w2]`: gate and up projections `[E, d, f]`, down projection
+    /// `[E, f, d]`. Returns the output `[rows, d]` and `[gate, up]`, the pre-activations
+    /// `x w1[e]` and `x w3[e]` (`[rows, f]`) that the backward reads. By default the
+    /// backend's grouped matmuls and SwiGLU one after another.
+    fn expert_ffn_forward(
+        x: FloatTensor<Self>,
+        weights: [FloatTensor<Self>; 3],
+        counts: &[usize],
+    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 2]) {
+        reference::dispatch::expert_ffn_forward::<Self>(x, weights, counts)
+    }
+
+    /// Gradients `(d_x, [d_w1, d_w3, d_w2])` of [`MoeBackend::expert_ffn_forward`] given
+    /// its `[gate, up]` and the output's gradient.
+    fn expert_ffn_backward(
+        x: FloatTensor<Self>,
+        weights: [FloatTensor<Self>; 3],
+        counts: &[usize],
+        pre_activations: [FloatTensor<Self>; 2],
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 3]) {
+        reference::dispatch::expert_ffn_backward::<Self>(x, weights, counts, pre_activations, grad)
+    }
+
+    /// Differentiable experts' FFN; see [`MoeBackend::expert_ffn_forward`].
+    fn expert_ffn(
+        x: FloatTensor<Self>,
+        weights: [FloatTensor<Self>; 3],
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        Self::expert_ffn_forward(x, weights, counts).0
+    }
+
     /// Differentiable permute; see [`MoeBackend::permute_forward`]. Slots carry no gradient.
     fn permute(x: FloatTensor<Self>, slot: IntTensor<Self>, rows: usize) -> FloatTensor<Self> {
         Self::permute_forward(x, slot, rows)
@@ -617,6 +652,17 @@ pub fn grouped_matmul<B: MoeBackend>(
         weights.into_primitive().tensor(),
         counts,
     ))
+}
+
+/// The experts' SwiGLU FFN over the packed rows `x` with `weights = [w1, w3, w2]`; see
+/// [`MoeBackend::expert_ffn_forward`].
+pub fn expert_ffn<B: MoeBackend>(
+    x: Tensor<B, 2>,
+    [w1, w3, w2]: [Tensor<B, 3>; 3],
+    counts: &[usize],
+) -> Tensor<B, 2> {
+    let weights = [w1, w3, w2].map(|w| w.into_primitive().tensor());
+    float(B::expert_ffn(x.into_primitive().tensor(), weights, counts))
 }
 
 /// Runs `work`, a long run of tensor operations on one thread (a training loop, a

@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::dispatch::BufferLayout;
-use moe_kernels::{MoeBackend, grouped_matmul, linear, swiglu, transfer};
+use moe_kernels::{MoeBackend, expert_ffn, linear, swiglu, transfer};
 
 /// Dense SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases.
 #[derive(Module, Debug)]
@@ -78,9 +78,7 @@ impl<B: Backend> ExpertWeights<B> {
                 swiglu_ffn(x, self.w1.val(), self.w3.val(), self.w2.val()).reshape([rows, d])
             }
             BufferLayout::Packed { counts } => {
-                let gate = grouped_matmul(x.clone(), self.w1.val(), counts);
-                let up = grouped_matmul(x, self.w3.val(), counts);
-                grouped_matmul(swiglu(gate, up), self.w2.val(), counts)
+                expert_ffn(x, [self.w1.val(), self.w3.val(), self.w2.val()], counts)
             }
         }
     }

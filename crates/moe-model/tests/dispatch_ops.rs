@@ -1,14 +1,14 @@
-//! The dispatch operations (counting sort, permute, combine, grouped matmul): each
-//! backend's implementation against the tensor-op reference, forward and gradients. On
-//! wgpu these are the CubeCL kernels; elsewhere the reference itself, whose hand-written
-//! backward is checked against autodiff through its forward.
+//! The dispatch operations (counting sort, permute, combine, grouped matmul, the experts'
+//! SwiGLU FFN): each backend's implementation against the tensor-op reference, forward and
+//! gradients. On wgpu these are the CubeCL kernels; elsewhere the reference itself, whose
+//! hand-written backward is checked against autodiff through its forward.
 
 mod common;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{Int, Tensor, TensorMetadata, TensorPrimitive};
 use common::{assert_close, host, host_int, leaf, tensor, values};
 use moe_model::MoeBackend;
 use moe_model::ops::{self, reference::dispatch as reference};
@@ -198,6 +198,29 @@ fn kernels_match_reference<B: MoeBackend>(device: &B::Device) {
             );
         };
 
+        let same_weights = |got: FloatTensor<B>, expected: FloatTensor<B>, op: &str| {
+            assert_close(
+                &host(float::<B, 3>(got)),
+                &host(float::<B, 3>(expected)),
+                1e-5,
+                &format!("{op} {what}"),
+            );
+        };
+        // The FFN's pre-activations reach about 10 here, and its fused backward sums the
+        // gate's and up's input gradients in another order: to 1e-4.
+        let close = |got: FloatTensor<B>, expected: FloatTensor<B>, op: &str| {
+            let values = |t: FloatTensor<B>| {
+                let n = t.shape().num_elements();
+                host(float::<B, 1>(B::float_reshape(t, [n].into())))
+            };
+            assert_close(
+                &values(got),
+                &values(expected),
+                1e-4,
+                &format!("{op} {what}"),
+            );
+        };
+
         same(
             B::permute_forward(prim(x.clone()), p(), rows),
             reference::permute_forward::<B>(prim(x.clone()), p(), rows),
@@ -253,12 +276,34 @@ fn kernels_match_reference<B: MoeBackend>(device: &B::Device) {
                 prim(grad),
             );
             same(d_x, ref_d_x, "grouped matmul d_x");
-            assert_close(
-                &host(float::<B, 3>(d_w)),
-                &host(float::<B, 3>(ref_d_w)),
-                1e-5,
-                &format!("grouped matmul d_w {what}"),
-            );
+            same_weights(d_w, ref_d_w, "grouped matmul d_w");
+
+            // The experts' SwiGLU FFN against its composition from the reference ops.
+            let weights = || {
+                [
+                    tensor::<B, 3>([case.n_experts, case.d, f], 7, device),
+                    tensor::<B, 3>([case.n_experts, case.d, f], 9, device),
+                    tensor::<B, 3>([case.n_experts, f, case.d], 10, device),
+                ]
+                .map(prim)
+            };
+            let grad = prim(tensor::<B, 2>([rows, case.d], 11, device));
+            let (x, c) = (|| prim(buffer.clone()), &counts);
+            let (out, [gate, up]) = B::expert_ffn_forward(x(), weights(), c);
+            let (ref_out, [ref_gate, ref_up]) =
+                ops::with_reference_dispatch(|| B::expert_ffn_forward(x(), weights(), c));
+            close(out, ref_out, "expert ffn");
+            close(gate.clone(), ref_gate, "expert ffn gate");
+            close(up.clone(), ref_up, "expert ffn up");
+            let saved = || [gate.clone(), up.clone()];
+            let (d_x, d_ws) = B::expert_ffn_backward(x(), weights(), c, saved(), grad.clone());
+            let (ref_d_x, ref_d_ws) = ops::with_reference_dispatch(|| {
+                B::expert_ffn_backward(x(), weights(), c, saved(), grad.clone())
+            });
+            close(d_x, ref_d_x, "expert ffn d_x");
+            for (i, (d_w, ref_d_w)) in d_ws.into_iter().zip(ref_d_ws).enumerate() {
+                close(d_w, ref_d_w, &format!("expert ffn d_weights[{i}]"));
+            }
         }
     }
 }
@@ -328,6 +373,48 @@ fn gradients_match_autodiff_through_reference<B: MoeBackend>(device: &B::Device)
     }
 }
 
+/// The experts' FFN as one operation gives the output and gradients of autodiff through
+/// its grouped matmuls and SwiGLU.
+fn expert_ffn_matches_autodiff_through_its_parts<B: MoeBackend>(device: &B::Device) {
+    type A<B> = Autodiff<B>;
+    for case in [CASES[0], CASES[1], CASES[4], CASES[5]] {
+        let what = format!("{case:?}");
+        let experts = Tensor::<A<B>, 1, Int>::from_ints(case.experts().as_slice(), device);
+        let counts = counts_of(ops::expert_slots(experts, case.n_experts, None).1);
+        let (rows, d, f) = (counts.iter().sum(), case.d, 10);
+        let x = leaf::<A<B>, 2>([rows, d], 1, 1.0, device);
+        let w1 = leaf::<A<B>, 3>([case.n_experts, d, f], 2, 0.5, device);
+        let w3 = leaf::<A<B>, 3>([case.n_experts, d, f], 3, 0.5, device);
+        let w2 = leaf::<A<B>, 3>([case.n_experts, f, d], 4, 0.5, device);
+        let probe = tensor::<A<B>, 2>([rows, d], 9, device);
+        let run = |fused: bool| {
+            let out = if fused {
+                ops::expert_ffn(x.clone(), [w1.clone(), w3.clone(), w2.clone()], &counts)
+            } else {
+                let gate = ops::grouped_matmul(x.clone(), w1.clone(), &counts);
+                let up = ops::grouped_matmul(x.clone(), w3.clone(), &counts);
+                ops::grouped_matmul(ops::swiglu(gate, up), w2.clone(), &counts)
+            };
+            let grads = (out.clone() * probe.clone()).sum().backward();
+            let grad = |t: &Tensor<A<B>, 3>| host(t.grad(&grads).expect("a weight gradient"));
+            [
+                host(out),
+                host(x.grad(&grads).expect("x has a gradient")),
+                grad(&w1),
+                grad(&w3),
+                grad(&w2),
+            ]
+        };
+        let (got, expected) = (run(true), run(false));
+        for (name, (g, e)) in ["out", "d_x", "d_w1", "d_w3", "d_w2"]
+            .iter()
+            .zip(got.iter().zip(&expected))
+        {
+            assert_close(g, e, 1e-5, &format!("expert ffn {name} {what}"));
+        }
+    }
+}
+
 macro_rules! backend_tests {
     ($name:ident, $backend:ty) => {
         mod $name {
@@ -338,6 +425,10 @@ macro_rules! backend_tests {
             #[test]
             fn gradients_match_autodiff_through_reference() {
                 super::gradients_match_autodiff_through_reference::<B>(&device());
+            }
+            #[test]
+            fn expert_ffn_matches_autodiff_through_its_parts() {
+                super::expert_ffn_matches_autodiff_through_its_parts::<B>(&device());
             }
         }
     };

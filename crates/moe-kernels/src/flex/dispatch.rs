@@ -16,7 +16,7 @@ use super::{par_rows, write_row, written};
 /// Output rows per rayon task of a grouped matmul: enough that `gemm` packs each expert's
 /// weight few times and runs few edge blocks (256 beat 128 in 10 of 11 paired MoE steps),
 /// few enough to spread one expert's segment over the cores.
-const MATMUL_BLOCK_ROWS: usize = 256;
+pub(super) const MATMUL_BLOCK_ROWS: usize = 256;
 
 /// `(slot, counts)` of the assignments `experts` (token-major): the reference's
 /// `expert_slots` as one counting pass instead of a one-hot matrix and its cumulative
@@ -170,7 +170,7 @@ pub fn grouped_matmul_backward(
     // product or with zeros for an expert without rows.
     let d_w = unsafe {
         written(counts.len() * d_in * d_out, |d_w| {
-            let blocks = row_blocks(d_w, d_out, &vec![d_in; counts.len()]);
+            let blocks = row_blocks(d_w, d_out, &vec![d_in; counts.len()], MATMUL_BLOCK_ROWS);
             blocks.into_par_iter().for_each(|(e, columns, out)| {
                 if counts[e] == 0 {
                     out.fill(MaybeUninit::new(0.0));
@@ -225,7 +225,7 @@ fn segment_products(
     // SAFETY: the blocks tile all `rows` rows, and each product writes its block whole.
     unsafe {
         written(rows * d_out, |out| {
-            let blocks = row_blocks(out, d_out, counts);
+            let blocks = row_blocks(out, d_out, counts, MATMUL_BLOCK_ROWS);
             blocks.into_par_iter().for_each(|(e, rows, out)| {
                 let rows = starts[e] + rows.start..starts[e] + rows.end;
                 matmul_into(out, Matrix::rows_of(x, d_in, rows), matrices[e]);
@@ -236,7 +236,7 @@ fn segment_products(
 
 /// First row of each segment of the packed rows `x` (width `width`), and their number,
 /// which the counts must add up to.
-fn segment_rows(x: &[f32], counts: &[usize], width: usize) -> (Vec<usize>, usize) {
+pub(super) fn segment_rows(x: &[f32], counts: &[usize], width: usize) -> (Vec<usize>, usize) {
     let rows = counts.iter().sum::<usize>();
     assert_eq!(
         rows * width,
@@ -264,16 +264,17 @@ fn starts(counts: &[usize]) -> Vec<usize> {
 }
 
 /// Splits `out` (rows of `width`, consecutive segments of `counts` rows) into blocks of at
-/// most [`MATMUL_BLOCK_ROWS`] rows inside one segment: `(segment, rows within it, block)`.
-fn row_blocks<'a, T>(
+/// most `block_rows` rows inside one segment: `(segment, rows within it, block)`.
+pub(super) fn row_blocks<'a, T>(
     mut out: &'a mut [T],
     width: usize,
     counts: &[usize],
+    block_rows: usize,
 ) -> Vec<(usize, Range<usize>, &'a mut [T])> {
     let mut blocks = Vec::new();
     for (e, &count) in counts.iter().enumerate() {
-        for first in (0..count).step_by(MATMUL_BLOCK_ROWS) {
-            let rows = first..(first + MATMUL_BLOCK_ROWS).min(count);
+        for first in (0..count).step_by(block_rows) {
+            let rows = first..(first + block_rows).min(count);
             let (block, rest) = std::mem::take(&mut out).split_at_mut(rows.len() * width);
             blocks.push((e, rows, block));
             out = rest;

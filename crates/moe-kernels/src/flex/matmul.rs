@@ -82,7 +82,7 @@ impl<'a> Matrix<'a> {
     }
 
     /// The elements as a row-major `[rows, columns]` slice: borrowed when they already are
-    /// one, else copied in one parallel pass. For the experts' input gradients (`grad w^T`
+    /// one, else copied in one parallel pass over tiles of rows. For the experts' input gradients (`grad w^T`
     /// over many blocks of rows) the copy costs less than `gemm` gathering the strided
     /// view again for every block it packs; for the output head's large weight it cost
     /// more, so that product reads the view.
@@ -95,36 +95,44 @@ impl<'a> Matrix<'a> {
         if len == 0 {
             return Cow::Owned(Vec::new());
         }
-        let element = |i: usize, j: usize| {
-            self.data[self.offset + i * self.row_stride + j * self.column_stride]
-        };
-        // Tasks of TILE output rows, each filled in blocks of BLOCK columns, row by row:
-        // for a transposed view the BLOCK elements of an output row lie in BLOCK
-        // different lines of `data`, so their cache misses overlap, and the next rows
-        // of the block read the same lines again from L1. (Filling a column at a time
-        // waited for one line per column: the weights are no longer in cache by the
-        // backward pass.)
         const TILE: usize = 64;
-        const BLOCK: usize = 16;
         let columns = self.columns;
-        // SAFETY: the tiles cover every row, and each tile's blocks write all its elements.
+        // SAFETY: the tiles cover every row, and `copy_rows_into` writes each tile whole.
         Cow::Owned(unsafe {
             written(len, |out| {
                 out.par_chunks_mut(TILE * columns)
                     .enumerate()
-                    .for_each(|(tile, out)| {
-                        let rows = out.len() / columns;
-                        for first in (0..columns).step_by(BLOCK) {
-                            let block = first..(first + BLOCK).min(columns);
-                            for r in 0..rows {
-                                for j in block.clone() {
-                                    out[r * columns + j].write(element(tile * TILE + r, j));
-                                }
-                            }
-                        }
-                    });
+                    .for_each(|(tile, out)| self.copy_rows_into(tile * TILE, out));
             })
         })
+    }
+
+    /// Writes rows `first..` of this matrix into `out` (row-major, as many rows as it
+    /// holds) on this thread, in blocks of BLOCK columns, row by row: for a transposed
+    /// view the BLOCK elements of an output row lie in BLOCK different lines of `data`,
+    /// so their cache misses overlap, and the next rows of the block read the same lines
+    /// again from L1. (Filling a column at a time waited for one line per column: the
+    /// weights are no longer in cache by the backward pass.) Callers copy some 64 rows at
+    /// a time, so that those lines stay in L1.
+    pub(super) fn copy_rows_into(&self, first: usize, out: &mut [MaybeUninit<f32>]) {
+        const BLOCK: usize = 16;
+        let columns = self.columns;
+        let rows = out.len() / columns.max(1);
+        assert!(
+            self.in_bounds() && first + rows <= self.rows && rows * columns == out.len(),
+            "matmul: copy out of bounds"
+        );
+        let element = |i: usize, j: usize| {
+            self.data[self.offset + i * self.row_stride + j * self.column_stride]
+        };
+        for start in (0..columns).step_by(BLOCK) {
+            let block = start..(start + BLOCK).min(columns);
+            for r in 0..rows {
+                for j in block.clone() {
+                    out[r * columns + j].write(element(first + r, j));
+                }
+            }
+        }
     }
 
     /// Whether every element lies inside `data`.

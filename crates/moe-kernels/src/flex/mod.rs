@@ -5,6 +5,7 @@
 
 mod attention;
 mod dispatch;
+mod expert_ffn;
 mod linear;
 mod linear_cross_entropy;
 mod matmul;
@@ -239,6 +240,75 @@ impl MoeBackend for Flex {
         (tensor(d_x, x.shape()), tensor(d_w, weights.shape()))
     }
 
+    fn expert_ffn_forward(
+        x: FloatTensor<Self>,
+        weights: [FloatTensor<Self>; 3],
+        counts: &[usize],
+    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 2]) {
+        let [rows, d] = x.shape().dims::<2>();
+        let f = weights[0].shape()[2];
+        let values = (packed_rows(&x, counts), expert_weights(&weights, d));
+        let (Some(values), Some([w1, w3, w2])) = values else {
+            return reference::dispatch::expert_ffn_forward::<Self>(x, weights, counts);
+        };
+        let weights = expert_ffn::ExpertWeights {
+            w1: &w1,
+            w3: &w3,
+            w2: &w2,
+            d,
+            f,
+        };
+        let [out, gate, up] = expert_ffn::forward(&values, weights, counts);
+        let hidden = || Shape::new([rows, f]);
+        (
+            tensor(out, x.shape()),
+            [tensor(gate, hidden()), tensor(up, hidden())],
+        )
+    }
+
+    fn expert_ffn_backward(
+        x: FloatTensor<Self>,
+        weights: [FloatTensor<Self>; 3],
+        counts: &[usize],
+        pre_activations: [FloatTensor<Self>; 2],
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 3]) {
+        let [rows, d] = x.shape().dims::<2>();
+        let f = weights[0].shape()[2];
+        let [gate, up] = &pre_activations;
+        let shapes = [gate.shape(), up.shape(), grad.shape()];
+        let inputs = (
+            shapes == [[rows, f].into(), [rows, f].into(), [rows, d].into()],
+            packed_rows(&x, counts),
+            expert_weights(&weights, d),
+            [gate, up, &grad].map(f32_rows),
+        );
+        let (true, Some(values), Some([w1, w3, w2]), [Some(gate), Some(up), Some(g)]) = inputs
+        else {
+            return reference::dispatch::expert_ffn_backward::<Self>(
+                x,
+                weights,
+                counts,
+                pre_activations,
+                grad,
+            );
+        };
+        let expert_weights = expert_ffn::ExpertWeights {
+            w1: &w1,
+            w3: &w3,
+            w2: &w2,
+            d,
+            f,
+        };
+        let [d_x, d_w1, d_w3, d_w2] =
+            expert_ffn::backward(&values, expert_weights, counts, &gate, &up, &g);
+        let [s1, s3, s2] = weights.each_ref().map(|w| w.shape());
+        (
+            tensor(d_x, x.shape()),
+            [tensor(d_w1, s1), tensor(d_w3, s3), tensor(d_w2, s2)],
+        )
+    }
+
     /// One pass over the four arrays, updating the parameter and the moments in place
     /// when the optimiser holds the only reference to them (burn's `AdamW` makes about
     /// fifteen passes, each allocating its result).
@@ -301,7 +371,7 @@ impl MoeBackend for Flex {
                             #[inline(always)]
                             || {
                                 for (o, (&g, &u)) in out.iter_mut().zip(inputs) {
-                                    o.write(g / (1.0 + exp(-g)) * u);
+                                    o.write(swiglu(g, u));
                                 }
                             },
                         )
@@ -337,9 +407,9 @@ impl MoeBackend for Flex {
                             || {
                                 let outputs = d_gate.iter_mut().zip(d_up);
                                 for ((dg, du), ((&g, &u), &dy)) in outputs.zip(inputs) {
-                                    let s = 1.0 / (1.0 + exp(-g));
-                                    du.write(dy * g * s);
-                                    dg.write(dy * u * s * (1.0 + g * (1.0 - s)));
+                                    let (d_gate, d_up, _) = swiglu_backward(g, u, dy);
+                                    dg.write(d_gate);
+                                    du.write(d_up);
                                 }
                             },
                         )
@@ -690,6 +760,22 @@ fn exp(x: f32) -> f32 {
     f32::from_bits((e_r * two_n).to_bits() & keep)
 }
 
+/// `silu(gate) * up`.
+#[inline(always)]
+fn swiglu(gate: f32, up: f32) -> f32 {
+    gate / (1.0 + exp(-gate)) * up
+}
+
+/// `(d_gate, d_up, silu(gate) * up)` given the gradient `dy` of `silu(gate) * up`: with
+/// `s = sigmoid(gate)`, `d_gate = dy * up * s * (1 + gate * (1 - s))` and
+/// `d_up = dy * gate * s`.
+#[inline(always)]
+fn swiglu_backward(gate: f32, up: f32, dy: f32) -> (f32, f32, f32) {
+    let s = 1.0 / (1.0 + exp(-gate));
+    let silu = gate * s;
+    (dy * up * s * (1.0 + gate * (1.0 - s)), dy * silu, silu * up)
+}
+
 /// Lanes of the reductions below: independent partial results the compiler keeps in
 /// vector registers, one with AVX-512 (a single running sum is a serial chain it may not
 /// reorder).
@@ -763,10 +849,8 @@ fn attention_dims(q: &attention::Heads, k: &attention::Heads) -> attention::Dims
 /// # Safety
 /// `write` must initialise every one of the `len` elements.
 unsafe fn written(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut values = Vec::with_capacity(len);
-    write(&mut values.spare_capacity_mut()[..len]);
-    // SAFETY: the caller's `write` initialised the first `len` elements.
-    unsafe { values.set_len(len) };
+    // SAFETY: the caller's `write` initialises the one vector.
+    let [values] = unsafe { written_all([len], |[values]| write(values)) };
     values
 }
 
@@ -775,18 +859,35 @@ unsafe fn written(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Ve
 /// # Safety
 /// `write` must initialise every element of both.
 unsafe fn written_pair(
-    [first_len, second_len]: [usize; 2],
+    lens: [usize; 2],
     write: impl FnOnce(&mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]),
 ) -> (Vec<f32>, Vec<f32>) {
-    let mut second = Vec::new();
-    // SAFETY: the caller's `write` initialises both slices (the block covers the inner
-    // call too).
-    let first = unsafe {
-        written(first_len, |first| {
-            second = written(second_len, |second| write(first, second));
-        })
-    };
+    // SAFETY: the caller's `write` initialises both.
+    let [first, second] = unsafe { written_all(lens, |[first, second]| write(first, second)) };
     (first, second)
+}
+
+/// `N` vectors of `lens` f32 that `write` initialises together, as [`written`] does one.
+///
+/// # Safety
+/// `write` must initialise every element of each.
+unsafe fn written_all<const N: usize>(
+    lens: [usize; N],
+    write: impl FnOnce([&mut [MaybeUninit<f32>]; N]),
+) -> [Vec<f32>; N] {
+    let mut values = lens.map(Vec::with_capacity);
+    let mut index = 0;
+    let slices = values.each_mut().map(|v| {
+        let slice = &mut v.spare_capacity_mut()[..lens[index]];
+        index += 1;
+        slice
+    });
+    write(slices);
+    for (v, len) in values.iter_mut().zip(lens) {
+        // SAFETY: the caller's `write` initialised the first `len` elements.
+        unsafe { v.set_len(len) };
+    }
+    values
 }
 
 /// Row-major `[B, H, S, D]` values as a `[B, H, S, D]` tensor whose memory is laid out
@@ -979,6 +1080,25 @@ fn packed_rows<'a>(tensor: &'a FlexTensor, counts: &[usize]) -> Option<Cow<'a, [
 }
 
 /// Whether router `logits` have at least one token and one column per expert of `counts`.
+/// The values of the experts' weights `[w1, w3, w2]` (`[E, d, f]`, `[E, d, f]`,
+/// `[E, f, d]`) for inputs of width `d`, if the shapes agree and all hold f32.
+fn expert_weights<'a>(weights: &'a [FlexTensor; 3], d: usize) -> Option<[Cow<'a, [f32]>; 3]> {
+    let [w1, w3, w2] = weights.each_ref().map(|w| w.shape());
+    let (n_experts, f) = (w1[0], w1[2]);
+    let agree = d > 0
+        && f > 0
+        && w1.num_dims() == 3
+        && w1 == w3
+        && w1[1] == d
+        && w2.num_dims() == 3
+        && [w2[0], w2[1], w2[2]] == [n_experts, f, d];
+    if !agree {
+        return None;
+    }
+    let [w1, w3, w2] = weights.each_ref().map(f32_rows);
+    Some([w1?, w3?, w2?])
+}
+
 fn router_shape(logits: &FlexTensor, counts: &[usize]) -> bool {
     let [tokens, n_experts] = logits.shape().dims::<2>();
     tokens > 0 && n_experts > 0 && n_experts == counts.len()
