@@ -82,10 +82,10 @@ impl<'a> Matrix<'a> {
     }
 
     /// The elements as a row-major `[rows, columns]` slice: borrowed when they already are
-    /// one, else copied in one parallel pass over tiles of rows. For the experts' input gradients (`grad w^T`
-    /// over many blocks of rows) the copy costs less than `gemm` gathering the strided
-    /// view again for every block it packs; for the output head's large weight it cost
-    /// more, so that product reads the view.
+    /// one, else copied in one parallel pass over tiles of rows. For the linear layers'
+    /// input gradients (`grad w^T` over many blocks of rows) the copy costs less than
+    /// `gemm` gathering the strided view again for every block it packs; for the output
+    /// head's large weight it cost more, so that product reads the view.
     pub(super) fn row_major(self) -> Cow<'a, [f32]> {
         assert!(self.in_bounds(), "matmul: view out of bounds");
         let len = self.rows * self.columns;
