@@ -64,8 +64,8 @@ pub struct ExpertWeights<B: Backend> {
 
 impl<B: Backend> ExpertWeights<B> {
     /// Runs every expert of the group on its own rows of the expert-major buffer
-    /// `[rows, d]`: one batched matmul over the padded layout, a grouped matmul over the
-    /// segments of the packed layout.
+    /// `[rows, d]`: batched matmuls over the padded layout, the fused experts' FFN
+    /// ([`moe_kernels::expert_ffn`]) over the segments of the packed layout.
     pub fn forward(&self, x: Tensor<B, 2>, layout: &BufferLayout) -> Tensor<B, 2>
     where
         B: MoeBackend,
