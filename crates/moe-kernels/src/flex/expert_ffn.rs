@@ -20,14 +20,20 @@ use super::{assume_init, vectorized, written, written_all};
 /// down projection `w2: [E, f, d]`, row-major.
 #[derive(Clone, Copy)]
 pub struct ExpertWeights<'a> {
-    pub w1: &'a [f32],
-    pub w3: &'a [f32],
-    pub w2: &'a [f32],
-    pub d: usize,
-    pub f: usize,
+    w1: &'a [f32],
+    w3: &'a [f32],
+    w2: &'a [f32],
+    d: usize,
+    f: usize,
 }
 
 impl<'a> ExpertWeights<'a> {
+    /// The weights `[w1, w3, w2]`, for inputs of width `d` and hidden width `f`.
+    pub fn new([w1, w3, w2]: &'a [impl AsRef<[f32]>; 3], d: usize, f: usize) -> Self {
+        let [w1, w3, w2] = [w1, w3, w2].map(AsRef::as_ref);
+        Self { w1, w3, w2, d, f }
+    }
+
     fn gate(&self, e: usize) -> Matrix<'a> {
         Matrix::expert(self.w1, e, self.d, self.f)
     }

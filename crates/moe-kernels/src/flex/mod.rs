@@ -246,18 +246,11 @@ impl MoeBackend for Flex {
         counts: &[usize],
     ) -> (FloatTensor<Self>, [FloatTensor<Self>; 2]) {
         let [rows, d] = x.shape().dims::<2>();
-        let f = weights[0].shape()[2];
         let values = (packed_rows(&x, counts), expert_weights(&weights, d));
-        let (Some(values), Some([w1, w3, w2])) = values else {
+        let (Some(values), Some((w, f))) = values else {
             return reference::dispatch::expert_ffn_forward::<Self>(x, weights, counts);
         };
-        let weights = expert_ffn::ExpertWeights {
-            w1: &w1,
-            w3: &w3,
-            w2: &w2,
-            d,
-            f,
-        };
+        let weights = expert_ffn::ExpertWeights::new(&w, d, f);
         let [out, gate, up] = expert_ffn::forward(&values, weights, counts);
         let hidden = || Shape::new([rows, f]);
         (
@@ -274,17 +267,14 @@ impl MoeBackend for Flex {
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, [FloatTensor<Self>; 3]) {
         let [rows, d] = x.shape().dims::<2>();
-        let f = weights[0].shape()[2];
         let [gate, up] = &pre_activations;
-        let shapes = [gate.shape(), up.shape(), grad.shape()];
-        let inputs = (
-            shapes == [[rows, f].into(), [rows, f].into(), [rows, d].into()],
-            packed_rows(&x, counts),
-            expert_weights(&weights, d),
-            [gate, up, &grad].map(f32_rows),
-        );
-        let (true, Some(values), Some([w1, w3, w2]), [Some(gate), Some(up), Some(g)]) = inputs
-        else {
+        let shapes_agree = |&(_, f): &(_, usize)| {
+            let shapes = [gate.shape(), up.shape(), grad.shape()];
+            shapes == [[rows, f].into(), [rows, f].into(), [rows, d].into()]
+        };
+        let w = expert_weights(&weights, d).filter(shapes_agree);
+        let inputs = (packed_rows(&x, counts), w, [gate, up, &grad].map(f32_rows));
+        let (Some(values), Some((w, f)), [Some(gate), Some(up), Some(g)]) = inputs else {
             return reference::dispatch::expert_ffn_backward::<Self>(
                 x,
                 weights,
@@ -293,13 +283,7 @@ impl MoeBackend for Flex {
                 grad,
             );
         };
-        let expert_weights = expert_ffn::ExpertWeights {
-            w1: &w1,
-            w3: &w3,
-            w2: &w2,
-            d,
-            f,
-        };
+        let expert_weights = expert_ffn::ExpertWeights::new(&w, d, f);
         let [d_x, d_w1, d_w3, d_w2] =
             expert_ffn::backward(&values, expert_weights, counts, &gate, &up, &g);
         let [s1, s3, s2] = weights.each_ref().map(|w| w.shape());
@@ -1079,26 +1063,24 @@ fn packed_rows<'a>(tensor: &'a FlexTensor, counts: &[usize]) -> Option<Cow<'a, [
         .flatten()
 }
 
-/// Whether router `logits` have at least one token and one column per expert of `counts`.
 /// The values of the experts' weights `[w1, w3, w2]` (`[E, d, f]`, `[E, d, f]`,
-/// `[E, f, d]`) for inputs of width `d`, if the shapes agree and all hold f32.
-fn expert_weights<'a>(weights: &'a [FlexTensor; 3], d: usize) -> Option<[Cow<'a, [f32]>; 3]> {
+/// `[E, f, d]`) for inputs of width `d`, and `f`, if the shapes agree, no width is zero
+/// and all hold f32.
+fn expert_weights(weights: &[FlexTensor; 3], d: usize) -> Option<([Cow<'_, [f32]>; 3], usize)> {
     let [w1, w3, w2] = weights.each_ref().map(|w| w.shape());
+    if w1.num_dims() != 3 || w1 != w3 || w2.num_dims() != 3 {
+        return None;
+    }
     let (n_experts, f) = (w1[0], w1[2]);
-    let agree = d > 0
-        && f > 0
-        && w1.num_dims() == 3
-        && w1 == w3
-        && w1[1] == d
-        && w2.num_dims() == 3
-        && [w2[0], w2[1], w2[2]] == [n_experts, f, d];
+    let agree = d > 0 && f > 0 && w1[1] == d && [w2[0], w2[1], w2[2]] == [n_experts, f, d];
     if !agree {
         return None;
     }
     let [w1, w3, w2] = weights.each_ref().map(f32_rows);
-    Some([w1?, w3?, w2?])
+    Some(([w1?, w3?, w2?], f))
 }
 
+/// Whether router `logits` have at least one token and one column per expert of `counts`.
 fn router_shape(logits: &FlexTensor, counts: &[usize]) -> bool {
     let [tokens, n_experts] = logits.shape().dims::<2>();
     tokens > 0 && n_experts > 0 && n_experts == counts.len()
