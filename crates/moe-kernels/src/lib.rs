@@ -436,9 +436,27 @@ pub trait MoeBackend: Backend {
         Self::transfer_forward(x, device)
     }
 
+    /// `buffer` (`[B, H, L, D]`) with positions `start..start + S` of its third dimension
+    /// replaced by `values` (`[B, H, S, D]`): a KV cache storing a step's keys. Burn's
+    /// `slice_assign` (flex's copies the whole buffer; flex overrides this to write in
+    /// place when nothing else holds the buffer). Not differentiable.
+    fn write_positions(
+        buffer: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        reference::write_positions::<Self>(buffer, values, start)
+    }
+
     /// Runs `work` (a whole training loop or generation) where the backend's CPU threads
     /// serve it best; see [`run_compute`]. By default, on this thread.
     fn run_compute<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+        work()
+    }
+
+    /// Runs `work`, tensor operations too small to split over threads, on one thread;
+    /// see [`run_serial`]. By default, on this thread.
+    fn run_serial<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         work()
     }
 
@@ -674,6 +692,26 @@ pub fn expert_ffn<B: MoeBackend>(
 /// work: it holds one of the pool's threads while it runs.
 pub fn run_compute<B: MoeBackend, R: Send>(work: impl FnOnce() -> R + Send) -> R {
     B::run_compute(work)
+}
+
+/// Runs `work`, tensor operations each too small to be worth splitting over threads (a
+/// decoding step of a few tokens), on one thread of backend `B`. On flex, a pool of one
+/// thread: every kernel and matmul inside then runs serially, where handing half of
+/// each to a sleeping thread costs more than it saves.
+pub fn run_serial<B: MoeBackend, R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    B::run_serial(work)
+}
+
+/// `buffer` (`[B, H, L, D]`) with positions `start..start + S` of its third dimension
+/// replaced by `values` (`[B, H, S, D]`), in place where the backend can; see
+/// [`MoeBackend::write_positions`].
+pub fn write_positions<B: MoeBackend>(
+    buffer: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    start: usize,
+) -> Tensor<B, 4> {
+    let [buffer, values] = [buffer, values].map(|t| t.into_primitive().tensor());
+    float(B::write_positions(buffer, values, start))
 }
 
 /// `x` copied to `device`, differentiably; see [`MoeBackend::transfer_forward`].

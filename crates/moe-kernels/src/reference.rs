@@ -5,7 +5,7 @@ use crate::AdamWStep;
 use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive, s};
 
 pub mod dispatch;
 pub mod router_losses;
@@ -24,6 +24,21 @@ pub(crate) fn int<B: Backend, const D: usize>(tensor: IntTensor<B>) -> Tensor<B,
 fn flat<B: Backend>(tensor: FloatTensor<B>) -> Tensor<B, 1> {
     let n = tensor.shape().num_elements();
     float(B::float_reshape(tensor, Shape::new([n])))
+}
+
+/// `buffer` (`[B, H, L, D]`) with positions `start..start + S` of its third dimension
+/// replaced by `values` (`[B, H, S, D]`), by `slice_assign`.
+pub fn write_positions<B: Backend>(
+    buffer: FloatTensor<B>,
+    values: FloatTensor<B>,
+    start: usize,
+) -> FloatTensor<B> {
+    let values: Tensor<B, 4> = float(values);
+    let end = start + values.dims()[2];
+    float::<B, 4>(buffer)
+        .slice_assign(s![.., .., start..end], values)
+        .into_primitive()
+        .tensor()
 }
 
 /// `x · w` for `x: [rows, d_in]` and `w: [d_in, d_out]` (a bias-free linear layer).

@@ -92,6 +92,36 @@ fn attention_accepts_strided_inputs<B: MoeBackend>(device: &B::Device) {
     assert_close(&host(a), &host(b), 1e-6, "strided attention");
 }
 
+/// `write_positions` replaces exactly positions `start..start + S` (from a strided view),
+/// leaves a buffer that another tensor still holds untouched, and writes twice in a row.
+fn write_positions_replaces_only_its_positions<B: MoeBackend>(device: &B::Device) {
+    let shape = [2, 3, 6, 4];
+    let buffer = tensor::<B, 4>(shape, 5, device);
+    let before = host(buffer.clone());
+    // `[2, 3, S, 4]` views of `[2, S, 3, 4]` tensors, as the model's values are.
+    let step = |len, seed| tensor::<B, 4>([2, len, 3, 4], seed, device).swap_dims(1, 2);
+    let (first, second) = (step(2, 6), step(1, 7));
+    let expected = |mut buffer: Vec<f64>, values: &[f64], start: usize, len: usize| {
+        for (i, value) in values.iter().enumerate() {
+            let [b, h, p, c] = [i / (3 * len * 4), i / (len * 4) % 3, i / 4 % len, i % 4];
+            buffer[at(shape, [b, h, start + p, c])] = *value;
+        }
+        buffer
+    };
+    let held = buffer.clone();
+    let written = moe_model::ops::write_positions(buffer, first.clone(), 1);
+    let after_first = expected(before.clone(), &host(first), 1, 2);
+    assert_eq!(host(written.clone()), after_first, "positions 1..3");
+    assert_eq!(
+        host(held),
+        before,
+        "a buffer held elsewhere must not change"
+    );
+    let written = moe_model::ops::write_positions(written, second.clone(), 3);
+    let after_second = expected(after_first, &host(second), 3, 1);
+    assert_eq!(host(written), after_second, "position 3");
+}
+
 /// Naive cross-entropy of the logits `x w` on the host: `(nll, d_x, d_w)` for the output
 /// gradient `grad`.
 fn naive_linear_cross_entropy(
@@ -379,6 +409,10 @@ macro_rules! backend_tests {
             #[test]
             fn attention_accepts_strided_inputs() {
                 super::attention_accepts_strided_inputs::<B>(&device());
+            }
+            #[test]
+            fn write_positions_replaces_only_its_positions() {
+                super::write_positions_replaces_only_its_positions::<B>(&device());
             }
             #[test]
             fn linear_cross_entropy_matches_naive() {

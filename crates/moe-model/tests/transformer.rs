@@ -93,10 +93,12 @@ fn cached_decoding_matches_the_full_forward() {
     for tie in [false, true] {
         let model_config = ModelConfig {
             tie_embeddings: tie,
+            max_seq_len: 128,
             ..config()
         };
         let model = Transformer::<B>::new(&model_config, &moe_config(4, 2, 8), &device).unwrap();
-        let ids = [3i64, 14, 15, 9, 2, 6, 5];
+        // Past the cache's first capacity (64 positions), so that it grows once.
+        let ids: Vec<i64> = (0..70).map(|i| (i * 7 + 3) % 50).collect();
         let full = host(model.forward(tokens(&ids)).logits);
         let mut cache = KvCache::new(3);
         let mut stepwise = host(

@@ -19,6 +19,7 @@ use burn::tensor::{DType, Shape, TensorData, TensorMetadata};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 
 use crate::{AdamWStep, Gate, MoeBackend, reference, reference_dispatch};
 
@@ -33,6 +34,52 @@ impl MoeBackend for Flex {
     /// On a thread of rayon's pool (the pool flex's kernels and matmuls run on).
     fn run_compute<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         rayon::scope(|_| work())
+    }
+
+    /// In place when the buffer is contiguous f32 that nothing else holds.
+    fn write_positions(
+        mut buffer: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        let [b, h, len, d] = buffer.shape().dims::<4>();
+        let dense = buffer.dtype() == DType::F32
+            && buffer.is_contiguous()
+            && buffer.layout().start_offset() == 0;
+        if let Some((data, offset, [vb, vh, s, vd], strides)) = strided::<4>(&values)
+            && dense
+            && [vb, vh, vd] == [b, h, d]
+            && start + s <= len
+            && let Some(out) = buffer.try_storage_mut::<f32>()
+        {
+            for (i, j) in (0..b).flat_map(|i| (0..h).map(move |j| (i, j))) {
+                for position in 0..s {
+                    let row = &mut out[((i * h + j) * len + start + position) * d..][..d];
+                    let first = offset + i * strides[0] + j * strides[1] + position * strides[2];
+                    for (k, o) in row.iter_mut().enumerate() {
+                        *o = data[first + k * strides[3]];
+                    }
+                }
+            }
+            return buffer;
+        }
+        reference::write_positions::<Self>(buffer, values, start)
+    }
+
+    /// In a pool of one thread (made on first use); on this thread if it cannot be made.
+    fn run_serial<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+        static SERIAL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+        let pool = SERIAL.get_or_init(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(|_| "moe-serial".into())
+                .build()
+                .ok()
+        });
+        match pool {
+            Some(pool) => pool.install(work),
+            None => work(),
+        }
     }
 
     fn route_forward(
