@@ -437,9 +437,9 @@ pub trait MoeBackend: Backend {
     }
 
     /// `buffer` (`[B, H, L, D]`) with positions `start..start + S` of its third dimension
-    /// replaced by `values` (`[B, H, S, D]`): a KV cache storing a step's keys. Burn's
-    /// `slice_assign` (flex's copies the whole buffer; flex overrides this to write in
-    /// place when nothing else holds the buffer). Not differentiable.
+    /// replaced by `values` (`[B, H, S, D]`): a KV cache storing a step's keys or values.
+    /// By default burn's `slice_assign`, which on flex copies the whole buffer; flex
+    /// writes in place when nothing else holds the buffer. Not differentiable.
     fn write_positions(
         buffer: FloatTensor<Self>,
         values: FloatTensor<Self>,
