@@ -2,8 +2,8 @@
 
 use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, s};
 
 use crate::rope::RopeAngles;
 use moe_kernels::{MoeBackend, causal_attention, linear, write_positions};
@@ -43,7 +43,7 @@ impl<B: MoeBackend> LayerCache<B> {
                     let buffer = Tensor::zeros([batch, heads, capacity, head_dim], &keys.device());
                     match past {
                         Some(past) if start > 0 => {
-                            buffer.slice_assign(s![.., .., 0..start], past.narrow(2, 0, start))
+                            write_positions(buffer, past.narrow(2, 0, start), 0)
                         }
                         _ => buffer,
                     }
