@@ -5,6 +5,7 @@ mod ablate;
 mod allocator;
 mod backend;
 mod bench;
+mod data;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use clap::{Parser, Subcommand};
 use moe_model::ops::run_compute;
 use moe_model::{MoeAutodiffBackend, SamplingConfig, generate};
 use moe_train::checkpoint::CONFIG_FILE;
+use moe_train::data::RunData;
 use moe_train::data_parallel::{Cluster, Nodes};
 use moe_train::{
     ExportFormat, RunConfig, UpcycleOptions, evaluate, export, import, load_model,
@@ -38,6 +40,8 @@ struct Cli {
 enum Command {
     /// Train a model from a TOML config.
     Train(TrainArgs),
+    /// Prepare training data (tokenize once into memory-mapped shards) and inspect it.
+    Data(data::DataArgs),
     /// Run a grid of training runs (an ablation study) and write its results and report.
     Ablate(ablate::AblateArgs),
     /// Validation loss, bits per byte, perplexity and expert load of a checkpoint.
@@ -144,6 +148,10 @@ struct EvalArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// A prepared set (`moe data prepare`) whose validation split to score, instead of
+    /// the run config's data. It must use the checkpoint's tokenizer.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
     /// Evaluate only this many validation batches.
     #[arg(long)]
     batches: Option<usize>,
@@ -426,15 +434,22 @@ impl BackendJob for EvalArgs {
 
     fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<()> {
         let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
-        let data = &loaded.config.data;
-        let corpus = moe_data::load_corpus(&data.dataset, &data.validation_works)?;
-        let tokens = moe_data::tokenize_works(&loaded.tokenizer, &corpus.validation)?;
+        let mut config = loaded.config.clone();
+        if let Some(dir) = &self.data {
+            config.data.prepared = Some(dir.clone());
+            config.data.dataset = None;
+            config.data.sources.clear();
+            config.data.tokenizer = None;
+            config.data.validation_works = None;
+        }
+        let data = RunData::open(&config, Some(&loaded.tokenizer), &mut |line| {
+            eprintln!("{line}")
+        })?;
+        let windows = data.full_eval_windows(config.data.seq_len);
         let result = evaluate(
             &loaded.model,
-            std::sync::Arc::new(tokens),
-            loaded.tokenizer.token_bytes(),
-            data.seq_len,
-            loaded.config.train.batch_size,
+            &windows,
+            config.train.batch_size,
             self.batches,
             &device,
         )?;
@@ -691,6 +706,7 @@ fn main() {
     let result = match cli.command {
         Command::Train(args) => TrainJob::new(args)
             .and_then(|job| run_on_devices(job.args.backend, &job.device_list(), job)),
+        Command::Data(args) => data::run(args),
         Command::Ablate(args) => run_on(args.backend, args),
         Command::Bench(args) => run_on(args.backend(), args),
         Command::Orchestrator(args) => run_orchestrator(args),

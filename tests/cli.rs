@@ -716,3 +716,151 @@ fn bench_reports_training_and_generation_throughput() {
         stderr(&too_long)
     );
 }
+
+#[test]
+fn data_prepare_from_stdin_and_files_then_inspect_train_and_eval_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/shakespeare");
+    let hamlet = std::fs::read_to_string(source.join("hamlet.txt")).unwrap();
+    // Scenes as JSON lines on standard input, and two works as text files.
+    let lines: String = hamlet[..60_000]
+        .split("\n\n")
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| serde_json::json!({ "content": s }).to_string() + "\n")
+        .collect();
+    let works = dir.path().join("works");
+    std::fs::create_dir(&works).unwrap();
+    for name in ["lear", "macbeth"] {
+        let text = std::fs::read_to_string(source.join(format!("{name}.txt"))).unwrap();
+        std::fs::write(works.join(format!("{name}.txt")), &text[..20_000]).unwrap();
+    }
+    let prepared = dir.path().join("prepared");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["data", "prepare", "--input", "-", "--input"])
+        .arg(&works)
+        .args([
+            "--stdin-jsonl",
+            "--text-field",
+            "content",
+            "--vocab-size",
+            "300",
+        ])
+        .args(["--val-fraction", "0.1", "--out"])
+        .arg(&prepared)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "prepare failed: {}", stderr(&out));
+    let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(summary.contains("source        -:"), "{summary}");
+    assert!(
+        !prepared.join("stdin.jsonl").exists(),
+        "the spooled input is removed"
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(prepared.join("meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["vocab_size"], 300);
+    assert_eq!(meta["sources"][1]["documents"], 2, "two works");
+
+    let prepared_str = prepared.display().to_string();
+    let out = moe(&["data", "inspect", &prepared_str]);
+    assert!(out.status.success(), "inspect failed: {}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("300 tokens") && text.contains("val"),
+        "{text}"
+    );
+
+    let config = small_run(dir.path());
+    let run = dir.path().join("run");
+    let run_str = run.display().to_string();
+    let prepared_setting = format!("data.prepared=\"{prepared_str}\"");
+    let out = moe(&[
+        "train",
+        "--config",
+        &config,
+        "--out",
+        &run_str,
+        "--steps",
+        "4",
+        "--set",
+        "data.dataset=\"\"",
+        "--set",
+        &prepared_setting,
+    ]);
+    assert!(
+        !out.status.success(),
+        "dataset and prepared together are refused"
+    );
+    assert!(stderr(&out).contains("set only one of"), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text
+        .lines()
+        .filter(|l| !l.starts_with("dataset") && !l.starts_with("validation_works"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&config, text).unwrap();
+    let out = moe(&[
+        "train",
+        "--config",
+        &config,
+        "--out",
+        &run_str,
+        "--steps",
+        "4",
+        "--set",
+        &prepared_setting,
+    ]);
+    assert!(out.status.success(), "train failed: {}", stderr(&out));
+    assert!(stderr(&out).contains("(whole split)"), "{}", stderr(&out));
+
+    // Scored on the prepared set named on the command line, and refused on a set made
+    // with another tokenizer.
+    let out = moe(&[
+        "eval",
+        "--checkpoint",
+        &run_str,
+        "--data",
+        &prepared_str,
+        "--json",
+    ]);
+    assert!(out.status.success(), "eval failed: {}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["bpb"].as_f64().unwrap() > 0.0, "{json}");
+    let other = dir.path().join("bytes");
+    let out = moe(&[
+        "data",
+        "prepare",
+        "--input",
+        &works.display().to_string(),
+        "--byte-tokenizer",
+        "--val-docs",
+        "1",
+        "--out",
+        &other.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = moe(&[
+        "eval",
+        "--checkpoint",
+        &run_str,
+        "--data",
+        &other.display().to_string(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("another tokenizer"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,23 +1,34 @@
-//! Data for `moe`: tokenizers, the corpus split by work, and deterministic token batches.
+//! Data for `moe`: tokenizers, `moe data prepare` (documents tokenized once into
+//! memory-mapped shards), prepared sets and the token windows runs train and evaluate on.
 
+pub mod array_file;
 pub mod batches;
-pub mod corpus;
+pub mod cache;
+pub mod meta;
+pub mod prepare;
+pub mod prepared;
+pub mod sources;
 pub mod tokenizer;
+pub mod windows;
 
-pub use batches::{EpochBatches, LmBatch, LmBatcher, TokenWindows};
-pub use corpus::{Corpus, Work, load_corpus};
+pub use batches::{LmBatch, LmBatcher};
+pub use cache::{DirectorySettings, cached_directory, default_cache_root};
+pub use meta::Meta;
+pub use prepare::{PrepareOptions, Progress, TokenizerChoice, ValidationSplit, prepare};
+pub use prepared::{PreparedSet, TokenSplit};
 pub use tokenizer::{END_OF_TEXT, TextTokenizer, TokenizerKind};
+pub use windows::{EvalWindows, TrainWindows, WeightedSplit};
 
-use anyhow::Result;
+/// SplitMix64's finaliser: a fast, well-mixed 64-bit hash, for seeded data order.
+pub(crate) fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
 
-/// Tokenizes works into one stream, separated by the end-of-text token when there is one.
-pub fn tokenize_works(tokenizer: &TextTokenizer, works: &[Work]) -> Result<Vec<u32>> {
-    let mut tokens = Vec::new();
-    for work in works {
-        if let (Some(eot), false) = (tokenizer.end_of_text(), tokens.is_empty()) {
-            tokens.push(eot);
-        }
-        tokens.extend(tokenizer.encode(&work.text)?);
-    }
-    Ok(tokens)
+/// Lower-case hex SHA-256 of `bytes`.
+pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
 }

@@ -16,6 +16,10 @@ use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder, TokenizerImpl};
 /// Separates documents in BPE token streams (the byte tokenizer has no special tokens).
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
+/// End-of-document tokens of other tokenizers (Llama/Mistral's, Llama 3's, Gemma's), looked
+/// for after [`END_OF_TEXT`] in an imported `tokenizer.json`.
+const OTHER_END_TOKENS: [&str; 3] = ["</s>", "<|end_of_text|>", "<eos>"];
+
 /// Which tokenizer a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -140,7 +144,9 @@ impl TextTokenizer {
                 },
             )
             .collect();
-        let end_of_text = inner.token_to_id(END_OF_TEXT);
+        let end_of_text = std::iter::once(END_OF_TEXT)
+            .chain(OTHER_END_TOKENS)
+            .find_map(|token| inner.token_to_id(token));
         Ok(Self {
             inner,
             token_bytes,
@@ -188,6 +194,16 @@ impl TextTokenizer {
         self.inner
             .decode(ids, true)
             .map_err(|e| anyhow!("decoding: {e}"))
+    }
+
+    /// A SHA-256 of the tokenizer's compact JSON: equal for tokenizers that encode alike,
+    /// whatever file formatting they were saved with.
+    pub fn fingerprint(&self) -> Result<String> {
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
+        Ok(crate::hex_sha256(json.as_bytes()))
     }
 
     /// UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte.

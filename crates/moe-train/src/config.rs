@@ -22,21 +22,168 @@ pub struct RunConfig {
     pub train: TrainConfig,
 }
 
-/// Corpus, split and tokenizer.
+/// Where a run's tokens come from, and its sequence length. Set one of `prepared`
+/// (a directory of `moe data prepare`), `sources` (a mixture of such directories) or
+/// `dataset` (a directory of documents, prepared once into a cache); with none,
+/// `dataset = "datasets/shakespeare"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Directory with one `.txt` file per work.
-    #[serde(default = "default_dataset")]
-    pub dataset: PathBuf,
-    /// Tokenizer kind; `byte` needs `model.vocab_size = 256`.
-    #[serde(default = "default_tokenizer")]
-    pub tokenizer: TokenizerKind,
-    /// Works held out for validation (file stems).
-    #[serde(default = "default_validation_works")]
-    pub validation_works: Vec<String>,
+    /// A directory of documents (`.txt` works, JSON lines, parquet), prepared once into
+    /// the data cache with the tokenizer and split below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<PathBuf>,
+    /// A directory written by `moe data prepare`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<PathBuf>,
+    /// A mixture of prepared directories (`[[data.sources]]` with `path` and `weight`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceConfig>,
+    /// Tokenizer of `dataset` (default `bpe`, with `model.vocab_size` tokens; `byte`
+    /// needs `model.vocab_size = 256`). A prepared set brings its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerKind>,
+    /// `dataset` works held out for validation (file stems); absent, 1% of the
+    /// documents (at least one), drawn with a fixed seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_works: Option<Vec<String>>,
     /// Training sequence length (at most `model.max_seq_len`).
     pub seq_len: usize,
+}
+
+/// One prepared directory of a mixture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// A directory written by `moe data prepare`.
+    pub path: PathBuf,
+    /// Its share of the training samples, relative to the others' (default 1).
+    #[serde(default = "one_f64")]
+    pub weight: f64,
+}
+
+/// The data a [`DataConfig`] names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataSource {
+    /// A directory of documents, prepared into the cache.
+    Directory(PathBuf),
+    /// Prepared directories and their weights.
+    Prepared(Vec<(PathBuf, f64)>),
+}
+
+impl DataConfig {
+    /// Where the tokens come from.
+    pub fn source(&self) -> DataSource {
+        match (&self.dataset, &self.prepared) {
+            (_, Some(dir)) => DataSource::Prepared(vec![(dir.clone(), 1.0)]),
+            _ if !self.sources.is_empty() => DataSource::Prepared(
+                self.sources
+                    .iter()
+                    .map(|s| (s.path.clone(), s.weight))
+                    .collect(),
+            ),
+            (Some(dir), None) => DataSource::Directory(dir.clone()),
+            (None, None) => DataSource::Directory(PathBuf::from("datasets/shakespeare")),
+        }
+    }
+
+    /// The config with relative data paths made relative to `base` (absolute stay).
+    pub fn resolved_against(&self, base: &Path) -> Self {
+        let resolve = |p: &PathBuf| match p.is_absolute() {
+            true => p.clone(),
+            false => base.join(p),
+        };
+        let mut data = self.clone();
+        data.dataset = self.dataset.as_ref().map(resolve);
+        data.prepared = self.prepared.as_ref().map(resolve);
+        for source in &mut data.sources {
+            source.path = resolve(&source.path);
+        }
+        data
+    }
+
+    /// Checks the data fields against the model's vocabulary.
+    fn validate(&self, model: &ModelConfig) -> Result<(), ConfigError> {
+        let named = [
+            self.dataset.is_some(),
+            self.prepared.is_some(),
+            !self.sources.is_empty(),
+        ];
+        if named.iter().filter(|&&n| n).count() > 1 {
+            return Err(ConfigError::new(
+                "data",
+                "set only one of dataset, prepared and sources",
+            ));
+        }
+        let dirs = match self.source() {
+            DataSource::Directory(dir) => {
+                self.validate_directory_settings(model)?;
+                vec![("data.dataset", dir, 1.0)]
+            }
+            DataSource::Prepared(dirs) => {
+                for (field, set) in [
+                    ("data.tokenizer", self.tokenizer.is_some()),
+                    ("data.validation_works", self.validation_works.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::new(
+                            field,
+                            "applies to data.dataset only: a prepared set brings its own tokenizer and split",
+                        ));
+                    }
+                }
+                let field = match self.prepared {
+                    Some(_) => "data.prepared",
+                    None => "data.sources",
+                };
+                dirs.into_iter().map(|(d, w)| (field, d, w)).collect()
+            }
+        };
+        for (field, dir, weight) in dirs {
+            if !dir.is_dir() {
+                return Err(ConfigError::new(
+                    field,
+                    format!("directory `{}` does not exist", dir.display()),
+                ));
+            }
+            if !weight.is_finite() || weight <= 0.0 {
+                return Err(ConfigError::new(
+                    "data.sources",
+                    format!(
+                        "weight {weight} of `{}` must be finite and > 0",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_directory_settings(&self, model: &ModelConfig) -> Result<(), ConfigError> {
+        if self.validation_works.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ConfigError::new(
+                "data.validation_works",
+                "name at least one work (or leave it out for a seeded 1% split)",
+            ));
+        }
+        match self.tokenizer.unwrap_or(TokenizerKind::Bpe) {
+            TokenizerKind::Byte if model.vocab_size != 256 => Err(ConfigError::new(
+                "model.vocab_size",
+                format!(
+                    "{} must be 256 with data.tokenizer = \"byte\"",
+                    model.vocab_size
+                ),
+            )),
+            TokenizerKind::Bpe if model.vocab_size <= 257 => Err(ConfigError::new(
+                "model.vocab_size",
+                format!(
+                    "{} must exceed 257 with data.tokenizer = \"bpe\"",
+                    model.vocab_size
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Optimiser, schedule, logging and checkpointing.
@@ -99,9 +246,14 @@ pub struct TrainConfig {
     /// Steps between validation passes (also run at the end).
     #[serde(default = "default_eval_every")]
     pub eval_every: usize,
-    /// Validation batches per periodic pass (absent = the whole validation set); the
-    /// final evaluation always scores the whole set.
-    #[serde(default)]
+    /// Validation tokens scored by each periodic evaluation: the same windows every
+    /// time, spread over the whole validation split (default 32768). The final
+    /// evaluation also scores the whole split, logged as `val_full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_tokens: Option<usize>,
+    /// The older way to size periodic evaluations: this many batches of
+    /// `batch_size` x `data.seq_len` tokens (used when `eval_tokens` is absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_batches: Option<usize>,
     /// Steps between checkpoints (also written at the end).
     #[serde(default = "default_checkpoint_every")]
@@ -111,23 +263,6 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
 }
 
-fn default_dataset() -> PathBuf {
-    PathBuf::from("datasets/shakespeare")
-}
-fn default_tokenizer() -> TokenizerKind {
-    TokenizerKind::Bpe
-}
-/// The four held-out works of the shipped corpus.
-pub fn default_validation_works() -> Vec<String> {
-    [
-        "troilus_and_cressida",
-        "twelfth_night",
-        "two_gentlemen_of_verona",
-        "winters_tale",
-    ]
-    .map(String::from)
-    .to_vec()
-}
 fn default_seed() -> u64 {
     42
 }
@@ -187,14 +322,18 @@ impl RunConfig {
 
     /// Reads a config saved beside a model (a checkpoint's or an export's), without the
     /// checks that concern training on this machine (such as the dataset being present).
+    /// Relative data paths resolve against the file's directory, never the current one.
     pub fn parse_saved(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let table: toml::Table =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let config: RunConfig = table
+        let mut config: RunConfig = table
             .try_into()
             .with_context(|| format!("parsing {}", path.display()))?;
+        if let Some(dir) = path.parent() {
+            config.data = config.data.resolved_against(dir);
+        }
         config
             .model
             .validate()
@@ -248,39 +387,7 @@ impl RunConfig {
                 ),
             ));
         }
-        if data.validation_works.is_empty() {
-            return Err(ConfigError::new(
-                "data.validation_works",
-                "name at least one work",
-            ));
-        }
-        if !data.dataset.is_dir() {
-            return Err(ConfigError::new(
-                "data.dataset",
-                format!("directory `{}` does not exist", data.dataset.display()),
-            ));
-        }
-        match data.tokenizer {
-            TokenizerKind::Byte if self.model.vocab_size != 256 => {
-                return Err(ConfigError::new(
-                    "model.vocab_size",
-                    format!(
-                        "{} must be 256 with data.tokenizer = \"byte\"",
-                        self.model.vocab_size
-                    ),
-                ));
-            }
-            TokenizerKind::Bpe if self.model.vocab_size <= 257 => {
-                return Err(ConfigError::new(
-                    "model.vocab_size",
-                    format!(
-                        "{} must exceed 257 with data.tokenizer = \"bpe\"",
-                        self.model.vocab_size
-                    ),
-                ));
-            }
-            _ => {}
-        }
+        data.validate(&self.model)?;
         for (field, value) in [
             ("train.batch_size", train.batch_size),
             ("train.grad_accum", train.grad_accum),
@@ -296,11 +403,13 @@ impl RunConfig {
                 return Err(ConfigError::new(field, "must be positive"));
             }
         }
-        if train.eval_batches == Some(0) {
-            return Err(ConfigError::new(
-                "train.eval_batches",
-                "must be positive (omit it for all)",
-            ));
+        for (field, value) in [
+            ("train.eval_tokens", train.eval_tokens),
+            ("train.eval_batches", train.eval_batches),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::new(field, "must be positive"));
+            }
         }
         if !train.lr.is_finite() || train.lr <= 0.0 {
             return Err(ConfigError::new(
@@ -363,6 +472,15 @@ impl RunConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Validation tokens each periodic evaluation scores.
+    pub fn eval_tokens(&self) -> usize {
+        match (self.train.eval_tokens, self.train.eval_batches) {
+            (Some(tokens), _) => tokens,
+            (None, Some(batches)) => batches * self.train.batch_size * self.data.seq_len,
+            (None, None) => 32768,
+        }
     }
 
     /// Tokens per optimiser step.

@@ -1,11 +1,8 @@
 //! Validation: loss, bits per byte, perplexity and expert load over held-out tokens.
 
-use std::sync::Arc;
-
 use burn::data::dataloader::batcher::Batcher;
-use burn::data::dataset::Dataset;
 use burn::tensor::ElementConversion;
-use moe_data::{LmBatch, LmBatcher, TokenWindows};
+use moe_data::{EvalWindows, LmBatch, LmBatcher};
 use moe_model::{MoeBackend, Transformer};
 use serde::{Deserialize, Serialize};
 
@@ -30,36 +27,28 @@ pub struct EvalResult {
     pub expert_load: Vec<LayerLoad>,
 }
 
-/// Scores `tokens` in consecutive windows of `seq_len` (batches of `batch_size`, at most
-/// `max_batches`). `token_bytes[id]` is the byte length of token `id`, for bpb.
+/// Scores `windows` in batches of `batch_size` (at most `max_batches`). Bits per byte
+/// use each split's bytes per token from its `meta.json`.
 pub fn evaluate<B: MoeBackend>(
     model: &Transformer<B>,
-    tokens: Arc<Vec<u32>>,
-    token_bytes: &[u32],
-    seq_len: usize,
+    windows: &EvalWindows,
     batch_size: usize,
     max_batches: Option<usize>,
     device: &B::Device,
 ) -> anyhow::Result<EvalResult> {
-    let windows = TokenWindows::new(tokens, seq_len, 0);
     if windows.is_empty() {
-        anyhow::bail!("validation set has fewer than {} tokens", seq_len + 1);
+        anyhow::bail!("the validation split is too short for one window");
     }
     let n_batches = windows
         .len()
         .div_ceil(batch_size)
         .min(max_batches.unwrap_or(usize::MAX));
     let mut stats = RouterStatsAccumulator::default();
-    let (mut nll, mut scored, mut bytes) = (0.0, 0usize, 0u64);
+    let (mut nll, mut scored, mut bytes) = (0.0, 0usize, 0.0);
     for b in 0..n_batches {
-        let items: Vec<Vec<u32>> = (b * batch_size..((b + 1) * batch_size).min(windows.len()))
-            .filter_map(|i| windows.get(i))
-            .collect();
-        bytes += items
-            .iter()
-            .flat_map(|w| w[1..].iter())
-            .map(|&t| token_bytes.get(t as usize).copied().unwrap_or(0) as u64)
-            .sum::<u64>();
+        let range = b * batch_size..((b + 1) * batch_size).min(windows.len());
+        let (items, batch_bytes) = windows.batch(range);
+        bytes += batch_bytes;
         let batch: LmBatch<B> = LmBatcher.batch(items, device);
         let (loss, moe) = model.token_nll(batch.inputs, batch.targets);
         scored += loss.dims()[0];
@@ -69,7 +58,7 @@ pub fn evaluate<B: MoeBackend>(
     let val_loss = nll / scored as f64;
     Ok(EvalResult {
         val_loss,
-        bpb: nll / (std::f64::consts::LN_2 * bytes.max(1) as f64),
+        bpb: nll / (std::f64::consts::LN_2 * bytes.max(1.0)),
         perplexity: val_loss.exp(),
         tokens: scored,
         expert_load: stats.take(),

@@ -4,6 +4,7 @@ pub mod ablation;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod data_parallel;
 pub mod eval;
 pub mod export;

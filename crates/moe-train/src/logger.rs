@@ -54,6 +54,10 @@ pub enum MetricRecord {
     Eval {
         /// Optimiser steps completed.
         step: usize,
+        /// Whether it scored the whole validation split (logged as `val_full/...`) rather
+        /// than the fixed windows of the periodic evaluations (`val/...`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        full: bool,
         /// The validation result.
         #[serde(flatten)]
         result: EvalResult,
@@ -134,11 +138,13 @@ impl MetricsLogger {
                 }
                 log_layers(tb, "train", &r.layers, s);
             }
-            MetricRecord::Eval { step, result } => {
-                tb.add_scalar("val/loss", result.val_loss as f32, *step);
-                tb.add_scalar("val/bpb", result.bpb as f32, *step);
-                tb.add_scalar("val/perplexity", result.perplexity as f32, *step);
-                log_layers(tb, "val", &result.expert_load, *step);
+            MetricRecord::Eval { step, full, result } => {
+                let prefix = if *full { "val_full" } else { "val" };
+                tb.add_scalar(&format!("{prefix}/loss"), result.val_loss as f32, *step);
+                tb.add_scalar(&format!("{prefix}/bpb"), result.bpb as f32, *step);
+                let perplexity = result.perplexity as f32;
+                tb.add_scalar(&format!("{prefix}/perplexity"), perplexity, *step);
+                log_layers(tb, prefix, &result.expert_load, *step);
             }
             MetricRecord::Diverged { .. } => {}
         }

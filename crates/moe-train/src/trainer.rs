@@ -2,7 +2,7 @@
 //! accumulation, aux-loss-free bias updates, logging, evaluation and resumable checkpoints.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -12,9 +12,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::Recorder;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
-use moe_data::{
-    EpochBatches, LmBatch, LmBatcher, TextTokenizer, TokenizerKind, load_corpus, tokenize_works,
-};
+use moe_data::{EvalWindows, LmBatch, LmBatcher, TrainWindows};
 use moe_model::transformer::MoeOutputs;
 use moe_model::{MoeAutodiffBackend, Transformer};
 
@@ -23,6 +21,7 @@ use crate::checkpoint::{
     load_tokenizer, load_weights, recorder, resolve_checkpoint, save_checkpoint,
 };
 use crate::config::{RunConfig, TrainConfig};
+use crate::data::{RunData, with_absolute_data_paths};
 use crate::data_parallel;
 use crate::data_parallel::{Cluster, Peer};
 use crate::eval::{EvalResult, evaluate};
@@ -87,6 +86,8 @@ pub fn train<B: MoeAutodiffBackend>(
     cluster: &Cluster<B::Device>,
     mut progress: impl FnMut(&str),
 ) -> Result<TrainOutcome> {
+    // Saved configs name their data by absolute paths.
+    let config = &with_absolute_data_paths(config)?;
     let Some(device) = cluster.devices.first() else {
         bail!("no device to train on");
     };
@@ -132,54 +133,41 @@ pub fn train<B: MoeAutodiffBackend>(
         check_resumable(config, &ckpt.join(CONFIG_FILE))?;
     }
 
-    let corpus = load_corpus(&config.data.dataset, &config.data.validation_works)?;
     // A new run from `init` starts from its weights, so it keeps its tokenizer too.
     let init = match (&resume_from, init) {
         (None, Some(init)) => Some(resolve_checkpoint(init)?),
         _ => None,
     };
-    let tokenizer = match resume_from.as_ref().or(init.as_ref()) {
-        Some(ckpt) => load_tokenizer(ckpt)?,
-        None => match config.data.tokenizer {
-            TokenizerKind::Byte => TextTokenizer::bytes()?,
-            TokenizerKind::Bpe => {
-                progress(&format!(
-                    "training a {}-token BPE on {} works",
-                    config.model.vocab_size,
-                    corpus.train.len()
-                ));
-                let texts: Vec<&str> = corpus.train.iter().map(|w| w.text.as_str()).collect();
-                TextTokenizer::train_bpe(&texts, config.model.vocab_size)?
-            }
-        },
+    let model_tokenizer = match resume_from.as_ref().or(init.as_ref()) {
+        Some(ckpt) => Some(load_tokenizer(ckpt)?),
+        None => None,
     };
-    if tokenizer.vocab_size() > config.model.vocab_size {
-        bail!(
-            "tokenizer has {} tokens but model.vocab_size is {}",
-            tokenizer.vocab_size(),
-            config.model.vocab_size
-        );
-    }
+    let data = RunData::open(config, model_tokenizer.as_ref(), &mut progress)?;
+    let tokenizer = data.tokenizer().clone();
     std::fs::write(run_dir.join(CONFIG_FILE), config.to_toml()?)?;
     tokenizer.save(&run_dir.join(TOKENIZER_FILE))?;
-    let train_tokens = Arc::new(tokenize_works(&tokenizer, &corpus.train)?);
-    let val_tokens = Arc::new(tokenize_works(&tokenizer, &corpus.validation)?);
     let (seq_len, batch_size) = (config.data.seq_len, config.train.batch_size);
     // One batch holds every replica's sequences of a micro-batch.
     let step_batch = batch_size * config.train.replicas;
-    let batches = EpochBatches::new(train_tokens.clone(), seq_len, step_batch, config.train.seed);
-    if batches.batches_per_epoch() == 0 {
-        bail!(
-            "training set has {} tokens: too few for one batch of {step_batch} x {seq_len}",
-            train_tokens.len()
-        );
+    let batches = data.train_windows(config, step_batch)?;
+    for line in data.describe() {
+        progress(&line);
     }
-    progress(&format!(
-        "data: {} train tokens ({} batches/epoch), {} validation tokens",
-        train_tokens.len(),
-        batches.batches_per_epoch(),
-        val_tokens.len()
-    ));
+    if data.sets.len() > 1 {
+        let batches_in_run = config.train.steps * config.train.grad_accum;
+        let shares: Vec<String> = batches
+            .proportions(batches_in_run)
+            .iter()
+            .zip(&data.sets)
+            .map(|(share, set)| format!("{} {:.3}", set.dir.display(), share))
+            .collect();
+        progress(&format!(
+            "mixture: share of the run's {} training sequences: {}",
+            batches_in_run * step_batch,
+            shares.join(", ")
+        ));
+    }
+    let eval_windows = data.eval_windows(config);
 
     B::seed(device, config.train.seed);
     let mut model = Transformer::<B>::new(&config.model, &config.moe, device)?;
@@ -226,18 +214,11 @@ pub fn train<B: MoeAutodiffBackend>(
     let mut trained_tokens = 0usize;
     let mut last_eval = None;
     let mut last_checkpoint = resume_from.clone();
-    // Periodic passes score `eval_batches`; the final one always scores the whole set.
-    let run_eval = |model: &Transformer<B>, max_batches: Option<usize>| {
-        evaluate(
-            &model.valid(),
-            val_tokens.clone(),
-            tokenizer.token_bytes(),
-            seq_len,
-            batch_size,
-            max_batches,
-            device,
-        )
+    // Periodic passes score the same fixed windows; the final one also the whole split.
+    let run_eval = |model: &Transformer<B>, windows: &EvalWindows| {
+        evaluate(&model.valid(), windows, batch_size, None, device)
     };
+    let full_eval = |model: &Transformer<B>| run_eval(model, &data.full_eval_windows(seq_len));
     let write_checkpoint = |model: &Transformer<B>, record, state| {
         save_checkpoint::<B, _, _>(
             run_dir,
@@ -319,13 +300,21 @@ pub fn train<B: MoeAutodiffBackend>(
         }
         let last = state.step == train.steps;
         if state.step.is_multiple_of(train.eval_every) || last {
-            let result = run_eval(&model, train.eval_batches.filter(|_| !last))?;
-            progress(&format!(
-                "eval step {:>6} | val_loss {:.4} | bpb {:.4} | ppl {:.2}",
-                state.step, result.val_loss, result.bpb, result.perplexity
-            ));
+            let result = run_eval(&model, &eval_windows)?;
+            progress(&eval_line(state.step, &result, false));
             logger.log(&MetricRecord::Eval {
                 step: state.step,
+                full: false,
+                result: result.clone(),
+            })?;
+            last_eval = Some(result);
+        }
+        if last {
+            let result = full_eval(&model)?;
+            progress(&eval_line(state.step, &result, true));
+            logger.log(&MetricRecord::Eval {
+                step: state.step,
+                full: true,
                 result: result.clone(),
             })?;
             last_eval = Some(result);
@@ -343,7 +332,7 @@ pub fn train<B: MoeAutodiffBackend>(
     // nothing left to do (resuming a finished run).
     let final_eval = match last_eval {
         Some(result) => result,
-        None => run_eval(&model, None)?,
+        None => full_eval(&model)?,
     };
     let checkpoint = match last_checkpoint {
         Some(dir) => dir,
@@ -392,7 +381,7 @@ impl<B: Backend> ModuleVisitor<B> for DrawWeights {
 /// The micro-batches of one replica: its share of every micro-batch of the step.
 #[derive(Clone, Copy)]
 struct Shard<'a> {
-    batches: &'a EpochBatches,
+    batches: &'a TrainWindows,
     rank: usize,
     replicas: usize,
 }
@@ -497,7 +486,7 @@ fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
 struct ReplicaStart<'a, B: MoeAutodiffBackend> {
     model: &'a Transformer<B>,
     config: &'a RunConfig,
-    batches: &'a EpochBatches,
+    batches: &'a TrainWindows,
     step: usize,
     resume_from: Option<&'a Path>,
 }
@@ -646,19 +635,14 @@ pub fn forward_backward<B: MoeAutodiffBackend>(
 /// A resumed run must use the checkpoint's model, MoE, data and optimiser settings; only
 /// the step budget and the logging/eval/checkpoint intervals may change.
 fn check_resumable(config: &RunConfig, saved: &Path) -> Result<()> {
-    let text =
-        std::fs::read_to_string(saved).with_context(|| format!("reading {}", saved.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("parsing {}", saved.display()))?;
-    let saved: RunConfig = table
-        .try_into()
-        .with_context(|| format!("parsing {}", saved.display()))?;
+    let saved = RunConfig::parse_saved(saved)?;
     let comparable = |c: &RunConfig| {
         let mut c = c.clone();
         c.train.steps = 0;
         c.train.log_every = 0;
         c.train.eval_every = 0;
         c.train.eval_batches = None;
+        c.train.eval_tokens = None;
         c.train.checkpoint_every = 0;
         c.train.keep_checkpoints = 0;
         c.train.peer_timeout_secs = 0.0;
@@ -724,6 +708,16 @@ impl Interval {
         *self = Self::new();
         record
     }
+}
+
+fn eval_line(step: usize, result: &EvalResult, full: bool) -> String {
+    format!(
+        "eval step {step:>6}{} | val_loss {:.4} | bpb {:.4} | ppl {:.2}",
+        if full { " (whole split)" } else { "" },
+        result.val_loss,
+        result.bpb,
+        result.perplexity
+    )
 }
 
 fn train_line(r: &TrainRecord, total_steps: usize) -> String {

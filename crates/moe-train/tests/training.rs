@@ -6,7 +6,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
+use moe_data::{PrepareOptions, TokenizerChoice, ValidationSplit, prepare};
+use moe_train::config::SourceConfig;
 use moe_train::data_parallel::Cluster;
+use moe_train::logger::MetricRecord;
 use moe_train::metrics::{LayerLoad, coefficient_of_variation, max_violation};
 use moe_train::model_tensors::model_tensors;
 use moe_train::{RunConfig, load_model, train};
@@ -89,6 +92,25 @@ fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     let events = std::fs::read_dir(run.join("tensorboard")).unwrap().count();
     assert!(events > 0, "TensorBoard event file written");
 
+    // Periodic evaluations score fixed windows; the last step also the whole split.
+    let evals: Vec<(usize, bool, usize)> = common::records(&run)
+        .into_iter()
+        .filter_map(|r| match r {
+            MetricRecord::Eval { step, full, result } => Some((step, full, result.tokens)),
+            _ => None,
+        })
+        .collect();
+    let fixed = evals[0].2;
+    assert_eq!(
+        fixed,
+        4 * 8 * 32,
+        "eval_batches x batch_size x seq_len tokens"
+    );
+    let steps: Vec<(usize, bool)> = evals.iter().map(|e| (e.0, e.1)).collect();
+    assert_eq!(steps, [(20, false), (40, false), (40, true)]);
+    assert!(evals[2].2 > fixed, "the whole split is larger");
+    assert_eq!(outcome.final_eval.tokens, evals[2].2);
+
     let loaded = load_model::<Flex>(&run, &Default::default()).unwrap();
     assert!(loaded.checkpoint.ends_with("step-00000040"));
     assert_eq!(loaded.config, config);
@@ -132,6 +154,9 @@ fn resume_matches_the_uninterrupted_run() {
     let straight = dir.path().join("straight");
     train::<B>(&full, &straight, false, None, &Cluster::default(), |_| {}).unwrap();
 
+    // The later runs reuse the data the first one prepared into the cache.
+    let mut lines = Vec::new();
+    let mut log = |line: &str| lines.push(line.to_string());
     let interrupted = dir.path().join("interrupted");
     let first_leg = RunConfig::parse(&text, &overrides(3)).unwrap();
     train::<B>(
@@ -140,10 +165,19 @@ fn resume_matches_the_uninterrupted_run() {
         false,
         None,
         &Cluster::default(),
-        |_| {},
+        &mut log,
     )
     .unwrap();
-    train::<B>(&full, &interrupted, true, None, &Cluster::default(), |_| {}).unwrap();
+    train::<B>(
+        &full,
+        &interrupted,
+        true,
+        None,
+        &Cluster::default(),
+        &mut log,
+    )
+    .unwrap();
+    assert!(!lines.iter().any(|l| l.contains("preparing")), "{lines:?}");
 
     let (a, b) = (
         common::train_losses(&straight),
@@ -282,6 +316,136 @@ fn bad_configs_name_the_field() {
         RunConfig::parse(&format!("{text}\n[extra]\nx = 1\n"), &[]).unwrap_err()
     );
     assert!(err.contains("extra"), "{err}");
+}
+
+/// Two prepared sets of JSON lines (byte tokenizer) under `dir`, and a third made with
+/// a BPE.
+fn prepared_sets(dir: &Path) -> [PathBuf; 3] {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/shakespeare");
+    let make = |name: &str, work: &str, tokenizer: TokenizerChoice| {
+        let text = std::fs::read_to_string(source.join(format!("{work}.txt"))).unwrap();
+        let lines: String = text[..50_000]
+            .split("\n\n")
+            .map(|s| serde_json::json!({ "text": s }).to_string() + "\n")
+            .collect();
+        let input = dir.join(format!("{name}.jsonl"));
+        std::fs::write(&input, lines).unwrap();
+        let mut options = PrepareOptions::new(vec![input], dir.join(name));
+        options.tokenizer = tokenizer;
+        options.validation = ValidationSplit::Fraction(0.1);
+        prepare(&options, &mut |_| {}).unwrap();
+        dir.join(name)
+    };
+    [
+        make("hamlet", "hamlet", TokenizerChoice::Bytes),
+        make("lear", "lear", TokenizerChoice::Bytes),
+        make("bpe", "lear", TokenizerChoice::TrainBpe { vocab_size: 300 }),
+    ]
+}
+
+#[test]
+fn trains_on_a_mixture_of_prepared_sets_and_checks_them_against_the_model() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let [hamlet, lear, bpe] = prepared_sets(dir.path());
+    let base = config_text(Path::new("unused"));
+    let base: String = base
+        .lines()
+        .filter(|l| {
+            !["dataset", "tokenizer", "validation_works"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mixture = base.replace(
+        "[train]",
+        &format!(
+            "[[data.sources]]\npath = \"{}\"\nweight = 3\n\n[[data.sources]]\npath = \"{}\"\n\n[train]",
+            hamlet.display(),
+            lear.display()
+        ),
+    );
+    let config = RunConfig::parse(&mixture, &["train.steps=4".into()]).unwrap();
+    let mut lines = Vec::new();
+    let run = dir.path().join("run");
+    let outcome = train::<B>(&config, &run, false, None, &Cluster::default(), |l| {
+        lines.push(l.to_string())
+    })
+    .unwrap();
+    assert!(outcome.final_eval.bpb.is_finite());
+    let mixture_line = lines.iter().find(|l| l.starts_with("mixture:")).unwrap();
+    assert!(
+        mixture_line.contains("hamlet 0.") && mixture_line.contains("lear 0."),
+        "{mixture_line}"
+    );
+    let saved = RunConfig::parse_saved(&run.join("config.toml")).unwrap();
+    assert_eq!(saved.data.sources.len(), 2);
+    assert_eq!(saved.data.sources[0].weight, 3.0);
+
+    let with = |overrides: &[&str]| {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        RunConfig::parse(&base, &overrides)
+    };
+    let err = format!(
+        "{:#}",
+        with(&[&format!(
+            "data.prepared=\"{}\"",
+            dir.path().join("absent").display()
+        )])
+        .unwrap_err()
+    );
+    assert!(err.contains("data.prepared"), "{err}");
+    let err = format!(
+        "{:#}",
+        with(&[
+            &format!("data.prepared=\"{}\"", hamlet.display()),
+            "data.tokenizer=\"byte\""
+        ])
+        .unwrap_err()
+    );
+    assert!(err.contains("data.tokenizer"), "{err}");
+    // A vocabulary larger than the model's is refused before training.
+    let config = with(&[&format!("data.prepared=\"{}\"", bpe.display())]).unwrap();
+    let err = format!(
+        "{:#}",
+        train::<B>(
+            &config,
+            &dir.path().join("bpe-run"),
+            false,
+            None,
+            &Cluster::default(),
+            |_| {}
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("vocabulary of 300 tokens but model.vocab_size is 256"),
+        "{err}"
+    );
+    // So is a mixture of two tokenizers.
+    let prepared = format!("data.prepared=\"{}\"", hamlet.display());
+    let mut config = with(&[&prepared, "model.vocab_size=300"]).unwrap();
+    config.data.prepared = None;
+    config.data.sources = [&hamlet, &bpe]
+        .map(|path| SourceConfig {
+            path: path.clone(),
+            weight: 1.0,
+        })
+        .to_vec();
+    let err = format!(
+        "{:#}",
+        train::<B>(
+            &config,
+            &dir.path().join("mixed"),
+            false,
+            None,
+            &Cluster::default(),
+            |_| {}
+        )
+        .unwrap_err()
+    );
+    assert!(err.contains("different tokenizers"), "{err}");
 }
 
 #[test]

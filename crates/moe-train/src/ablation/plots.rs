@@ -62,8 +62,11 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<
                         curves[4].points.push((step, t.z_loss));
                     }
                 }
-                MetricRecord::Eval { step, result } => {
-                    curves[1].points.push((*step as f64, result.bpb));
+                // The periodic evaluations' fixed windows make one comparable curve.
+                MetricRecord::Eval { step, full, result } => {
+                    if !full {
+                        curves[1].points.push((*step as f64, result.bpb));
+                    }
                 }
                 MetricRecord::Diverged { .. } => {}
             }

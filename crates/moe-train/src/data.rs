@@ -1,0 +1,216 @@
+//! A run's data: its prepared sets (or the cached preparation of its `dataset`
+//! directory), checked against the model and tokenizer, and the windows it trains and
+//! evaluates on.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, ensure};
+use moe_data::{
+    DirectorySettings, EvalWindows, PreparedSet, Progress, TextTokenizer, TokenSplit,
+    TokenizerChoice, TokenizerKind, TrainWindows, ValidationSplit, WeightedSplit, cached_directory,
+    default_cache_root,
+};
+
+use crate::config::{DataSource, RunConfig};
+
+/// Seed of a `dataset` directory's validation split and tokenizer sample: fixed, so runs
+/// with other seeds share one cached preparation.
+const DIRECTORY_SPLIT_SEED: u64 = 0;
+/// Share of a `dataset` directory's documents held out when no works are named.
+const DIRECTORY_VALIDATION_FRACTION: f64 = 0.01;
+
+/// The prepared sets a run reads, with their mixture weights.
+#[derive(Debug, Clone)]
+pub struct RunData {
+    /// The sets, in config order.
+    pub sets: Vec<PreparedSet>,
+    /// Their weights.
+    pub weights: Vec<f64>,
+}
+
+impl RunData {
+    /// Opens the data `config` names. A `dataset` directory is prepared into the data
+    /// cache the first time. `tokenizer` is the model's own (resuming, or starting from
+    /// a checkpoint): the data must have been tokenized with it.
+    pub fn open(
+        config: &RunConfig,
+        tokenizer: Option<&TextTokenizer>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let (sets, weights) = match config.data.source() {
+            DataSource::Prepared(dirs) => {
+                let mut sets = Vec::new();
+                let mut weights = Vec::new();
+                for (dir, weight) in dirs {
+                    sets.push(PreparedSet::open(&dir)?);
+                    weights.push(weight);
+                }
+                (sets, weights)
+            }
+            DataSource::Directory(dir) => {
+                let set = cached_dataset(config, &dir, tokenizer, progress)?;
+                (vec![set], vec![1.0])
+            }
+        };
+        let data = Self { sets, weights };
+        data.check(config, tokenizer)?;
+        Ok(data)
+    }
+
+    /// The tokenizer every set was made with.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.sets[0].tokenizer
+    }
+
+    fn check(&self, config: &RunConfig, tokenizer: Option<&TextTokenizer>) -> Result<()> {
+        let first = &self.sets[0];
+        for set in &self.sets {
+            ensure!(
+                set.meta.tokenizer_sha256 == first.meta.tokenizer_sha256,
+                "`{}` and `{}` were prepared with different tokenizers; a mixture needs one (prepare with --tokenizer {}/tokenizer.json)",
+                first.dir.display(),
+                set.dir.display(),
+                first.dir.display()
+            );
+            ensure!(
+                set.meta.vocab_size <= config.model.vocab_size,
+                "prepared set `{}` has a vocabulary of {} tokens but model.vocab_size is {}",
+                set.dir.display(),
+                set.meta.vocab_size,
+                config.model.vocab_size
+            );
+            ensure!(
+                !set.val.is_empty(),
+                "prepared set `{}` has no validation tokens",
+                set.dir.display()
+            );
+        }
+        if let Some(tokenizer) = tokenizer {
+            ensure!(
+                tokenizer.fingerprint()? == first.meta.tokenizer_sha256,
+                "`{}` was tokenized with another tokenizer than the model's; prepare the data with --tokenizer set to the checkpoint's tokenizer.json",
+                first.dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn splits(&self, split: impl Fn(&PreparedSet) -> Arc<TokenSplit>) -> Vec<WeightedSplit> {
+        self.sets
+            .iter()
+            .zip(&self.weights)
+            .map(|(set, &weight)| WeightedSplit {
+                split: split(set),
+                weight,
+            })
+            .collect()
+    }
+
+    /// The run's training batches (`batch_size` windows each).
+    pub fn train_windows(&self, config: &RunConfig, batch_size: usize) -> Result<TrainWindows> {
+        let splits = self.splits(|s| s.train.clone());
+        TrainWindows::new(&splits, config.data.seq_len, batch_size, config.train.seed)
+            .context("reading the training split")
+    }
+
+    /// The fixed windows of every periodic evaluation.
+    pub fn eval_windows(&self, config: &RunConfig) -> EvalWindows {
+        let splits = self.splits(|s| s.val.clone());
+        EvalWindows::fixed(&splits, config.data.seq_len, config.eval_tokens())
+    }
+
+    /// Every window of the validation splits.
+    pub fn full_eval_windows(&self, seq_len: usize) -> EvalWindows {
+        let splits: Vec<_> = self.sets.iter().map(|s| s.val.clone()).collect();
+        EvalWindows::full(&splits, seq_len)
+    }
+
+    /// One line per set: its place, tokens and documents.
+    pub fn describe(&self) -> Vec<String> {
+        self.sets
+            .iter()
+            .zip(&self.weights)
+            .map(|(s, w)| {
+                format!(
+                    "data: {} (weight {w}): {} train tokens in {} documents, {} validation tokens in {}",
+                    s.dir.display(),
+                    s.meta.train.tokens,
+                    s.meta.train.documents,
+                    s.meta.val.tokens,
+                    s.meta.val.documents
+                )
+            })
+            .collect()
+    }
+}
+
+/// The cached preparation of the `dataset` directory `dir`. With the model's
+/// `tokenizer`, the entry made with the config's own tokenizer settings is used when it
+/// is there and matches; else the directory is prepared with `tokenizer` itself.
+fn cached_dataset(
+    config: &RunConfig,
+    dir: &Path,
+    tokenizer: Option<&TextTokenizer>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PreparedSet> {
+    let data = &config.data;
+    let validation = match &data.validation_works {
+        Some(works) => ValidationSplit::Named(works.clone()),
+        None => ValidationSplit::Fraction(DIRECTORY_VALIDATION_FRACTION),
+    };
+    let own = match data.tokenizer.unwrap_or(TokenizerKind::Bpe) {
+        TokenizerKind::Bpe => TokenizerChoice::TrainBpe {
+            vocab_size: config.model.vocab_size,
+        },
+        TokenizerKind::Byte => TokenizerChoice::Bytes,
+    };
+    let settings = |tokenizer| DirectorySettings {
+        dir: dir.to_path_buf(),
+        tokenizer,
+        validation: validation.clone(),
+        seed: DIRECTORY_SPLIT_SEED,
+    };
+    let root = default_cache_root();
+    let own = settings(own);
+    let chosen = match tokenizer {
+        None => own,
+        Some(tokenizer) => {
+            let cached = moe_data::cache::cache_dir(&own, &root)?;
+            let matches = cached.is_dir()
+                && PreparedSet::open(&cached).is_ok_and(|set| {
+                    Some(set.meta.tokenizer_sha256) == tokenizer.fingerprint().ok()
+                });
+            match matches {
+                true => own,
+                false => settings(TokenizerChoice::Given(tokenizer.clone())),
+            }
+        }
+    };
+    let target = moe_data::cache::cache_dir(&chosen, &root)?;
+    if !target.is_dir() {
+        progress(&format!(
+            "preparing {} into the data cache {} (once; later runs reuse it)",
+            dir.display(),
+            target.display()
+        ));
+    }
+    let mut report = |p: Progress| {
+        if let Progress::TrainingTokenizer { bytes } = p {
+            progress(&format!("training a tokenizer on {bytes} bytes of text"));
+        }
+    };
+    cached_directory(&chosen, &root, &mut report)
+}
+
+/// The config with its data paths absolute (resolved against the current directory)
+/// and the default dataset written out, as a run saves it.
+pub fn with_absolute_data_paths(config: &RunConfig) -> Result<RunConfig> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let mut config = config.clone();
+    if let DataSource::Directory(dir) = config.data.source() {
+        config.data.dataset = Some(dir);
+    }
+    config.data = config.data.resolved_against(&cwd);
+    Ok(config)
+}
