@@ -184,6 +184,15 @@ impl ArrayFile {
         Ok(Self { map, dtype, count })
     }
 
+    /// Tells the kernel reads will be scattered (training windows): each read then maps
+    /// only its own pages instead of reading around them, so the pages a run maps stay
+    /// proportional to what it reads, not to the corpus.
+    pub fn advise_random_reads(&self) {
+        #[cfg(unix)]
+        // Only a hint: a kernel that ignores it reads around, which is merely slower.
+        let _ = self.map.advise(memmap2::Advice::Random);
+    }
+
     /// Number of values.
     pub fn len(&self) -> u64 {
         self.count

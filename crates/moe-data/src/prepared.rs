@@ -65,6 +65,10 @@ impl PreparedSet {
             tokenizer.vocab_size()
         );
         let train = TokenSplit::open(&dir.join("train"), &meta.train, meta.dtype)?;
+        // Training reads scattered windows; validation reads its split in order.
+        for shard in &train.shards {
+            shard.advise_random_reads();
+        }
         let val = TokenSplit::open(&dir.join("val"), &meta.val, meta.dtype)?;
         Ok(Self {
             dir: dir.to_path_buf(),
