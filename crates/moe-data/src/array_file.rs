@@ -193,6 +193,28 @@ impl ArrayFile {
         let _ = self.map.advise(memmap2::Advice::Random);
     }
 
+    /// Drops this process's mapping of the pages of values `start..start + len`; they
+    /// stay in the page cache, and a later read maps them again. Training reads a window
+    /// once per epoch, so its pages need not stay in the run's resident memory.
+    pub fn unmap_pages(&self, start: u64, len: usize) {
+        #[cfg(unix)]
+        {
+            let width = self.dtype.width();
+            let from = HEADER_BYTES + start as usize * width;
+            // SAFETY: the map is a read-only mapping of a file that is never written
+            // after it is published (see `open`). DONTNEED only drops page-table entries:
+            // any read, now or later, faults the same bytes back in from the file.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    from,
+                    len * width,
+                )
+            };
+        }
+        let _ = (start, len);
+    }
+
     /// Number of values.
     pub fn len(&self) -> u64 {
         self.count

@@ -64,12 +64,9 @@ impl PreparedSet {
             meta.vocab_size,
             tokenizer.vocab_size()
         );
-        let train = TokenSplit::open(&dir.join("train"), &meta.train, meta.dtype)?;
         // Training reads scattered windows; validation reads its split in order.
-        for shard in &train.shards {
-            shard.advise_random_reads();
-        }
-        let val = TokenSplit::open(&dir.join("val"), &meta.val, meta.dtype)?;
+        let train = TokenSplit::open(&dir.join("train"), &meta.train, meta.dtype, true)?;
+        let val = TokenSplit::open(&dir.join("val"), &meta.val, meta.dtype, false)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             meta,
@@ -89,10 +86,13 @@ pub struct TokenSplit {
     tokens: u64,
     documents: ArrayFile,
     bytes_per_token: f64,
+    /// Reads are scattered windows: no read-around, and their pages are unmapped after
+    /// each read, so the run's resident memory does not grow with what it has read.
+    scattered: bool,
 }
 
 impl TokenSplit {
-    fn open(dir: &Path, meta: &SplitMeta, dtype: Dtype) -> Result<Self> {
+    fn open(dir: &Path, meta: &SplitMeta, dtype: Dtype, scattered: bool) -> Result<Self> {
         let (mut shards, mut starts, mut tokens) = (Vec::new(), Vec::new(), 0u64);
         for shard in &meta.shards {
             let path = dir.join(&shard.file);
@@ -104,6 +104,9 @@ impl TokenSplit {
                 file.len(),
                 shard.tokens
             );
+            if scattered {
+                file.advise_random_reads();
+            }
             starts.push(tokens);
             tokens += file.len();
             shards.push(file);
@@ -128,6 +131,7 @@ impl TokenSplit {
             tokens,
             documents,
             bytes_per_token: meta.bytes_per_token(),
+            scattered,
         })
     }
 
@@ -172,6 +176,9 @@ impl TokenSplit {
             let offset = at - self.starts[shard];
             let take = (file.len() - offset).min(end - at);
             file.read_into(offset, take as usize, &mut out);
+            if self.scattered {
+                file.unmap_pages(offset, take as usize);
+            }
             at += take;
             shard += 1;
         }
