@@ -14,7 +14,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use moe_model::dispatch;
 use moe_model::experts::SwiGlu;
 use moe_model::ops::with_reference_dispatch;
-use moe_model::{DropPolicy, MoeBackend, MoeConfig, MoeLayer, RouterKind};
+use moe_model::{DropPolicy, Gate, MoeBackend, MoeConfig, MoeLayer};
 
 const TOKENS: usize = 4096;
 const D: usize = 256;
@@ -27,9 +27,7 @@ fn config(capacity_factor: Option<f64>) -> MoeConfig {
         n_experts: EXPERTS,
         top_k: TOP_K,
         expert_ffn_dim: FFN,
-        router: RouterKind::SoftmaxTopk,
-        renormalize: true,
-        route_scale: 1.0,
+        router: Gate::SoftmaxTopk { renormalize: true },
         jitter: 0.0,
         n_shared_experts: 0,
         capacity_factor,

@@ -22,14 +22,21 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Tensor};
 
 use reference::float;
+use serde::{Deserialize, Serialize};
 
 /// How the router turns its logits into combine weights for the chosen experts.
-#[derive(Debug, Clone, Copy, PartialEq)]
+///
+/// One type for the config file, the model and the kernels. In TOML it is a table tagged
+/// by `kind` holding only that gate's settings, e.g. `router = { kind = "sigmoid",
+/// scale = 2.5 }`; a bare `router = "sigmoid"` takes the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Gate {
     /// Softmax over all experts, top-k by probability; the weights are the chosen
     /// probabilities, renormalised to sum to one if `renormalize` (Mixtral).
-    Softmax {
+    SoftmaxTopk {
         /// Divide the chosen probabilities by their sum.
+        #[serde(default = "yes")]
         renormalize: bool,
     },
     /// Top-k by logit, then a softmax over the chosen logits.
@@ -38,8 +45,24 @@ pub enum Gate {
     /// times `scale` (DeepSeek-V3).
     Sigmoid {
         /// Route scale multiplying the normalised weights.
-        scale: f32,
+        #[serde(default = "one")]
+        scale: f64,
     },
+}
+
+impl Default for Gate {
+    /// Mixtral's gate.
+    fn default() -> Self {
+        Gate::SoftmaxTopk { renormalize: true }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// One AdamW step's scalars: the hyper-parameters, the learning rate and the step number.

@@ -1,5 +1,6 @@
 //! Model and MoE-layer configuration, with validation that names the offending field.
 
+use moe_kernels::Gate;
 use serde::{Deserialize, Serialize};
 
 /// A configuration value that cannot work, with the dotted name of its field.
@@ -62,18 +63,6 @@ pub struct ModelConfig {
     pub init_std: f64,
 }
 
-/// How router logits become expert scores and combine weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RouterKind {
-    /// Softmax over all experts, then top-k (Mixtral); weights optionally renormalised.
-    SoftmaxTopk,
-    /// Top-k of the logits, then softmax over the chosen k.
-    TopkSoftmax,
-    /// Sigmoid scores, top-k, weights normalised over the chosen k (DeepSeek-V3).
-    Sigmoid,
-}
-
 /// Which assignments an expert keeps when more arrive than its capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,15 +83,10 @@ pub struct MoeConfig {
     pub top_k: usize,
     /// Hidden width of each expert's SwiGLU.
     pub expert_ffn_dim: usize,
-    /// Scoring and weighting rule of the router.
-    #[serde(default = "default_router")]
-    pub router: RouterKind,
-    /// Renormalise the chosen softmax weights to sum to one (Mixtral); sigmoid always normalises.
-    #[serde(default = "yes")]
-    pub renormalize: bool,
-    /// Factor applied to the combine weights of sigmoid routing (DeepSeek-V3's route scale).
-    #[serde(default = "one_f64")]
-    pub route_scale: f64,
+    /// How the router scores experts and weights the chosen ones, with that gate's
+    /// settings (`router = { kind = "sigmoid", scale = 2.5 }`).
+    #[serde(default)]
+    pub router: Gate,
     /// Multiplicative jitter on the router input during training: x * U(1 - eps, 1 + eps).
     #[serde(default)]
     pub jitter: f64,
@@ -141,15 +125,6 @@ fn default_init_std() -> f64 {
 }
 fn one() -> usize {
     1
-}
-fn one_f64() -> f64 {
-    1.0
-}
-fn yes() -> bool {
-    true
-}
-fn default_router() -> RouterKind {
-    RouterKind::SoftmaxTopk
 }
 fn default_drop_policy() -> DropPolicy {
     DropPolicy::Position
@@ -259,7 +234,9 @@ impl MoeConfig {
                 format!("{} must be in [0, 1)", self.jitter),
             ));
         }
-        finite_positive("moe.route_scale", self.route_scale)?;
+        if let Gate::Sigmoid { scale } = self.router {
+            finite_positive("moe.router.scale", scale)?;
+        }
         for (field, v) in [
             ("moe.aux_loss_weight", self.aux_loss_weight),
             ("moe.z_loss_weight", self.z_loss_weight),

@@ -16,9 +16,9 @@ pub mod router;
 pub mod sampling;
 pub mod transformer;
 
-pub use config::{ConfigError, DropPolicy, ModelConfig, MoeConfig, RouterKind};
+pub use config::{ConfigError, DropPolicy, ModelConfig, MoeConfig};
 pub use generation::{FinishReason, Generation, Sequence, decode_step, generate};
 pub use moe::{MoeLayer, MoeOutput, RouterStats};
-pub use moe_kernels::{self as ops, MoeAutodiffBackend, MoeBackend};
+pub use moe_kernels::{self as ops, Gate, MoeAutodiffBackend, MoeBackend};
 pub use sampling::{Sampler, SamplingConfig};
 pub use transformer::{KvCache, Transformer, TransformerOutput};

@@ -7,7 +7,7 @@ use burn::tensor::{Distribution, Int, Tensor};
 
 use moe_kernels::{Gate, MoeBackend, linear};
 
-use crate::config::{MoeConfig, RouterKind};
+use crate::config::MoeConfig;
 
 /// The routing decision for a flat batch of `T` tokens.
 #[derive(Debug, Clone)]
@@ -53,15 +53,7 @@ impl<B: Backend> Router<B> {
 
     /// How the chosen experts' weights come from the logits.
     pub fn gate_kind(&self) -> Gate {
-        match self.config.router {
-            RouterKind::SoftmaxTopk => Gate::Softmax {
-                renormalize: self.config.renormalize,
-            },
-            RouterKind::TopkSoftmax => Gate::TopkSoftmax,
-            RouterKind::Sigmoid => Gate::Sigmoid {
-                scale: self.config.route_scale as f32,
-            },
-        }
+        self.config.router
     }
 
     /// Routes `x` (`[T, d]`). Jitter applies only when autodiff is on (training).

@@ -9,7 +9,7 @@ use burn::tensor::{Int, Tensor};
 use common::*;
 use moe_model::dispatch;
 use moe_model::losses::{load_balancing_loss, router_probs, router_z_loss};
-use moe_model::{DropPolicy, MoeBackend, MoeConfig, MoeLayer, RouterKind};
+use moe_model::{DropPolicy, Gate, MoeBackend, MoeConfig, MoeLayer};
 
 fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
@@ -55,11 +55,7 @@ fn naive_output<B: MoeBackend>(layer: &MoeLayer<B>, x: Tensor<B, 2>) -> Vec<f64>
 pub fn dropless_matches_naive<B: MoeBackend>(device: &B::Device) {
     let tol = matmul_tol::<B>(device, 1e-5);
     for (tokens, d, experts, k) in [(13, 6, 4, 2), (7, 5, 1, 1), (33, 8, 8, 4), (5, 4, 64, 2)] {
-        for router in [
-            RouterKind::SoftmaxTopk,
-            RouterKind::TopkSoftmax,
-            RouterKind::Sigmoid,
-        ] {
+        for router in GATES {
             let config = MoeConfig {
                 router,
                 ..moe_config(experts, k, 12)
@@ -103,59 +99,54 @@ fn top_k(row: &[f64], k: usize) -> Vec<usize> {
 
 pub fn router_weights_follow_their_rule<B: MoeBackend>(device: &B::Device) {
     let (tokens, d, experts, k) = (9, 6, 5, 2);
-    for router in [
-        RouterKind::SoftmaxTopk,
-        RouterKind::TopkSoftmax,
-        RouterKind::Sigmoid,
-    ] {
-        for renormalize in [true, false] {
-            let config = MoeConfig {
-                router,
-                renormalize,
-                route_scale: 2.5,
-                ..moe_config(experts, k, 4)
+    for router in GATES {
+        let config = MoeConfig {
+            router,
+            ..moe_config(experts, k, 4)
+        };
+        let layer = moe_layer::<B>(d, &config, 1.0, 200, device);
+        let routing = layer.router.forward(tensor::<B, 2>([tokens, d], 3, device));
+        let logits = host(routing.logits);
+        let (weights, chosen) = (host(routing.weights), host_int(routing.experts));
+        for t in 0..tokens {
+            let row = &logits[t * experts..(t + 1) * experts];
+            let (idx, w): (Vec<usize>, Vec<f64>) = match router {
+                Gate::SoftmaxTopk { renormalize } => {
+                    let p = softmax(row);
+                    let idx = top_k(&p, k);
+                    let sum: f64 = idx.iter().map(|&i| p[i]).sum();
+                    let w = idx
+                        .iter()
+                        .map(|&i| if renormalize { p[i] / sum } else { p[i] })
+                        .collect();
+                    (idx, w)
+                }
+                Gate::TopkSoftmax => {
+                    let idx = top_k(row, k);
+                    let w = softmax(&idx.iter().map(|&i| row[i]).collect::<Vec<_>>());
+                    (idx, w)
+                }
+                Gate::Sigmoid { scale } => {
+                    let s: Vec<f64> = row.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+                    let idx = top_k(&s, k);
+                    let sum: f64 = idx.iter().map(|&i| s[i]).sum();
+                    (
+                        idx.clone(),
+                        idx.iter().map(|&i| s[i] / sum * scale).collect(),
+                    )
+                }
             };
-            let layer = moe_layer::<B>(d, &config, 1.0, 200, device);
-            let routing = layer.router.forward(tensor::<B, 2>([tokens, d], 3, device));
-            let logits = host(routing.logits);
-            let (weights, chosen) = (host(routing.weights), host_int(routing.experts));
-            for t in 0..tokens {
-                let row = &logits[t * experts..(t + 1) * experts];
-                let (idx, w): (Vec<usize>, Vec<f64>) = match router {
-                    RouterKind::SoftmaxTopk => {
-                        let p = softmax(row);
-                        let idx = top_k(&p, k);
-                        let sum: f64 = idx.iter().map(|&i| p[i]).sum();
-                        let w = idx
-                            .iter()
-                            .map(|&i| if renormalize { p[i] / sum } else { p[i] })
-                            .collect();
-                        (idx, w)
-                    }
-                    RouterKind::TopkSoftmax => {
-                        let idx = top_k(row, k);
-                        let w = softmax(&idx.iter().map(|&i| row[i]).collect::<Vec<_>>());
-                        (idx, w)
-                    }
-                    RouterKind::Sigmoid => {
-                        let s: Vec<f64> = row.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
-                        let idx = top_k(&s, k);
-                        let sum: f64 = idx.iter().map(|&i| s[i]).sum();
-                        (idx.clone(), idx.iter().map(|&i| s[i] / sum * 2.5).collect())
-                    }
-                };
-                let got: Vec<usize> = chosen[t * k..(t + 1) * k]
-                    .iter()
-                    .map(|&e| e as usize)
-                    .collect();
-                assert_eq!(got, idx, "{router:?} token {t} experts");
-                assert_close(
-                    &weights[t * k..(t + 1) * k],
-                    &w,
-                    1e-5,
-                    &format!("{router:?} token {t} weights"),
-                );
-            }
+            let got: Vec<usize> = chosen[t * k..(t + 1) * k]
+                .iter()
+                .map(|&e| e as usize)
+                .collect();
+            assert_eq!(got, idx, "{router:?} token {t} experts");
+            assert_close(
+                &weights[t * k..(t + 1) * k],
+                &w,
+                1e-5,
+                &format!("{router:?} token {t} weights"),
+            );
         }
     }
 }
@@ -494,7 +485,7 @@ fn expert_bias_moves_toward_underloaded_experts() {
     let device = Default::default();
     let config = MoeConfig {
         bias_update_rate: 0.01,
-        router: RouterKind::Sigmoid,
+        router: Gate::Sigmoid { scale: 1.0 },
         ..moe_config(4, 1, 4)
     };
     let layer = moe_layer::<B>(3, &config, 0.5, 600, &device);

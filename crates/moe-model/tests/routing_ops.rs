@@ -9,18 +9,11 @@ mod common;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
-use common::{assert_close, host, host_int, tensor};
+use common::{GATES, assert_close, host, host_int, tensor};
 use moe_model::MoeBackend;
 use moe_model::ops::{
     self, Gate, reference::router_losses as losses_reference, reference::routing as reference,
 };
-
-const GATES: [Gate; 4] = [
-    Gate::Softmax { renormalize: true },
-    Gate::Softmax { renormalize: false },
-    Gate::TopkSoftmax,
-    Gate::Sigmoid { scale: 2.5 },
-];
 
 /// `(tokens, n_experts, top_k)`: T not a multiple of a workgroup, k = 1, 2, 4, E = 1, 8, 64.
 const SHAPES: [(usize, usize, usize); 4] = [(300, 8, 2), (257, 1, 1), (100, 64, 4), (70, 8, 1)];
@@ -141,7 +134,7 @@ fn host_weights(logits: &[f64], experts: &[usize], gate: Gate) -> Vec<f64> {
         v.iter().map(|x| x / sum * scale).collect()
     };
     match gate {
-        Gate::Softmax { renormalize } => {
+        Gate::SoftmaxTopk { renormalize } => {
             let max = logits.iter().cloned().fold(f64::MIN, f64::max);
             let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
             let chosen = experts
@@ -271,10 +264,7 @@ fn router_losses_match_host<B: MoeBackend>(device: &B::Device) {
     type A<B> = Autodiff<B>;
     let probe = [0.7, -1.3, 2.0, 5.0];
     for (tokens, n_experts, top_k) in SHAPES {
-        for gate in [
-            Gate::Softmax { renormalize: true },
-            Gate::Sigmoid { scale: 2.5 },
-        ] {
+        for gate in GATES {
             let what = format!("T={tokens} E={n_experts} k={top_k} {gate:?}");
             let init = logits::<B>(tokens, n_experts, false, device);
             let logits = Tensor::<A<B>, 2>::from_inner(init.clone()).require_grad();

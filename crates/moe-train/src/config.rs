@@ -312,9 +312,12 @@ impl RunConfig {
     /// Parses TOML text, applies overrides and validates.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
         let mut table: toml::Table = toml::from_str(text)?;
+        router_as_table(&mut table)?;
         for item in overrides {
             apply_override(&mut table, item)?;
         }
+        // Again for an override that sets a bare kind (`moe.router=sigmoid`).
+        router_as_table(&mut table)?;
         let config: RunConfig = table.try_into()?;
         config.validate()?;
         Ok(config)
@@ -326,8 +329,9 @@ impl RunConfig {
     pub fn parse_saved(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let table: toml::Table =
+        let mut table: toml::Table =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        router_as_table(&mut table).with_context(|| format!("in {}", path.display()))?;
         let mut config: RunConfig = table
             .try_into()
             .with_context(|| format!("parsing {}", path.display()))?;
@@ -489,26 +493,83 @@ impl RunConfig {
     }
 }
 
-/// Applies one `section.key=value` override to the parsed TOML table.
+/// Applies one `section.key=value` override (or `section.table.key=value`) to the parsed
+/// TOML table, creating the tables on the way.
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     let Some((key, raw)) = item.split_once('=') else {
         bail!("--set `{item}`: expected section.key=value");
     };
     let path: Vec<&str> = key.trim().split('.').collect();
-    if path.len() != 2 || path.iter().any(|p| p.is_empty()) {
+    if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
         bail!("--set `{item}`: the key must be section.key, e.g. train.steps");
     }
-    let value = parse_value(raw.trim());
-    let section = table
-        .entry(path[0].to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    match section {
-        toml::Value::Table(section) => {
-            section.insert(path[1].to_string(), value);
-            Ok(())
-        }
-        _ => bail!("--set `{item}`: `{}` is not a section", path[0]),
+    let (last, parents) = path.split_last().expect("at least two parts");
+    let mut current = table;
+    for (depth, part) in parents.iter().enumerate() {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(next) = entry else {
+            bail!(
+                "--set `{item}`: `{}` is not a table",
+                path[..=depth].join(".")
+            );
+        };
+        current = next;
     }
+    current.insert(last.to_string(), parse_value(raw.trim()));
+    Ok(())
+}
+
+/// The flat `[moe]` fields of configs saved before the router was one table: each moved
+/// into the router table of one kind, under a new name.
+const FLAT_ROUTER_FIELDS: [(&str, &str, &str); 2] = [
+    ("renormalize", "softmax_topk", "renormalize"),
+    ("route_scale", "sigmoid", "scale"),
+];
+
+/// Brings `moe.router` to its table form: a bare kind (`router = "sigmoid"`) becomes
+/// `{ kind = "sigmoid" }`, and the flat fields of older configs (`renormalize`,
+/// `route_scale`) move into it where they applied to the kind (they were ignored
+/// otherwise). Beside a router table, a flat field is an error naming its new place.
+fn router_as_table(table: &mut toml::Table) -> Result<()> {
+    let Some(toml::Value::Table(moe)) = table.get_mut("moe") else {
+        return Ok(());
+    };
+    let flat: Vec<_> = FLAT_ROUTER_FIELDS
+        .iter()
+        .filter_map(|&(field, kind, name)| Some((field, kind, name, moe.remove(field)?)))
+        .collect();
+    let kind = match moe.get("router") {
+        None if flat.is_empty() => return Ok(()),
+        None => "softmax_topk".to_string(),
+        Some(toml::Value::String(kind)) => kind.clone(),
+        Some(toml::Value::Table(router)) => {
+            if let Some((field, _, name, _)) = flat.first() {
+                bail!(
+                    "invalid config `moe.{field}`: set it in the router table, as `moe.router.{name}`"
+                );
+            }
+            if !router.contains_key("kind") {
+                bail!(
+                    "invalid config `moe.router`: give its `kind` (softmax_topk, topk_softmax or sigmoid)"
+                );
+            }
+            return Ok(());
+        }
+        Some(other) => bail!(
+            "invalid config `moe.router`: expected a table such as {{ kind = \"sigmoid\", scale = 2.5 }} or a kind, got {other}"
+        ),
+    };
+    let mut router = toml::Table::new();
+    for (_, field_kind, name, value) in flat {
+        if field_kind == kind {
+            router.insert(name.to_string(), value);
+        }
+    }
+    router.insert("kind".to_string(), toml::Value::String(kind));
+    moe.insert("router".to_string(), toml::Value::Table(router));
+    Ok(())
 }
 
 /// A TOML value (`3`, `1e-3`, `true`, `"x"`, `[1, 2]`), or the raw text as a string.

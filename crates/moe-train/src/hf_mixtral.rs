@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use moe_model::{DropPolicy, ModelConfig, MoeConfig, RouterKind};
+use moe_model::{DropPolicy, Gate, ModelConfig, MoeConfig};
 use serde_json::{Value, json};
 
 use crate::model_tensors::take;
@@ -26,13 +26,15 @@ pub fn unsupported_feature(model: &ModelConfig, moe: &MoeConfig) -> Option<Strin
         return Some("dense FFN layers (Mixtral has an MoE block in every layer)".into());
     }
     match moe.router {
-        RouterKind::Sigmoid => return Some("sigmoid gating (`moe.router = \"sigmoid\"`)".into()),
-        RouterKind::SoftmaxTopk if !moe.renormalize => {
-            return Some("un-renormalised top-k weights (`moe.renormalize = false`)".into());
+        Gate::Sigmoid { .. } => {
+            return Some("sigmoid gating (`moe.router.kind = \"sigmoid\"`)".into());
+        }
+        Gate::SoftmaxTopk { renormalize: false } => {
+            return Some("un-renormalised top-k weights (`moe.router.renormalize = false`)".into());
         }
         // Top-k of the logits then a softmax over them gives the same experts and weights
         // as Mixtral's softmax, top-k and renormalisation.
-        RouterKind::SoftmaxTopk | RouterKind::TopkSoftmax => {}
+        Gate::SoftmaxTopk { renormalize: true } | Gate::TopkSoftmax => {}
     }
     if moe.n_shared_experts > 0 {
         return Some("shared experts (`moe.n_shared_experts`)".into());
@@ -378,9 +380,7 @@ pub fn configs_from_json(config: &Value) -> Result<(ModelConfig, MoeConfig)> {
         },
         top_k,
         expert_ffn_dim: size("intermediate_size")?,
-        router: RouterKind::SoftmaxTopk,
-        renormalize: true,
-        route_scale: 1.0,
+        router: Gate::SoftmaxTopk { renormalize: true },
         jitter: float("router_jitter_noise", 0.0)?,
         n_shared_experts: 0,
         capacity_factor: None,

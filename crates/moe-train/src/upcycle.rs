@@ -13,7 +13,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::backend::Backend;
-use moe_model::Transformer;
+use moe_model::{Gate, Transformer};
 
 use crate::checkpoint::{load_source, save_model_checkpoint};
 use crate::config::RunConfig;
@@ -63,8 +63,11 @@ pub fn upcycled_config(dense: &RunConfig, options: &UpcycleOptions) -> Result<Ru
     moe.top_k = options.top_k;
     moe.expert_ffn_dim = model.dense_ffn_dim;
     moe.n_shared_experts = 0;
-    moe.renormalize = true;
-    moe.route_scale = 1.0;
+    moe.router = match moe.router {
+        Gate::SoftmaxTopk { .. } => Gate::SoftmaxTopk { renormalize: true },
+        Gate::Sigmoid { .. } => Gate::Sigmoid { scale: 1.0 },
+        Gate::TopkSoftmax => Gate::TopkSoftmax,
+    };
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(config)
 }

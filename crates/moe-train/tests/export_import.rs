@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
 use common::{logits, max_abs_diff};
-use moe_model::{ModelConfig, MoeConfig, RouterKind, Transformer};
+use moe_model::{Gate, ModelConfig, MoeConfig, Transformer};
 use moe_train::checkpoint::save_model_checkpoint;
 use moe_train::model_tensors::model_tensors;
 use moe_train::safetensors_file::{HostTensor, NamedTensors, read_file, write_file};
@@ -140,7 +140,7 @@ fn fused_expert_layout_imports_to_the_same_logits() {
     assert!(diff <= 1e-4, "max abs diff to transformers' logits: {diff}");
 }
 
-fn small_config(router: RouterKind, shared: usize, tied: bool) -> RunConfig {
+fn small_config(router: Gate, shared: usize, tied: bool) -> RunConfig {
     let model = ModelConfig {
         vocab_size: 50,
         d_model: 16,
@@ -161,8 +161,6 @@ fn small_config(router: RouterKind, shared: usize, tied: bool) -> RunConfig {
         top_k: 2,
         expert_ffn_dim: 8,
         router,
-        renormalize: true,
-        route_scale: 1.0,
         jitter: 0.0,
         n_shared_experts: shared,
         capacity_factor: None,
@@ -189,16 +187,10 @@ fn saved_model(dir: &Path, config: &RunConfig) -> (PathBuf, Transformer<B>) {
 fn both_formats_round_trip_bit_identical_parameters_and_logits() {
     let ids: Vec<i64> = (0..20).map(|i| (i * 7 % 50) as i64).collect();
     let cases = [
+        (small_config(Gate::default(), 0, false), ExportFormat::Hf),
+        (small_config(Gate::default(), 0, true), ExportFormat::Hf),
         (
-            small_config(RouterKind::SoftmaxTopk, 0, false),
-            ExportFormat::Hf,
-        ),
-        (
-            small_config(RouterKind::SoftmaxTopk, 0, true),
-            ExportFormat::Hf,
-        ),
-        (
-            small_config(RouterKind::Sigmoid, 1, false),
+            small_config(Gate::Sigmoid { scale: 1.0 }, 1, false),
             ExportFormat::Safetensors,
         ),
     ];
@@ -226,22 +218,19 @@ fn both_formats_round_trip_bit_identical_parameters_and_logits() {
 
 #[test]
 fn hf_export_refuses_what_mixtral_cannot_compute() {
-    let mut no_renorm = small_config(RouterKind::SoftmaxTopk, 0, false);
-    no_renorm.moe.renormalize = false;
-    let mut dense_layer = small_config(RouterKind::SoftmaxTopk, 0, false);
+    let mut no_renorm = small_config(Gate::default(), 0, false);
+    no_renorm.moe.router = Gate::SoftmaxTopk { renormalize: false };
+    let mut dense_layer = small_config(Gate::default(), 0, false);
     dense_layer.model.n_dense_layers = 1;
     dense_layer.model.dense_ffn_dim = 16;
-    let mut biased = small_config(RouterKind::SoftmaxTopk, 0, false);
+    let mut biased = small_config(Gate::default(), 0, false);
     biased.moe.bias_update_rate = 1e-3;
     let cases = [
         (
-            small_config(RouterKind::Sigmoid, 0, false),
+            small_config(Gate::Sigmoid { scale: 1.0 }, 0, false),
             "sigmoid gating",
         ),
-        (
-            small_config(RouterKind::SoftmaxTopk, 1, false),
-            "shared experts",
-        ),
+        (small_config(Gate::default(), 1, false), "shared experts"),
         (no_renorm, "renormalise"),
         (dense_layer, "dense FFN layers"),
         (biased, "expert bias"),
@@ -371,7 +360,7 @@ fn candle_mixtral_logits(dir: &Path, ids: &[i64]) -> Vec<f32> {
 fn candle_transformers_mixtral_computes_our_logits_from_the_hf_export() {
     // Both Mixtral-compatible gates; grouped-query attention; weights large enough that
     // routing is decisive and the logits far from zero.
-    for router in [RouterKind::SoftmaxTopk, RouterKind::TopkSoftmax] {
+    for router in [Gate::default(), Gate::TopkSoftmax] {
         let mut config = small_config(router, 0, false);
         config.model.vocab_size = 64;
         config.model.d_model = 32;

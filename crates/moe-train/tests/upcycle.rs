@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::{Autodiff, Flex};
 use common::max_abs_diff;
 use moe_data::TextTokenizer;
-use moe_model::{RouterKind, Transformer};
+use moe_model::{Gate, Transformer};
 use moe_train::checkpoint::save_model_checkpoint;
 use moe_train::data_parallel::Cluster;
 use moe_train::model_tensors::model_tensors;
@@ -110,13 +110,16 @@ fn upcycled_model_computes_the_dense_models_logits() {
     // Every gate; the sigmoid parent asks for unnormalised weights and a route scale,
     // which upcycling must reset to keep the dense function.
     let cases = [
-        ("softmax_topk", "renormalize = false", Some(1.0)),
-        ("topk_softmax", "", None),
-        ("sigmoid", "route_scale = 2.5", Some(0.5)),
+        (
+            r#"{ kind = "softmax_topk", renormalize = false }"#,
+            Some(1.0),
+        ),
+        (r#""topk_softmax""#, None),
+        (r#"{ kind = "sigmoid", scale = 2.5 }"#, Some(0.5)),
     ];
-    for (i, (router, extra, router_std)) in cases.into_iter().enumerate() {
+    for (i, (router, router_std)) in cases.into_iter().enumerate() {
         let dense_dir = dir.path().join(format!("dense-{i}"));
-        let config = dense_config(&data, &format!("{MOE}\nrouter = \"{router}\"\n{extra}"));
+        let config = dense_config(&data, &format!("{MOE}\nrouter = {router}"));
         dense_checkpoint(&config, &dense_dir);
         let options = UpcycleOptions {
             n_experts: 4,
@@ -287,7 +290,7 @@ fn upcycled_config_keeps_the_rest_of_the_parent() {
     let parent = dense_config(
         &dataset(dir.path()),
         &format!(
-            "{MOE}\nrouter = \"sigmoid\"\nroute_scale = 2.5\naux_loss_weight = 0.02\nn_shared_experts = 1"
+            "{MOE}\nrouter = {{ kind = \"sigmoid\", scale = 2.5 }}\naux_loss_weight = 0.02\nn_shared_experts = 1"
         ),
     );
     let options = UpcycleOptions {
@@ -296,9 +299,8 @@ fn upcycled_config_keeps_the_rest_of_the_parent() {
         router_std: None,
     };
     let child = moe_train::upcycle::upcycled_config(&parent, &options).unwrap();
-    assert_eq!(child.moe.router, RouterKind::Sigmoid);
+    assert_eq!(child.moe.router, Gate::Sigmoid { scale: 1.0 });
     assert_eq!(child.moe.aux_loss_weight, 0.02);
-    assert_eq!(child.moe.route_scale, 1.0);
     assert_eq!(child.moe.n_shared_experts, 0);
     assert_eq!(
         (child.model.n_dense_layers, child.model.moe_layer_interval),

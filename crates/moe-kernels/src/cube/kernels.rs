@@ -190,11 +190,22 @@ pub fn slot_dot_kernel<F: Float, I: Numeric>(
     out[a] = sum;
 }
 
+/// How the route kernels score a row of logits (their `scoring` argument).
+pub struct Scoring;
+
+impl Scoring {
+    /// Softmax probabilities; the weights are the chosen probabilities.
+    pub const SOFTMAX: u32 = 0;
+    /// The logits themselves; the weights are a softmax over the chosen logits.
+    pub const LOGITS: u32 = 1;
+    /// Sigmoid scores; the weights are the chosen scores.
+    pub const SIGMOID: u32 = 2;
+}
+
 /// Routing of one token per unit: the `top_k` experts of row `t` of `logits: [T, E]` by
 /// score plus `bias` (best first, ties to the lower index), and their combine weights.
-/// `scoring`: 0 softmax (weights the chosen probabilities), 1 logits (weights a softmax
-/// over the chosen logits), 2 sigmoid (weights the chosen scores); `normalize` divides
-/// the weights by their sum, then `scale` multiplies them.
+/// `scoring` is a [`Scoring`] code; `normalize` divides the weights by their sum, then
+/// `scale` multiplies them.
 #[cube(launch)]
 pub fn route_kernel<F: Float, I: Numeric>(
     logits: &Tensor<F>,
@@ -214,7 +225,7 @@ pub fn route_kernel<F: Float, I: Numeric>(
     let top_k = weights.shape(1);
     let row = t * n_experts;
     let out = t * top_k;
-    // Softmax statistics of the row (used by scoring 0).
+    // Softmax statistics of the row (used by `Scoring::SOFTMAX`).
     let max = row_max::<F>(logits, row, n_experts);
     let total = row_exp_sum::<F>(logits, row, n_experts, max);
     for j in 0..top_k {
@@ -230,9 +241,9 @@ pub fn route_kernel<F: Float, I: Numeric>(
             }
             let logit = logits[row + e];
             let mut score = logit;
-            if scoring == 0 {
+            if scoring == Scoring::SOFTMAX {
                 score = (logit - max).exp() / total;
-            } else if scoring == 2 {
+            } else if scoring == Scoring::SIGMOID {
                 score = sigmoid::<F>(logit);
             }
             let selection = score + bias[e];
@@ -245,7 +256,7 @@ pub fn route_kernel<F: Float, I: Numeric>(
         experts[out + j] = I::cast_from(best_expert as u32);
         weights[out + j] = best_score;
     }
-    if scoring == 1 {
+    if scoring == Scoring::LOGITS {
         // A softmax over the chosen logits, shifted by the largest of them.
         let mut chosen_max = weights[out];
         for j in 1..top_k {
@@ -269,7 +280,7 @@ pub fn route_kernel<F: Float, I: Numeric>(
 
 /// Gradient of the router logits for one token per unit (`d_logits: [T, E]`), given the
 /// chosen `experts`, their `weights` and the weights' gradient `grad` (`[T, k]`): the
-/// formulas of `reference::routing::route_backward`, same `scoring` codes as
+/// formulas of `reference::routing::route_backward`, same [`Scoring`] codes as
 /// [`route_kernel`]; `normalize` tells the softmax gates apart.
 #[cube(launch)]
 pub fn route_backward_kernel<F: Float, I: Numeric>(
@@ -295,7 +306,7 @@ pub fn route_backward_kernel<F: Float, I: Numeric>(
     for j in 0..top_k {
         dot += grad[out + j] * weights[out + j];
     }
-    if scoring == 0 && normalize == 0 {
+    if scoring == Scoring::SOFTMAX && normalize == 0 {
         // Weights are probabilities: d_logits = p * (onehot(grad) - dot).
         let max = row_max::<F>(logits, row, n_experts);
         let total = row_exp_sum::<F>(logits, row, n_experts, max);
@@ -311,7 +322,7 @@ pub fn route_backward_kernel<F: Float, I: Numeric>(
             d_logits[row + e] = F::new(0.0);
         }
         let mut total = F::new(0.0);
-        if scoring == 2 {
+        if scoring == Scoring::SIGMOID {
             for j in 0..top_k {
                 let e = u32::cast_from(experts[out + j]) as usize;
                 total += sigmoid::<F>(logits[row + e]);
@@ -321,7 +332,7 @@ pub fn route_backward_kernel<F: Float, I: Numeric>(
         for j in 0..top_k {
             let e = u32::cast_from(experts[out + j]) as usize;
             let mut d = weights[out + j] * (grad[out + j] - dot);
-            if scoring == 2 {
+            if scoring == Scoring::SIGMOID {
                 let s = sigmoid::<F>(logits[row + e]);
                 d = scale / total * (grad[out + j] - dot / scale) * s * (F::new(1.0) - s);
             }

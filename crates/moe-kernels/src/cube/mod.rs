@@ -274,13 +274,15 @@ fn zeros_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) 
     ))
 }
 
-/// The kernels' encoding of a gate: `(scoring, normalize, scale)`; see
-/// [`kernels::route_kernel`].
+/// The route kernels' encoding of a gate: its scoring code (see [`kernels::Scoring`]),
+/// whether the chosen weights are divided by their sum, and the factor applied after.
+/// The one table from [`Gate`] to the kernels' arguments.
 fn gate_codes(gate: Gate) -> (u32, u32, f32) {
+    use kernels::Scoring;
     match gate {
-        Gate::Softmax { renormalize } => (0, renormalize as u32, 1.0),
-        Gate::TopkSoftmax => (1, 1, 1.0),
-        Gate::Sigmoid { scale } => (2, 1, scale),
+        Gate::SoftmaxTopk { renormalize } => (Scoring::SOFTMAX, renormalize as u32, 1.0),
+        Gate::TopkSoftmax => (Scoring::LOGITS, 1, 1.0),
+        Gate::Sigmoid { scale } => (Scoring::SIGMOID, 1, scale as f32),
     }
 }
 

@@ -13,7 +13,7 @@ use crate::reference::router_losses::balance_scale;
 /// `probs`; for sigmoid gates also the scores into `scores` and their sum returned, else 0.
 fn distribution(row: &Row, gate: Gate, probs: &mut [f32], scores: &mut [f32]) -> f32 {
     match gate {
-        Gate::Softmax { .. } | Gate::TopkSoftmax => {
+        Gate::SoftmaxTopk { .. } | Gate::TopkSoftmax => {
             for (j, p) in probs.iter_mut().enumerate() {
                 *p = row.softmax(j);
             }
@@ -130,7 +130,7 @@ pub fn backward(
                 for (j, out) in out.iter_mut().enumerate() {
                     let centred = d_probs[j] - dot;
                     let d_balance = match gate {
-                        Gate::Softmax { .. } | Gate::TopkSoftmax => probs[j] * centred,
+                        Gate::SoftmaxTopk { .. } | Gate::TopkSoftmax => probs[j] * centred,
                         Gate::Sigmoid { .. } => scores[j] * (1.0 - scores[j]) / sum * centred,
                     };
                     let d_z = z_scale * lse * row.softmax(j);

@@ -85,7 +85,7 @@ fn route_token(
     let row = Row::new(logits);
     for (j, score) in scores.iter_mut().enumerate() {
         *score = match gate {
-            Gate::Softmax { .. } => row.softmax(j),
+            Gate::SoftmaxTopk { .. } => row.softmax(j),
             Gate::TopkSoftmax => logits[j],
             Gate::Sigmoid { .. } => row.sigmoid(j),
         };
@@ -110,14 +110,14 @@ fn route_token(
         weights[j] = scores[best];
     }
     match gate {
-        Gate::Softmax { renormalize: true } => normalise(weights, 1.0),
-        Gate::Softmax { renormalize: false } => {}
+        Gate::SoftmaxTopk { renormalize: true } => normalise(weights, 1.0),
+        Gate::SoftmaxTopk { renormalize: false } => {}
         Gate::TopkSoftmax => {
             let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             weights.iter_mut().for_each(|w| *w = (*w - max).exp());
             normalise(weights, 1.0);
         }
-        Gate::Sigmoid { scale } => normalise(weights, scale),
+        Gate::Sigmoid { scale } => normalise(weights, scale as f32),
     }
 }
 

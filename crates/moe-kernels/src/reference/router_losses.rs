@@ -51,7 +51,7 @@ pub fn router_entropy<B: Backend>(probs: Tensor<B, 2>) -> Tensor<B, 1> {
 /// normalised to sum to one.
 pub fn router_probs<B: Backend>(logits: Tensor<B, 2>, gate: Gate) -> Tensor<B, 2> {
     match gate {
-        Gate::Softmax { .. } | Gate::TopkSoftmax => softmax(logits, 1),
+        Gate::SoftmaxTopk { .. } | Gate::TopkSoftmax => softmax(logits, 1),
         Gate::Sigmoid { .. } => {
             let scores = sigmoid(logits);
             scores.clone() / scores.sum_dim(1)
@@ -103,7 +103,7 @@ pub fn router_losses_backward<B: Backend>(
     let probs = router_probs(logits.clone(), gate);
     let centred = d_probs.clone() - (probs.clone() * d_probs).sum_dim(1);
     let d_balance = match gate {
-        Gate::Softmax { .. } | Gate::TopkSoftmax => probs * centred,
+        Gate::SoftmaxTopk { .. } | Gate::TopkSoftmax => probs * centred,
         // p_j = s_j / S with s = sigmoid(l): d p_i / d l_j = s_j (1 - s_j) / S (δ_ij - p_i).
         Gate::Sigmoid { .. } => {
             let scores = sigmoid(logits.clone());

@@ -21,7 +21,7 @@ pub fn route_forward<B: Backend>(
     let logits: Tensor<B, 2> = float(logits);
     let bias: Tensor<B, 1> = float(bias);
     let scores = match gate {
-        Gate::Softmax { .. } => softmax(logits, 1),
+        Gate::SoftmaxTopk { .. } => softmax(logits, 1),
         Gate::TopkSoftmax => logits,
         Gate::Sigmoid { .. } => sigmoid(logits),
     };
@@ -29,8 +29,8 @@ pub fn route_forward<B: Backend>(
     let (_, experts) = selection.topk_with_indices(top_k, 1);
     let chosen = scores.gather(1, experts.clone());
     let weights = match gate {
-        Gate::Softmax { renormalize: true } => chosen.clone() / chosen.sum_dim(1),
-        Gate::Softmax { renormalize: false } => chosen,
+        Gate::SoftmaxTopk { renormalize: true } => chosen.clone() / chosen.sum_dim(1),
+        Gate::SoftmaxTopk { renormalize: false } => chosen,
         Gate::TopkSoftmax => softmax(chosen, 1),
         Gate::Sigmoid { scale } => chosen.clone() / chosen.sum_dim(1) * scale,
     };
@@ -58,10 +58,10 @@ pub fn route_backward<B: Backend>(
     let dot = (grad.clone() * weights.clone()).sum_dim(1);
     let zeros = logits.zeros_like();
     let d_logits = match gate {
-        Gate::Softmax { renormalize: true } | Gate::TopkSoftmax => {
+        Gate::SoftmaxTopk { renormalize: true } | Gate::TopkSoftmax => {
             zeros.scatter(1, experts, weights * (grad - dot), IndexingUpdateOp::Add)
         }
-        Gate::Softmax { renormalize: false } => {
+        Gate::SoftmaxTopk { renormalize: false } => {
             let onehot_grad = zeros.scatter(1, experts, grad, IndexingUpdateOp::Add);
             softmax(logits, 1) * (onehot_grad - dot)
         }

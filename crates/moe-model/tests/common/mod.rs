@@ -4,16 +4,23 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use moe_model::{DropPolicy, ModelConfig, MoeConfig, RouterKind};
+use moe_model::{DropPolicy, Gate, ModelConfig, MoeConfig};
+
+/// One gate of each kind, with settings away from their defaults where they have any:
+/// every test that holds for all gates loops over these.
+pub const GATES: [Gate; 4] = [
+    Gate::SoftmaxTopk { renormalize: true },
+    Gate::SoftmaxTopk { renormalize: false },
+    Gate::TopkSoftmax,
+    Gate::Sigmoid { scale: 2.5 },
+];
 
 pub fn moe_config(n_experts: usize, top_k: usize, ffn: usize) -> MoeConfig {
     MoeConfig {
         n_experts,
         top_k,
         expert_ffn_dim: ffn,
-        router: RouterKind::SoftmaxTopk,
-        renormalize: true,
-        route_scale: 1.0,
+        router: Gate::default(),
         jitter: 0.0,
         n_shared_experts: 0,
         capacity_factor: None,

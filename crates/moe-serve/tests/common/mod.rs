@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use burn::backend::Flex;
 use moe_data::TextTokenizer;
-use moe_model::{ModelConfig, MoeConfig, RouterKind, Transformer};
+use moe_model::{Gate, ModelConfig, MoeConfig, Transformer};
 use moe_serve::{ChatTemplate, Engine, EngineOptions, ServerOptions, router, serve};
 
 /// A small random model over bytes, `d_model` wide, attending over `window` tokens.
@@ -32,9 +32,7 @@ pub fn engine(options: EngineOptions, d_model: usize, window: usize) -> Engine {
         n_experts: 4,
         top_k: 2,
         expert_ffn_dim: 32,
-        router: RouterKind::SoftmaxTopk,
-        renormalize: true,
-        route_scale: 1.0,
+        router: Gate::default(),
         jitter: 0.0,
         n_shared_experts: 0,
         capacity_factor: None,
