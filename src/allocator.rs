@@ -1,9 +1,8 @@
 //! The process's allocator: mimalloc, told to keep the memory it frees. A training step
 //! frees and allocates the same few hundred MiB of activations and gradients every step;
-//! kept, they are reused without new page faults. Against glibc's allocator a flex
-//! training step ran faster in 17 of 17 alternating pairs (median +8%). The cost:
-//! the process keeps its peak memory (about 20% more resident here), as a caching
-//! allocator does.
+//! kept, they are reused without new page faults, which made flex training steps faster
+//! than on glibc's allocator (docs/performance.md). The cost: the process keeps its peak
+//! memory, as a caching allocator does.
 
 use libmimalloc_sys::{mi_option_set, mi_option_t};
 use mimalloc::MiMalloc;
