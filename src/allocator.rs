@@ -28,7 +28,10 @@ mod tests {
     /// mimalloc's current purge delay (milliseconds; -1: never).
     fn purge_delay() -> i64 {
         // SAFETY: reading an option is always valid.
-        i64::from(unsafe { mi_option_get(PURGE_DELAY) })
+        // `c_long` is 32 bits on some targets.
+        #[allow(clippy::useless_conversion)]
+        let delay = i64::from(unsafe { mi_option_get(PURGE_DELAY) });
+        delay
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub enum TokenizerChoice {
     /// A Hugging Face `tokenizer.json`.
     File(PathBuf),
     /// A tokenizer already loaded (a checkpoint's).
-    Given(TextTokenizer),
+    Given(Box<TextTokenizer>),
     /// A byte-level BPE trained on a sample of the training documents.
     TrainBpe {
         /// Tokens in the vocabulary, end-of-text included.
@@ -148,7 +148,7 @@ pub fn prepare(options: &PrepareOptions, progress: &mut dyn FnMut(Progress)) -> 
     let validation = pick_validation(options, &files, &scan)?;
     let tokenizer = match &options.tokenizer {
         TokenizerChoice::File(path) => TextTokenizer::load(path)?,
-        TokenizerChoice::Given(tokenizer) => tokenizer.clone(),
+        TokenizerChoice::Given(tokenizer) => tokenizer.as_ref().clone(),
         TokenizerChoice::Bytes => TextTokenizer::bytes()?,
         TokenizerChoice::TrainBpe { vocab_size } => {
             let sample: Vec<&str> = scan

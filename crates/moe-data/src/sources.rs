@@ -330,10 +330,13 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
     }
 }
 
+/// What receives each row's text (`None` for a null) with the file's counts.
+type RowSink<'a> = dyn FnMut(Option<&[u8]>, &mut FileCounts) -> Result<()> + 'a;
+
 fn read_parquet(
     path: &Path,
     column: &str,
-    row: &mut dyn FnMut(Option<&[u8]>, &mut FileCounts) -> Result<()>,
+    row: &mut RowSink<'_>,
     counts: &mut FileCounts,
 ) -> Result<()> {
     let name = path.display();
@@ -397,7 +400,7 @@ fn read_parquet(
             }
             let mut values = values.iter();
             for r in 0..records {
-                let present = max_def == 0 || levels[r] == max_def;
+                let present = max_def == 0 || levels.get(r) == Some(&max_def);
                 let text = if present { values.next() } else { None };
                 row(text.map(ByteArray::data), counts)
                     .with_context(|| format!("{name}: row {}", first_row + r as u64))?;

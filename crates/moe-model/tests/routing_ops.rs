@@ -153,7 +153,7 @@ fn host_weights(logits: &[f64], experts: &[usize], gate: Gate) -> Vec<f64> {
                 .iter()
                 .map(|&e| 1.0 / (1.0 + (-logits[e]).exp()))
                 .collect(),
-            scale as f64,
+            scale,
         ),
     }
 }

@@ -12,6 +12,7 @@ pub struct ChatCompletionRequest {
     pub model: String,
     /// The conversation so far.
     pub messages: Vec<ChatMessage>,
+    /// Sampling and streaming settings.
     #[serde(flatten)]
     pub sampling: SamplingParams,
     /// Newer name of `max_tokens`.
@@ -26,6 +27,7 @@ pub struct CompletionRequest {
     pub model: String,
     /// The text to continue: a string, or an array holding one string.
     pub prompt: Prompt,
+    /// Sampling and streaming settings.
     #[serde(flatten)]
     pub sampling: SamplingParams,
 }

@@ -183,7 +183,7 @@ fn cached_dataset(
                 });
             match matches {
                 true => own,
-                false => settings(TokenizerChoice::Given(tokenizer.clone())),
+                false => settings(TokenizerChoice::Given(Box::new(tokenizer.clone()))),
             }
         }
     };

@@ -62,6 +62,9 @@ pub fn scan_blocks_kernel<I: Numeric>(
 /// position inside the block, in token order. Padded: `e * C + rank`, or `E * C` past the
 /// capacity; packed: the expert's offset (sum of the earlier counts) plus the rank. One
 /// unit per (block, expert).
+// `padded` is a comptime flag: its `if` is resolved when the kernel is compiled and
+// cannot merge with the runtime capacity test.
+#[allow(clippy::collapsible_if)]
 #[cube(launch)]
 pub fn assign_slots_kernel<I: Numeric>(
     experts: &Tensor<I>,
