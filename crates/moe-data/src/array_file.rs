@@ -117,11 +117,6 @@ impl ArrayWriter {
         self.count
     }
 
-    /// Whether nothing was written yet.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     /// Writes the count into the header, flushes and syncs; returns the count.
     pub fn finish(mut self) -> Result<u64> {
         self.file.seek(SeekFrom::Start(0))?;
@@ -196,33 +191,26 @@ impl ArrayFile {
     /// Drops this process's mapping of the pages of values `start..start + len`; they
     /// stay in the page cache, and a later read maps them again. Training reads a window
     /// once per epoch, so its pages need not stay in the run's resident memory.
+    #[cfg(unix)]
     pub fn unmap_pages(&self, start: u64, len: usize) {
-        #[cfg(unix)]
-        {
-            let width = self.dtype.width();
-            let from = HEADER_BYTES + start as usize * width;
-            // SAFETY: the map is a read-only mapping of a file that is never written
-            // after it is published (see `open`). DONTNEED only drops page-table entries:
-            // any read, now or later, faults the same bytes back in from the file.
-            let _ = unsafe {
-                self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    from,
-                    len * width,
-                )
-            };
-        }
-        let _ = (start, len);
+        let width = self.dtype.width();
+        let from = HEADER_BYTES + start as usize * width;
+        // SAFETY: the map is a read-only mapping of a file that is never written after
+        // it is published (see `open`). DONTNEED only drops page-table entries: any read,
+        // now or later, faults the same bytes back in from the file.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, len * width)
+        };
     }
+
+    /// Does nothing where pages cannot be unmapped by hand.
+    #[cfg(not(unix))]
+    pub fn unmap_pages(&self, _start: u64, _len: usize) {}
 
     /// Number of values.
     pub fn len(&self) -> u64 {
         self.count
-    }
-
-    /// Whether the file holds no values.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
     }
 
     /// Value `index` (below [`ArrayFile::len`]).

@@ -1,18 +1,18 @@
 //! Data for `moe`: tokenizers, `moe data prepare` (documents tokenized once into
 //! memory-mapped shards), prepared sets and the token windows runs train and evaluate on.
 
-pub mod array_file;
-pub mod batches;
-pub mod cache;
-pub mod meta;
-pub mod prepare;
-pub mod prepared;
-pub mod sources;
-pub mod tokenizer;
-pub mod windows;
+mod array_file;
+mod batches;
+mod cache;
+mod meta;
+mod prepare;
+mod prepared;
+mod sources;
+mod tokenizer;
+mod windows;
 
 pub use batches::{LmBatch, LmBatcher};
-pub use cache::{DirectorySettings, cached_directory, default_cache_root};
+pub use cache::{DirectorySettings, cache_dir, cached_directory, default_cache_root};
 pub use meta::Meta;
 pub use prepare::{PrepareOptions, Progress, TokenizerChoice, ValidationSplit, prepare};
 pub use prepared::{PreparedSet, TokenSplit};

@@ -2,12 +2,12 @@
 //! and the official OpenAI clients can use a trained checkpoint as a proposer, and running
 //! Mixture-of-Agents pipelines over such endpoints.
 
-pub mod chat_template;
-pub mod detokenizer;
-pub mod engine;
+mod chat_template;
+mod detokenizer;
+mod engine;
 pub mod moa;
 pub mod openai;
-pub mod server;
+mod server;
 
 pub use chat_template::ChatTemplate;
 pub use engine::{Engine, EngineOptions};
