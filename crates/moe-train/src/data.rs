@@ -176,7 +176,7 @@ fn cached_dataset(
     let chosen = match tokenizer {
         None => own,
         Some(tokenizer) => {
-            let cached = moe_data::cache::cache_dir(&own, &root)?;
+            let cached = moe_data::cache_dir(&own, &root)?;
             let matches = cached.is_dir()
                 && PreparedSet::open(&cached).is_ok_and(|set| {
                     Some(set.meta.tokenizer_sha256) == tokenizer.fingerprint().ok()
@@ -187,7 +187,7 @@ fn cached_dataset(
             }
         }
     };
-    let target = moe_data::cache::cache_dir(&chosen, &root)?;
+    let target = moe_data::cache_dir(&chosen, &root)?;
     if !target.is_dir() {
         progress(&format!(
             "preparing {} into the data cache {} (once; later runs reuse it)",
