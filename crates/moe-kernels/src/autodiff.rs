@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Device, TensorMetadata};
 
-use super::{Gate, MoeBackend};
+use super::{ExpertFfnWeights, Gate, MoeBackend};
 
 /// Saved for attention's backward: the inputs and the attention probabilities.
 type AttentionState<B> = (
@@ -222,10 +222,10 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
 struct ExpertFfnBackward;
 
 impl<B: MoeBackend> Backward<B, 4> for ExpertFfnBackward {
-    /// The rows, the weights `[w1, w3, w2]`, the segment sizes and `[gate, up]`.
+    /// The rows, the weights, the segment sizes and `[gate, up]`.
     type State = (
         FloatTensor<B>,
-        [FloatTensor<B>; 3],
+        ExpertFfnWeights<FloatTensor<B>>,
         Vec<usize>,
         [FloatTensor<B>; 2],
     );
@@ -233,12 +233,12 @@ impl<B: MoeBackend> Backward<B, 4> for ExpertFfnBackward {
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let (x, weights, counts, pre_activations) = ops.state;
-        let (d_x, [d_w1, d_w3, d_w2]) =
-            B::expert_ffn_backward(x, weights, &counts, pre_activations, grad);
+        let (d_x, d_weights) = B::expert_ffn_backward(x, weights, &counts, pre_activations, grad);
+        // The parents' order: x, then the weights in `expert_ffn`'s order.
         register::<B, 4>(
             grads,
             ops.parents.map(|p| p.map(|node| node.id)),
-            [d_x, d_w1, d_w3, d_w2],
+            [d_x, d_weights.gate, d_weights.up, d_weights.down],
         );
     }
 }
@@ -524,11 +524,11 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
 
     fn expert_ffn(
         x: FloatTensor<Self>,
-        [w1, w3, w2]: [FloatTensor<Self>; 3],
+        weights: ExpertFfnWeights<FloatTensor<Self>>,
         counts: &[usize],
     ) -> FloatTensor<Self> {
-        let nodes = [&x, &w1, &w3, &w2].map(|t| t.node.clone());
-        let inner = [w1, w3, w2].map(|w| w.primitive);
+        let nodes = [&x, &weights.gate, &weights.up, &weights.down].map(|t| t.node.clone());
+        let inner = weights.map(|w| w.primitive);
         match ExpertFfnBackward
             .prepare::<C>(nodes)
             .compute_bound()

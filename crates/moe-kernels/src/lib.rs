@@ -6,7 +6,12 @@
 //! reference implementation built from tensor ops (used by ndarray and the CubeCL
 //! backends); burn's CPU backend `flex` overrides the kernels with fused row-parallel
 //! loops, and `Autodiff<B>` registers hand-written backward passes so training never
-//! records the dozen intermediate tensors of the decomposed forms.
+//! records the dozen intermediate tensors of the decomposed forms. The routing and token
+//! dispatch of the MoE layer are operations of the same kind.
+//!
+//! An operation `op` lives in: its group of [`MoeBackend`] methods, its function on
+//! tensors (crate root), `reference/op.rs`, `flex/op.rs` where flex has kernels for it,
+//! `cube/` (routing and dispatch), and its backward node in `autodiff.rs`.
 
 mod autodiff;
 #[cfg(feature = "cubecl")]
@@ -14,15 +19,15 @@ mod cube;
 #[cfg(feature = "flex")]
 mod flex;
 pub mod reference;
+mod tensor_ops;
 
-use burn::nn::Linear;
 use burn::tensor::Device;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor};
 
-use reference::float;
 use serde::{Deserialize, Serialize};
+
+pub use tensor_ops::*;
 
 /// How the router turns its logits into combine weights for the chosen experts.
 ///
@@ -82,55 +87,47 @@ pub struct AdamWStep {
     pub time: i32,
 }
 
+/// The stacked weights of the experts' SwiGLU FFN, by role (Mixtral's names in brackets):
+/// expert `e` computes `(silu(x gate[e]) * (x up[e])) down[e]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertFfnWeights<T> {
+    /// Gate projection `[E, d, f]` (Mixtral's `w1`), the input of the SiLU.
+    pub gate: T,
+    /// Up projection `[E, d, f]` (Mixtral's `w3`), multiplied by the activated gate.
+    pub up: T,
+    /// Down projection `[E, f, d]` (Mixtral's `w2`), back to the model width.
+    pub down: T,
+}
+
+impl<T> ExpertFfnWeights<T> {
+    /// The three weights, each through `f`.
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> ExpertFfnWeights<U> {
+        ExpertFfnWeights {
+            gate: f(self.gate),
+            up: f(self.up),
+            down: f(self.down),
+        }
+    }
+
+    /// The three weights by reference.
+    pub fn each_ref(&self) -> ExpertFfnWeights<&T> {
+        ExpertFfnWeights {
+            gate: &self.gate,
+            up: &self.up,
+            down: &self.down,
+        }
+    }
+}
+
 /// A backend with the model's fused operations.
 ///
-/// The `*_forward`/`*_backward` methods are kernels on plain tensors; `causal_attention`,
-/// `linear_cross_entropy` and the other methods without a suffix are the differentiable
-/// entry points, which `Autodiff` overrides to call the kernels of its inner backend.
+/// The methods come in groups, one per operation: the `*_forward`/`*_backward` kernels on
+/// plain tensors, then the differentiable entry point without a suffix (`swiglu`,
+/// `causal_attention`, ...), which `Autodiff` overrides to call the kernels of its inner
+/// backend. Every method has a tensor-op default (see [`reference`]): a backend overrides
+/// only the kernels it specialises.
 pub trait MoeBackend: Backend {
-    /// The output head and its loss in one: per-row cross-entropy of the logits
-    /// `x weight` (`x: [N, d]`, `weight: [d, V]`) against `targets: [N]`. Returns
-    /// `(nll, dlogits)`: the negative log-likelihoods `[N]` and
-    /// `softmax(x weight) - onehot(targets)`, `[N, V]`, the gradient of their sum with
-    /// respect to the logits, which is all the backward needs of them (so the logits
-    /// themselves are never kept).
-    fn linear_cross_entropy_forward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::linear_cross_entropy_forward::<Self>(x, weight, targets)
-    }
-
-    /// `(d_x, d_weight)` of the per-row NLL given its output gradient `grad: [N]`:
-    /// `d_x = diag(grad) dlogits weight^T`, `d_weight = (diag(grad) x)^T dlogits`.
-    fn linear_cross_entropy_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        dlogits: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::linear_cross_entropy_backward::<Self>(x, weight, dlogits, grad)
-    }
-
-    /// SwiGLU activation `silu(gate) * up`, elementwise over equal shapes.
-    fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        reference::swiglu_forward::<Self>(gate, up)
-    }
-
-    /// Gradients `(d_gate, d_up)` of [`MoeBackend::swiglu_forward`] given the output's.
-    fn swiglu_backward(
-        gate: FloatTensor<Self>,
-        up: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::swiglu_backward::<Self>(gate, up, grad)
-    }
-
-    /// Differentiable SwiGLU activation; see [`MoeBackend::swiglu_forward`].
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::swiglu_forward(gate, up)
-    }
+    // RMS normalisation.
 
     /// RMS normalisation of the rows of `x` (its last axis, `d`) scaled by `gamma: [d]`:
     /// `x / sqrt(mean(x^2) + epsilon) * gamma`, burn's `RmsNorm` in one pass.
@@ -156,6 +153,29 @@ pub trait MoeBackend: Backend {
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
         Self::rms_norm_forward(x, gamma, epsilon)
     }
+
+    // Linear layer.
+
+    /// A bias-free linear layer, `x: [rows, d_in]` times `w: [d_in, d_out]`.
+    fn linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::linear_forward::<Self>(x, w)
+    }
+
+    /// Gradients `(d_x, d_w)` of [`MoeBackend::linear_forward`].
+    fn linear_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::linear_backward::<Self>(x, w, grad)
+    }
+
+    /// Differentiable linear layer; see [`MoeBackend::linear_forward`].
+    fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::linear_forward(x, w)
+    }
+
+    // Rotary embedding.
 
     /// Rotary embedding of `x: [B, S, H, D]` (half-split layout) with `cos, sin: [S, D]`,
     /// returned head-major as `[B, H, S, D]`, ready for attention.
@@ -186,6 +206,8 @@ pub trait MoeBackend: Backend {
     ) -> FloatTensor<Self> {
         Self::rotary_forward(x, cos, sin)
     }
+
+    // Causal attention.
 
     /// Causal attention's forward kernel: `(output, probs)`, the attention output
     /// `[B, H, Sq, D]` and the probabilities `[B, H, Sq, Sk]` its backward needs.
@@ -219,15 +241,28 @@ pub trait MoeBackend: Backend {
         Self::causal_attention_forward(q, k, v).0
     }
 
-    /// Per-row negative log-likelihood of `targets: [N]` under the logits `x weight`
-    /// (`x: [N, d]`, `weight: [d, V]`), `[N]`.
-    fn linear_cross_entropy(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-    ) -> FloatTensor<Self> {
-        Self::linear_cross_entropy_forward(x, weight, targets).0
+    // SwiGLU activation.
+
+    /// SwiGLU activation `silu(gate) * up`, elementwise over equal shapes.
+    fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::swiglu_forward::<Self>(gate, up)
     }
+
+    /// Gradients `(d_gate, d_up)` of [`MoeBackend::swiglu_forward`] given the output's.
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::swiglu_backward::<Self>(gate, up, grad)
+    }
+
+    /// Differentiable SwiGLU activation; see [`MoeBackend::swiglu_forward`].
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::swiglu_forward(gate, up)
+    }
+
+    // Routing.
 
     /// Routing of `logits: [T, E]`: `(weights, experts)`, both `[T, k]`, the `top_k`
     /// experts of each token by score plus the selection-only `bias: [E]` (best first) and
@@ -262,6 +297,8 @@ pub trait MoeBackend: Backend {
     ) -> (FloatTensor<Self>, IntTensor<Self>) {
         Self::route_forward(logits, bias, gate, top_k)
     }
+
+    // Router losses.
 
     /// The router's loss terms and statistics in one: `[balance, z, entropy, max |logit|]`,
     /// `[4]`, of `logits: [T, E]` whose routing put `counts: [E]` assignments on each
@@ -299,6 +336,8 @@ pub trait MoeBackend: Backend {
         Self::router_losses_forward(logits, counts, gate, top_k)
     }
 
+    // Dispatch: the counting sort, the permute into the expert-major buffer and the combine back.
+
     /// Counting sort of the routed assignments `experts: [A]` (token-major, so stable in
     /// token order): `(slot, counts)`, each assignment's row in the expert-major buffer and
     /// the per-expert counts before dropping. See [`reference::dispatch::expert_slots`] for
@@ -330,6 +369,11 @@ pub trait MoeBackend: Backend {
         reference::dispatch::permute_backward::<Self>(grad, slot, tokens)
     }
 
+    /// Differentiable permute; see [`MoeBackend::permute_forward`]. Slots carry no gradient.
+    fn permute(x: FloatTensor<Self>, slot: IntTensor<Self>, rows: usize) -> FloatTensor<Self> {
+        Self::permute_forward(x, slot, rows)
+    }
+
     /// Weighted sum of each token's rows of `buffer: [rows, d]` with `weights: [T, k]`,
     /// back in token order, `[T, d]`; dropped assignments contribute zero.
     fn combine_forward(
@@ -350,19 +394,16 @@ pub trait MoeBackend: Backend {
         reference::dispatch::combine_backward::<Self>(buffer, slot, weights, grad)
     }
 
-    /// A bias-free linear layer, `x: [rows, d_in]` times `w: [d_in, d_out]`.
-    fn linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        reference::linear_forward::<Self>(x, w)
+    /// Differentiable combine; see [`MoeBackend::combine_forward`].
+    fn combine(
+        buffer: FloatTensor<Self>,
+        slot: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::combine_forward(buffer, slot, weights)
     }
 
-    /// Gradients `(d_x, d_w)` of [`MoeBackend::linear_forward`].
-    fn linear_backward(
-        x: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        reference::linear_backward::<Self>(x, w, grad)
-    }
+    // Grouped matmul.
 
     /// Grouped matmul: segment `e` of the packed rows `x: [rows, d_in]` (`counts[e]` rows)
     /// times `weights[e]` of `weights: [E, d_in, d_out]`, `[rows, d_out]`.
@@ -384,54 +425,89 @@ pub trait MoeBackend: Backend {
         reference::dispatch::grouped_matmul_backward::<Self>(x, weights, counts, grad)
     }
 
-    /// The experts' SwiGLU FFN over packed segments: segment `e` of `x: [rows, d]`
-    /// (`counts[e]` rows) through expert `e`, `swiglu(x w1[e], x w3[e]) w2[e]`, with
-    /// `weights = [w1, w3, w2]`: gate and up projections `[E, d, f]`, down projection
-    /// `[E, f, d]`. Returns the output `[rows, d]` and `[gate, up]`, the pre-activations
-    /// `x w1[e]` and `x w3[e]` (`[rows, f]`) that the backward reads. By default the
-    /// backend's grouped matmuls and SwiGLU one after another.
-    fn expert_ffn_forward(
+    /// Differentiable grouped matmul; see [`MoeBackend::grouped_matmul_forward`].
+    fn grouped_matmul(
         x: FloatTensor<Self>,
-        weights: [FloatTensor<Self>; 3],
+        weights: FloatTensor<Self>,
         counts: &[usize],
-    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 2]) {
-        reference::dispatch::expert_ffn_forward::<Self>(x, weights, counts)
+    ) -> FloatTensor<Self> {
+        Self::grouped_matmul_forward(x, weights, counts)
     }
 
-    /// Gradients `(d_x, [d_w1, d_w3, d_w2])` of [`MoeBackend::expert_ffn_forward`] given
-    /// its `[gate, up]` and the output's gradient.
+    // The experts' SwiGLU FFN.
+
+    /// The experts' SwiGLU FFN over packed segments: segment `e` of `x: [rows, d]`
+    /// (`counts[e]` rows) through expert `e`, `swiglu(x gate[e], x up[e]) down[e]` (see
+    /// [`ExpertFfnWeights`]). Returns the output `[rows, d]` and `[gate, up]`, the
+    /// pre-activations `x gate[e]` and `x up[e]` (`[rows, f]`) that the backward reads. By
+    /// default the backend's grouped matmuls and SwiGLU one after another.
+    fn expert_ffn_forward(
+        x: FloatTensor<Self>,
+        weights: ExpertFfnWeights<FloatTensor<Self>>,
+        counts: &[usize],
+    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 2]) {
+        reference::expert_ffn_forward::<Self>(x, weights, counts)
+    }
+
+    /// Gradients `(d_x, d_weights)` of [`MoeBackend::expert_ffn_forward`] given its
+    /// `[gate, up]` and the output's gradient.
     fn expert_ffn_backward(
         x: FloatTensor<Self>,
-        weights: [FloatTensor<Self>; 3],
+        weights: ExpertFfnWeights<FloatTensor<Self>>,
         counts: &[usize],
         pre_activations: [FloatTensor<Self>; 2],
         grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 3]) {
-        reference::dispatch::expert_ffn_backward::<Self>(x, weights, counts, pre_activations, grad)
+    ) -> (FloatTensor<Self>, ExpertFfnWeights<FloatTensor<Self>>) {
+        reference::expert_ffn_backward::<Self>(x, weights, counts, pre_activations, grad)
     }
 
     /// Differentiable experts' FFN; see [`MoeBackend::expert_ffn_forward`].
     fn expert_ffn(
         x: FloatTensor<Self>,
-        weights: [FloatTensor<Self>; 3],
+        weights: ExpertFfnWeights<FloatTensor<Self>>,
         counts: &[usize],
     ) -> FloatTensor<Self> {
         Self::expert_ffn_forward(x, weights, counts).0
     }
 
-    /// Differentiable permute; see [`MoeBackend::permute_forward`]. Slots carry no gradient.
-    fn permute(x: FloatTensor<Self>, slot: IntTensor<Self>, rows: usize) -> FloatTensor<Self> {
-        Self::permute_forward(x, slot, rows)
+    // Output head and loss.
+
+    /// The output head and its loss in one: per-row cross-entropy of the logits
+    /// `x weight` (`x: [N, d]`, `weight: [d, V]`) against `targets: [N]`. Returns
+    /// `(nll, dlogits)`: the negative log-likelihoods `[N]` and
+    /// `softmax(x weight) - onehot(targets)`, `[N, V]`, the gradient of their sum with
+    /// respect to the logits, which is all the backward needs of them (so the logits
+    /// themselves are never kept).
+    fn linear_cross_entropy_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::linear_cross_entropy_forward::<Self>(x, weight, targets)
     }
 
-    /// Differentiable combine; see [`MoeBackend::combine_forward`].
-    fn combine(
-        buffer: FloatTensor<Self>,
-        slot: IntTensor<Self>,
-        weights: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        Self::combine_forward(buffer, slot, weights)
+    /// `(d_x, d_weight)` of the per-row NLL given its output gradient `grad: [N]`:
+    /// `d_x = diag(grad) dlogits weight^T`, `d_weight = (diag(grad) x)^T dlogits`.
+    fn linear_cross_entropy_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        dlogits: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference::linear_cross_entropy_backward::<Self>(x, weight, dlogits, grad)
     }
+
+    /// Per-row negative log-likelihood of `targets: [N]` under the logits `x weight`
+    /// (`x: [N, d]`, `weight: [d, V]`), `[N]`.
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::linear_cross_entropy_forward(x, weight, targets).0
+    }
+
+    // Optimiser.
 
     /// One AdamW step of `param` given its gradient and moments (zeros before the first
     /// step): the new `(param, moment_1, moment_2)`, each shaped like `param`. With
@@ -447,6 +523,8 @@ pub trait MoeBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         reference::adamw_step::<Self>(param, grad, moment_1, moment_2, step)
     }
+
+    // Devices, KV cache and threads (not differentiable except `transfer`).
 
     /// Copies `x` to `device` (expert placement sends tokens to their expert's device and
     /// back). The backend's own `float_to_device`, except where that cannot cross devices.
@@ -481,20 +559,6 @@ pub trait MoeBackend: Backend {
     /// see [`run_serial`]. By default, on this thread.
     fn run_serial<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         work()
-    }
-
-    /// Differentiable linear layer; see [`MoeBackend::linear_forward`].
-    fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::linear_forward(x, w)
-    }
-
-    /// Differentiable grouped matmul; see [`MoeBackend::grouped_matmul_forward`].
-    fn grouped_matmul(
-        x: FloatTensor<Self>,
-        weights: FloatTensor<Self>,
-        counts: &[usize],
-    ) -> FloatTensor<Self> {
-        Self::grouped_matmul_forward(x, weights, counts)
     }
 }
 
@@ -536,225 +600,4 @@ where
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
 {
-}
-
-/// Causal attention of `q: [B, H, Sq, D]` over `k, v: [B, H, Sk, D]`; see
-/// [`MoeBackend::causal_attention`].
-pub fn causal_attention<B: MoeBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    float(B::causal_attention(
-        q.into_primitive().tensor(),
-        k.into_primitive().tensor(),
-        v.into_primitive().tensor(),
-    ))
-}
-
-/// `silu(gate) * up`; see [`MoeBackend::swiglu_forward`].
-pub fn swiglu<B: MoeBackend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
-    float(B::swiglu(
-        gate.into_primitive().tensor(),
-        up.into_primitive().tensor(),
-    ))
-}
-
-/// RMS normalisation of the last axis of `x`, scaled by `gamma`; see
-/// [`MoeBackend::rms_norm_forward`].
-pub fn rms_norm<B: MoeBackend, const D: usize>(
-    x: Tensor<B, D>,
-    gamma: Tensor<B, 1>,
-    epsilon: f64,
-) -> Tensor<B, D> {
-    float(B::rms_norm(
-        x.into_primitive().tensor(),
-        gamma.into_primitive().tensor(),
-        epsilon,
-    ))
-}
-
-/// Rotary embedding of `x: [B, S, H, D]`, returned as `[B, H, S, D]`; see
-/// [`MoeBackend::rotary_forward`].
-pub fn rotary<B: MoeBackend>(
-    x: Tensor<B, 4>,
-    cos: Tensor<B, 2>,
-    sin: Tensor<B, 2>,
-) -> Tensor<B, 4> {
-    float(B::rotary(
-        x.into_primitive().tensor(),
-        cos.into_primitive().tensor(),
-        sin.into_primitive().tensor(),
-    ))
-}
-
-/// `(weights, experts)`, both `[T, k]`, of the router `logits: [T, E]`; see
-/// [`MoeBackend::route_forward`].
-pub fn route<B: MoeBackend>(
-    logits: Tensor<B, 2>,
-    bias: Tensor<B, 1>,
-    gate: Gate,
-    top_k: usize,
-) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
-    let (weights, experts) = B::route(
-        logits.into_primitive().tensor(),
-        bias.into_primitive().tensor(),
-        gate,
-        top_k,
-    );
-    (float(weights), Tensor::from_primitive(experts))
-}
-
-/// The router's `[balance, z, entropy, max |logit|]` from its `logits: [T, E]` and the
-/// per-expert assignment `counts: [E]`; see [`MoeBackend::router_losses_forward`].
-pub fn router_losses<B: MoeBackend>(
-    logits: Tensor<B, 2>,
-    counts: Tensor<B, 1, Int>,
-    gate: Gate,
-    top_k: usize,
-) -> Tensor<B, 1> {
-    float(B::router_losses(
-        logits.into_primitive().tensor(),
-        counts.into_primitive(),
-        gate,
-        top_k,
-    ))
-}
-
-/// `(slot, counts)` of the routed assignments `experts: [A]`; see
-/// [`MoeBackend::expert_slots`].
-pub fn expert_slots<B: MoeBackend>(
-    experts: Tensor<B, 1, Int>,
-    n_experts: usize,
-    capacity: Option<usize>,
-) -> (Tensor<B, 1, Int>, Tensor<B, 1, Int>) {
-    let (slot, counts) = B::expert_slots(experts.into_primitive(), n_experts, capacity);
-    (Tensor::from_primitive(slot), Tensor::from_primitive(counts))
-}
-
-/// Token rows `x: [T, d]` gathered into the expert-major buffer `[rows, d]`; see
-/// [`MoeBackend::permute_forward`].
-pub fn permute<B: MoeBackend>(
-    x: Tensor<B, 2>,
-    slot: Tensor<B, 1, Int>,
-    rows: usize,
-) -> Tensor<B, 2> {
-    float(B::permute(
-        x.into_primitive().tensor(),
-        slot.into_primitive(),
-        rows,
-    ))
-}
-
-/// Weighted sum of each token's expert outputs back in token order, `[T, d]`; see
-/// [`MoeBackend::combine_forward`].
-pub fn combine<B: MoeBackend>(
-    buffer: Tensor<B, 2>,
-    slot: Tensor<B, 1, Int>,
-    weights: Tensor<B, 2>,
-) -> Tensor<B, 2> {
-    float(B::combine(
-        buffer.into_primitive().tensor(),
-        slot.into_primitive(),
-        weights.into_primitive().tensor(),
-    ))
-}
-
-/// `layer` applied to the last dimension of `x`; see [`MoeBackend::linear_forward`]. The
-/// same result as `layer.forward(x)`, through the backend's own kernel where it has one.
-pub fn linear<B: MoeBackend, const D: usize>(x: Tensor<B, D>, layer: &Linear<B>) -> Tensor<B, D> {
-    let dims = x.dims();
-    let d_in = dims[D - 1];
-    let rows = dims[..D - 1].iter().product();
-    let weight = layer.weight.val();
-    let d_out = weight.dims()[1];
-    let out: Tensor<B, 2> = float(<B as MoeBackend>::linear(
-        x.reshape([rows, d_in]).into_primitive().tensor(),
-        weight.into_primitive().tensor(),
-    ));
-    let mut out_dims = dims;
-    out_dims[D - 1] = d_out;
-    let out = out.reshape(out_dims);
-    match &layer.bias {
-        Some(bias) => out + bias.val().unsqueeze(),
-        None => out,
-    }
-}
-
-/// Segment `e` of the packed rows `x` times `weights[e]`; see
-/// [`MoeBackend::grouped_matmul_forward`].
-pub fn grouped_matmul<B: MoeBackend>(
-    x: Tensor<B, 2>,
-    weights: Tensor<B, 3>,
-    counts: &[usize],
-) -> Tensor<B, 2> {
-    float(B::grouped_matmul(
-        x.into_primitive().tensor(),
-        weights.into_primitive().tensor(),
-        counts,
-    ))
-}
-
-/// The experts' SwiGLU FFN over the packed rows `x` with `weights = [w1, w3, w2]`; see
-/// [`MoeBackend::expert_ffn_forward`].
-pub fn expert_ffn<B: MoeBackend>(
-    x: Tensor<B, 2>,
-    [w1, w3, w2]: [Tensor<B, 3>; 3],
-    counts: &[usize],
-) -> Tensor<B, 2> {
-    let weights = [w1, w3, w2].map(|w| w.into_primitive().tensor());
-    float(B::expert_ffn(x.into_primitive().tensor(), weights, counts))
-}
-
-/// Runs `work`, a long run of tensor operations on one thread (a training loop, a
-/// generation), where backend `B` executes them fastest. On flex that is a thread of
-/// rayon's pool: each parallel kernel then splits its work with the calling thread instead
-/// of handing it to the pool and sleeping until it is done, and idle pool threads do not
-/// spin beside the caller on a machine with few cores (a training step measured 3349 ->
-/// 3871 tokens/s on 2 cores). `work` must not block waiting on other threads' tensor
-/// work: it holds one of the pool's threads while it runs.
-pub fn run_compute<B: MoeBackend, R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    B::run_compute(work)
-}
-
-/// Runs `work`, tensor operations each too small to be worth splitting over threads (a
-/// decoding step of a few tokens), on one thread of backend `B`. On flex, a pool of one
-/// thread: every kernel and matmul inside then runs serially, where handing half of
-/// each to a sleeping thread costs more than it saves.
-pub fn run_serial<B: MoeBackend, R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    B::run_serial(work)
-}
-
-/// `buffer` (`[B, H, L, D]`) with positions `start..start + S` of its third dimension
-/// replaced by `values` (`[B, H, S, D]`), in place where the backend can; see
-/// [`MoeBackend::write_positions`].
-pub fn write_positions<B: MoeBackend>(
-    buffer: Tensor<B, 4>,
-    values: Tensor<B, 4>,
-    start: usize,
-) -> Tensor<B, 4> {
-    let [buffer, values] = [buffer, values].map(|t| t.into_primitive().tensor());
-    float(B::write_positions(buffer, values, start))
-}
-
-/// `x` copied to `device`, differentiably; see [`MoeBackend::transfer_forward`].
-pub fn transfer<B: MoeBackend, const D: usize>(
-    x: Tensor<B, D>,
-    device: &Device<B>,
-) -> Tensor<B, D> {
-    float(B::transfer(x.into_primitive().tensor(), device))
-}
-
-/// Negative log-likelihood of each row's target under the logits `x weight`, `[N]`; see
-/// [`MoeBackend::linear_cross_entropy_forward`].
-pub fn linear_cross_entropy<B: MoeBackend>(
-    x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
-) -> Tensor<B, 1> {
-    float(B::linear_cross_entropy(
-        x.into_primitive().tensor(),
-        weight.into_primitive().tensor(),
-        targets.into_primitive(),
-    ))
 }

@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::dispatch::BufferLayout;
-use moe_kernels::{MoeBackend, expert_ffn, linear, swiglu, transfer};
+use moe_kernels::{ExpertFfnWeights, MoeBackend, expert_ffn, linear, swiglu, transfer};
 
 /// Dense SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases.
 #[derive(Module, Debug)]
@@ -78,7 +78,12 @@ impl<B: Backend> ExpertWeights<B> {
                 swiglu_ffn(x, self.w1.val(), self.w3.val(), self.w2.val()).reshape([rows, d])
             }
             BufferLayout::Packed { counts } => {
-                expert_ffn(x, [self.w1.val(), self.w3.val(), self.w2.val()], counts)
+                let weights = ExpertFfnWeights {
+                    gate: self.w1.val(),
+                    up: self.w3.val(),
+                    down: self.w2.val(),
+                };
+                expert_ffn(x, weights, counts)
             }
         }
     }

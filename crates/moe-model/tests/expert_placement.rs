@@ -40,7 +40,7 @@ fn weights_of<B: burn::tensor::backend::Backend>(shard: &ExpertWeights<B>) -> [T
     [shard.w1.val(), shard.w2.val(), shard.w3.val()]
 }
 
-pub fn placed_layer_matches_one_device<B: AutodiffBackend + MoeBackend>(devices: &[B::Device]) {
+fn placed_layer_matches_one_device<B: AutodiffBackend + MoeBackend>(devices: &[B::Device]) {
     let home = &devices[0];
     let (tokens, d) = (13, 6);
     let dropless = moe_config(4, 2, 5);
@@ -157,9 +157,7 @@ pub fn placed_layer_matches_one_device<B: AutodiffBackend + MoeBackend>(devices:
 
 /// A placed layer records the stacked weights and ids of the one-device layer, and loading
 /// a record into a placed layer keeps the placement.
-pub fn placement_does_not_change_the_record<B: AutodiffBackend + MoeBackend>(
-    devices: &[B::Device],
-) {
+fn placement_does_not_change_the_record<B: AutodiffBackend + MoeBackend>(devices: &[B::Device]) {
     let home = &devices[0];
     let layer = layer_with_bias::<B>(4, &moe_config(4, 2, 3), None, home);
     let mut placed = layer.clone();

@@ -52,10 +52,10 @@ fn naive_output<B: MoeBackend>(layer: &MoeLayer<B>, x: Tensor<B, 2>) -> Vec<f64>
     out
 }
 
-pub fn dropless_matches_naive<B: MoeBackend>(device: &B::Device) {
+fn dropless_matches_naive<B: MoeBackend>(device: &B::Device) {
     let tol = matmul_tol::<B>(device, 1e-5);
     for (tokens, d, experts, k) in [(13, 6, 4, 2), (7, 5, 1, 1), (33, 8, 8, 4), (5, 4, 64, 2)] {
-        for router in GATES {
+        for router in gates() {
             let config = MoeConfig {
                 router,
                 ..moe_config(experts, k, 12)
@@ -97,9 +97,9 @@ fn top_k(row: &[f64], k: usize) -> Vec<usize> {
     idx
 }
 
-pub fn router_weights_follow_their_rule<B: MoeBackend>(device: &B::Device) {
+fn router_weights_follow_their_rule<B: MoeBackend>(device: &B::Device) {
     let (tokens, d, experts, k) = (9, 6, 5, 2);
-    for router in GATES {
+    for router in gates() {
         let config = MoeConfig {
             router,
             ..moe_config(experts, k, 4)
@@ -159,7 +159,7 @@ fn floats<B: Backend>(values: &[f32], shape: [usize; 2], device: &B::Device) -> 
     Tensor::<B, 1>::from_floats(values, device).reshape(shape)
 }
 
-pub fn capacity_drops_by_position_and_probability<B: MoeBackend>(device: &B::Device) {
+fn capacity_drops_by_position_and_probability<B: MoeBackend>(device: &B::Device) {
     // 4 tokens, k = 2, 4 experts; expert 0 gets four assignments, expert 2 none... no: expert 2 one.
     // Assignment a = t * 2 + j.
     let experts = [0, 1, 0, 3, 0, 1, 3, 0];
@@ -225,7 +225,7 @@ pub fn capacity_drops_by_position_and_probability<B: MoeBackend>(device: &B::Dev
     assert_eq!(host(y), vec![10.0, 20.0, 0.0, 0.0, 0.0, 0.0]);
 }
 
-pub fn all_tokens_to_one_expert<B: MoeBackend>(device: &B::Device) {
+fn all_tokens_to_one_expert<B: MoeBackend>(device: &B::Device) {
     // A router whose gate sends every token to expert 2 (zero weights, biased by input sign).
     let (tokens, d, experts) = (10, 4, 4);
     let config = MoeConfig {
@@ -290,7 +290,7 @@ pub fn all_tokens_to_one_expert<B: MoeBackend>(device: &B::Device) {
     );
 }
 
-pub fn losses_match_hand_computed<B: Backend>(device: &B::Device) {
+fn losses_match_hand_computed<B: Backend>(device: &B::Device) {
     // Balanced: uniform probabilities and equal counts give exactly 1.
     let probs = Tensor::<B, 2>::full([8, 4], 0.25, device);
     let counts = Tensor::<B, 1, Int>::from_ints([4, 4, 4, 4], device);
@@ -334,7 +334,12 @@ fn probe_loss<B: MoeBackend>(
     (out.output * probe).sum() + out.balance_loss * 0.1 + out.z_loss * 0.1
 }
 
-pub fn gradients_reach_router_experts_and_gates<B: AutodiffBackend + MoeBackend>(
+/// Gradients reach the router, every expert weight and the gates, through autodiff on `B`.
+fn gradients_reach_router_experts_and_gates<B: MoeBackend>(device: &B::Device) {
+    gradients_reach_router_experts_and_gates_on::<burn::backend::Autodiff<B>>(device);
+}
+
+fn gradients_reach_router_experts_and_gates_on<B: AutodiffBackend + MoeBackend>(
     device: &B::Device,
 ) {
     let (tokens, d) = (6, 4);
@@ -362,48 +367,14 @@ pub fn gradients_reach_router_experts_and_gates<B: AutodiffBackend + MoeBackend>
     );
 }
 
-macro_rules! backend_tests {
-    ($name:ident, $backend:ty) => {
-        mod $name {
-            type B = $backend;
-            fn device() -> burn::tensor::Device<B> {
-                Default::default()
-            }
-            #[test]
-            fn dropless_matches_naive() {
-                super::dropless_matches_naive::<B>(&device());
-            }
-            #[test]
-            fn router_weights_follow_their_rule() {
-                super::router_weights_follow_their_rule::<B>(&device());
-            }
-            #[test]
-            fn capacity_drops_by_position_and_probability() {
-                super::capacity_drops_by_position_and_probability::<B>(&device());
-            }
-            #[test]
-            fn all_tokens_to_one_expert() {
-                super::all_tokens_to_one_expert::<B>(&device());
-            }
-            #[test]
-            fn losses_match_hand_computed() {
-                super::losses_match_hand_computed::<B>(&device());
-            }
-            #[test]
-            fn gradients_reach_router_experts_and_gates() {
-                super::gradients_reach_router_experts_and_gates::<burn::backend::Autodiff<B>>(
-                    &device(),
-                );
-            }
-        }
-    };
-}
-
-backend_tests!(flex, burn::backend::Flex);
-backend_tests!(ndarray, burn::backend::NdArray);
-backend_tests!(wgpu, burn::backend::Wgpu);
-#[cfg(feature = "cuda")]
-backend_tests!(cuda, burn::backend::Cuda);
+backend_tests!(
+    dropless_matches_naive,
+    router_weights_follow_their_rule,
+    capacity_drops_by_position_and_probability,
+    all_tokens_to_one_expert,
+    losses_match_hand_computed,
+    gradients_reach_router_experts_and_gates,
+);
 
 /// Central finite differences against autodiff for entries of the router and expert weights
 /// (step 1e-3: some burn ops evaluate in f32 precision even on an f64 backend).

@@ -1,8 +1,8 @@
 //! The dispatch pipeline as CubeCL kernels for every CubeCL backend (wgpu, CUDA): routing
 //! (scores, top-k, weights), counting sort, permute and combine (rows moved in vectors),
 //! forward and backward. The grouped matmul runs burn's own (autotuned) matmul once per
-//! non-empty segment, each writing its rows of one shared output in place (a first
-//! shared-memory tiled kernel was ten times slower than that). The other fused operations
+//! non-empty segment, each writing its rows of one shared output in place (faster than a
+//! shared-memory tiled kernel of our own). The other fused operations
 //! keep the tensor-op reference here, and so does dispatch inside
 //! [`with_reference_dispatch`](crate::with_reference_dispatch).
 

@@ -9,8 +9,115 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::Shape;
+use burn::tensor::ops::FloatTensorOps;
+
+use super::layout::{f32_rows, heads, tensor};
 use super::matmul::{Matrix, scaled_matmul_into};
-use super::{assume_init, dot, exp, max_of, sum_of, vectorized, write_row, written, written_pair};
+use super::output::{assume_init, write_row, written, written_pair};
+use super::simd::{dot, exp, max_of, sum_of, vectorized};
+use crate::reference;
+
+/// [`crate::MoeBackend::causal_attention_forward`] on f32 tensors.
+pub(super) fn causal_attention_forward(
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let (Some(q_heads), Some(k_heads), Some(v_heads)) = (heads(&q), heads(&k), heads(&v)) else {
+        return reference::causal_attention_forward::<Flex>(q, k, v);
+    };
+    let dims = attention_dims(&q_heads, &k_heads);
+    let (output, probs) = forward(q_heads, k_heads, v_heads, dims);
+    let [b, h, queries, _] = q_heads.shape;
+    (
+        heads_interleaved(output, q_heads.shape),
+        tensor(probs, Shape::new([b, h, queries, dims.keys])),
+    )
+}
+
+/// [`crate::MoeBackend::causal_attention_backward`] on f32 tensors.
+pub(super) fn causal_attention_backward(
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    probs: FlexTensor,
+    grad: FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let (Some(q_heads), Some(k_heads), Some(v_heads), Some(p_rows), Some(g_heads)) = (
+        heads(&q),
+        heads(&k),
+        heads(&v),
+        f32_rows(&probs),
+        heads(&grad),
+    ) else {
+        return reference::causal_attention_backward::<Flex>(q, k, v, probs, grad);
+    };
+    let dims = attention_dims(&q_heads, &k_heads);
+    let (dq, dk, dv) = backward(q_heads, k_heads, v_heads, &p_rows, g_heads, dims);
+    (
+        laid_out_like(dq, &q_heads),
+        laid_out_like(dk, &k_heads),
+        laid_out_like(dv, &v_heads),
+    )
+}
+
+/// The attention sizes of `q: [B, H, Sq, D]` and `k: [B, H, Sk, D]`.
+fn attention_dims(q: &Heads, k: &Heads) -> Dims {
+    let [b, h, queries, head_dim] = q.shape;
+    Dims {
+        heads: b * h,
+        queries,
+        keys: k.shape[2],
+        head_dim,
+    }
+}
+
+/// Row-major `[B, H, S, D]` values as a `[B, H, S, D]` tensor whose memory is laid out
+/// `[B, S, H, D]` (dims 1 and 2 of a contiguous tensor swapped): attention's output in the
+/// layout the model reads it, heads side by side per position, so that its swap back and
+/// reshape copy nothing. Our permutation is one parallel pass of row copies; flex's
+/// strided copy of the same is much slower.
+fn heads_interleaved(values: Vec<f32>, [b, h, s, d]: [usize; 4]) -> FlexTensor {
+    // SAFETY: each sequence's `s * h` rows of `d` are all copied: position `p` of head
+    // `head` to row `p * h + head`.
+    let output = unsafe {
+        written(values.len(), |output| {
+            if output.is_empty() {
+                return;
+            }
+            output
+                .par_chunks_mut(s * h * d)
+                .zip(values.par_chunks(h * s * d))
+                .for_each(|(output, values)| {
+                    for (head, rows) in values.chunks(s * d).enumerate() {
+                        for (position, row) in rows.chunks(d).enumerate() {
+                            write_row(
+                                &mut output[(position * h + head) * d..][..d],
+                                row.iter().copied(),
+                            );
+                        }
+                    }
+                });
+        })
+    };
+    Flex::float_swap_dims(tensor(output, Shape::new([b, s, h, d])), 1, 2)
+}
+
+/// Row-major `[B, H, S, D]` gradient values as a tensor laid out like their input
+/// `like`: heads interleaved ([`heads_interleaved`]) when the input is a view of that
+/// layout (the model's values), so the gradient flows back through its swap and reshape
+/// without a copy; contiguous otherwise.
+fn laid_out_like(values: Vec<f32>, like: &Heads) -> FlexTensor {
+    let [_, h, s, d] = like.shape;
+    if like.strides == [s * h * d, d, h * d, 1] && h > 1 && s > 1 {
+        heads_interleaved(values, like.shape)
+    } else {
+        tensor(values, Shape::new(like.shape))
+    }
+}
 
 /// Queries per block: the scores of a block stay in cache between the products.
 const QUERY_BLOCK: usize = 64;

@@ -10,12 +10,135 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{Shape, TensorMetadata};
+
+use super::layout::{dispatch_rows, f32_rows, indices, int_tensor, packed_rows, tensor};
 use super::matmul::{Matrix, matmul_into};
-use super::{par_rows, write_row, written};
+use super::output::{par_rows, write_row, written};
+use super::simd::dot;
+use crate::{reference, reference_dispatch};
+
+/// [`crate::MoeBackend::expert_slots`] on f32 rows and integer slots.
+pub(super) fn expert_slots(
+    experts: FlexTensor,
+    n_experts: usize,
+    capacity: Option<usize>,
+) -> (FlexTensor, FlexTensor) {
+    let dtype = experts.dtype();
+    let slots = (!reference_dispatch())
+        .then(|| indices(&experts))
+        .flatten()
+        .and_then(|assigned| count_slots(&assigned, n_experts, capacity));
+    match slots {
+        Some((slot, counts)) => (int_tensor(&slot, dtype), int_tensor(&counts, dtype)),
+        None => reference::dispatch::expert_slots::<Flex>(experts, n_experts, capacity),
+    }
+}
+
+/// [`crate::MoeBackend::permute_forward`] on f32 rows and integer slots.
+pub(super) fn permute_forward(x: FlexTensor, slot: FlexTensor, rows: usize) -> FlexTensor {
+    let d = x.shape()[1];
+    match (dispatch_rows(&x), indices(&slot)) {
+        (Some(values), Some(slot)) => tensor(
+            scatter_rows(&values, d, &slot, None, rows),
+            Shape::new([rows, d]),
+        ),
+        _ => reference::dispatch::permute_forward::<Flex>(x, slot, rows),
+    }
+}
+
+/// [`crate::MoeBackend::permute_backward`] on f32 rows and integer slots.
+pub(super) fn permute_backward(grad: FlexTensor, slot: FlexTensor, tokens: usize) -> FlexTensor {
+    let d = grad.shape()[1];
+    match (dispatch_rows(&grad), indices(&slot)) {
+        (Some(values), Some(slot)) => tensor(
+            gather_rows(&values, d, &slot, None, tokens),
+            Shape::new([tokens, d]),
+        ),
+        _ => reference::dispatch::permute_backward::<Flex>(grad, slot, tokens),
+    }
+}
+
+/// [`crate::MoeBackend::combine_forward`] on f32 rows and integer slots.
+pub(super) fn combine_forward(
+    buffer: FlexTensor,
+    slot: FlexTensor,
+    weights: FlexTensor,
+) -> FlexTensor {
+    let (d, tokens) = (buffer.shape()[1], weights.shape()[0]);
+    match (dispatch_rows(&buffer), indices(&slot), f32_rows(&weights)) {
+        (Some(values), Some(slot), Some(w)) => tensor(
+            gather_rows(&values, d, &slot, Some(&w), tokens),
+            Shape::new([tokens, d]),
+        ),
+        _ => reference::dispatch::combine_forward::<Flex>(buffer, slot, weights),
+    }
+}
+
+/// [`crate::MoeBackend::combine_backward`] on f32 rows and integer slots.
+pub(super) fn combine_backward(
+    buffer: FlexTensor,
+    slot: FlexTensor,
+    weights: FlexTensor,
+    grad: FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let [rows, d] = buffer.shape().dims::<2>();
+    let inputs = (
+        dispatch_rows(&buffer),
+        indices(&slot),
+        f32_rows(&weights),
+        f32_rows(&grad),
+    );
+    let (Some(values), Some(slot_host), Some(w), Some(g)) = inputs else {
+        return reference::dispatch::combine_backward::<Flex>(buffer, slot, weights, grad);
+    };
+    (
+        tensor(
+            scatter_rows(&g, d, &slot_host, Some(&w), rows),
+            Shape::new([rows, d]),
+        ),
+        tensor(slot_dot(&values, &g, d, &slot_host), weights.shape()),
+    )
+}
+
+/// [`crate::MoeBackend::grouped_matmul_forward`] on f32 rows and integer slots.
+pub(super) fn grouped_matmul_forward(
+    x: FlexTensor,
+    weights: FlexTensor,
+    counts: &[usize],
+) -> FlexTensor {
+    let [rows, d_in] = x.shape().dims::<2>();
+    let d_out = weights.shape()[2];
+    match (packed_rows(&x, counts), f32_rows(&weights)) {
+        (Some(values), Some(w)) => tensor(
+            grouped_matmul(&values, &w, counts, d_in, d_out),
+            Shape::new([rows, d_out]),
+        ),
+        _ => reference::dispatch::grouped_matmul_forward::<Flex>(x, weights, counts),
+    }
+}
+
+/// [`crate::MoeBackend::grouped_matmul_backward`] on f32 rows and integer slots.
+pub(super) fn grouped_matmul_backward(
+    x: FlexTensor,
+    weights: FlexTensor,
+    counts: &[usize],
+    grad: FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let [_, d_in, d_out] = weights.shape().dims::<3>();
+    let inputs = (packed_rows(&x, counts), f32_rows(&weights), f32_rows(&grad));
+    let (Some(values), Some(w), Some(g)) = inputs else {
+        return reference::dispatch::grouped_matmul_backward::<Flex>(x, weights, counts, grad);
+    };
+    let (d_x, d_w) = grouped_matmul_grads(&values, &w, counts, &g, d_in, d_out);
+    (tensor(d_x, x.shape()), tensor(d_w, weights.shape()))
+}
 
 /// Output rows per rayon task of a grouped matmul: enough that `gemm` packs each expert's
-/// weight few times and runs few edge blocks (256 beat 128 in 10 of 11 paired MoE steps),
-/// few enough to spread one expert's segment over the cores.
+/// weight few times and runs few edge blocks, few enough to spread one expert's segment
+/// over the cores.
 pub(super) const MATMUL_BLOCK_ROWS: usize = 256;
 
 /// `(slot, counts)` of the assignments `experts` (token-major): the reference's
@@ -23,7 +146,7 @@ pub(super) const MATMUL_BLOCK_ROWS: usize = 256;
 /// sums. With a capacity, expert `e`'s `r`-th assignment takes row `e * capacity + r`,
 /// or the trash row `n_experts * capacity` once `r` reaches the capacity; dropless, row
 /// `offset[e] + r` of the packed buffer. `None` if an assignment names no expert.
-pub fn expert_slots(
+pub fn count_slots(
     experts: &[usize],
     n_experts: usize,
     capacity: Option<usize>,
@@ -130,7 +253,7 @@ pub fn slot_dot(buffer: &[f32], grad: &[f32], d: usize, slot: &[usize]) -> Vec<f
                 return 0.0;
             }
             let token = a / top_k;
-            super::dot(
+            dot(
                 &buffer[row * d..(row + 1) * d],
                 &grad[token * d..(token + 1) * d],
             )
@@ -155,7 +278,7 @@ pub fn grouped_matmul(
 
 /// Gradients `(d_x, d_w)` of [`grouped_matmul`] given the output's `grad: [rows, d_out]`:
 /// `d_x = grad w[e]^T` per segment and `d_w[e] = x_e^T grad_e` (zero for empty experts).
-pub fn grouped_matmul_backward(
+pub fn grouped_matmul_grads(
     x: &[f32],
     w: &[f32],
     counts: &[usize],
@@ -334,7 +457,7 @@ mod tests {
         let w = values(counts.len() * d_in * d_out, 2);
         let grad = values(rows * d_out, 3);
         let out = grouped_matmul(&x, &w, &counts, d_in, d_out);
-        let (d_x, d_w) = grouped_matmul_backward(&x, &w, &counts, &grad, d_in, d_out);
+        let (d_x, d_w) = grouped_matmul_grads(&x, &w, &counts, &grad, d_in, d_out);
         let starts = starts(&counts);
         for (e, &count) in counts.iter().enumerate() {
             let (x_e, grad_e) = (

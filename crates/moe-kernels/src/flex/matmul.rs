@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::written;
+use super::output::written;
 
 /// A strided matrix view of an f32 slice: element `(i, j)` at
 /// `offset + i * row_stride + j * column_stride`.

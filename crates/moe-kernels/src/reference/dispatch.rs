@@ -1,7 +1,6 @@
 //! Token dispatch written as tensor ops: the counting sort of assignments by expert, the
 //! permute into the expert-major buffer, the weighted combine back, and the grouped matmul
-//! over packed expert segments, with their gradients; the experts' SwiGLU FFN composed of
-//! a backend's grouped matmuls and activation.
+//! over packed expert segments, with their gradients.
 //!
 //! Assignments are flattened token-major (`a = t * k + j`), so ranking in assignment
 //! order is stable in token order. A `slot` of `rows` or more marks a dropped assignment.
@@ -11,7 +10,6 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
 use super::{float, int};
-use crate::MoeBackend;
 
 /// `(slot, counts)` of the assignments `experts: [A]`: each one's row in the expert-major
 /// buffer and the per-expert counts before dropping, `[E]`.
@@ -208,36 +206,6 @@ pub fn grouped_matmul_backward<B: Backend>(
         concat_rows(d_x, d_in, &device).into_primitive().tensor(),
         Tensor::cat(d_w, 0).into_primitive().tensor(),
     )
-}
-
-/// `(out, [gate, up])` of the experts' SwiGLU FFN over packed segments (see
-/// [`MoeBackend::expert_ffn_forward`]), from `B`'s grouped matmul and SwiGLU operations.
-pub fn expert_ffn_forward<B: MoeBackend>(
-    x: FloatTensor<B>,
-    [w1, w3, w2]: [FloatTensor<B>; 3],
-    counts: &[usize],
-) -> (FloatTensor<B>, [FloatTensor<B>; 2]) {
-    let gate = B::grouped_matmul_forward(x.clone(), w1, counts);
-    let up = B::grouped_matmul_forward(x, w3, counts);
-    let hidden = B::swiglu_forward(gate.clone(), up.clone());
-    (B::grouped_matmul_forward(hidden, w2, counts), [gate, up])
-}
-
-/// `(d_x, [d_w1, d_w3, d_w2])` of [`expert_ffn_forward`] given its `gate` and `up` and the
-/// output's gradient, from `B`'s grouped matmul and SwiGLU operations.
-pub fn expert_ffn_backward<B: MoeBackend>(
-    x: FloatTensor<B>,
-    [w1, w3, w2]: [FloatTensor<B>; 3],
-    counts: &[usize],
-    [gate, up]: [FloatTensor<B>; 2],
-    grad: FloatTensor<B>,
-) -> (FloatTensor<B>, [FloatTensor<B>; 3]) {
-    let hidden = B::swiglu_forward(gate.clone(), up.clone());
-    let (d_hidden, d_w2) = B::grouped_matmul_backward(hidden, w2, counts, grad);
-    let (d_gate, d_up) = B::swiglu_backward(gate, up, d_hidden);
-    let (d_x_gate, d_w1) = B::grouped_matmul_backward(x.clone(), w1, counts, d_gate);
-    let (d_x_up, d_w3) = B::grouped_matmul_backward(x, w3, counts, d_up);
-    (B::float_add(d_x_gate, d_x_up), [d_w1, d_w3, d_w2])
 }
 
 /// Expert `e`'s matrix `[d_in, d_out]` of the stacked `weights: [E, d_in, d_out]`, as a

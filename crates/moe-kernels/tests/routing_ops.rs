@@ -9,10 +9,10 @@ mod common;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
-use common::{GATES, assert_close, host, host_int, tensor};
-use moe_model::MoeBackend;
-use moe_model::ops::{
-    self, Gate, reference::router_losses as losses_reference, reference::routing as reference,
+use common::{assert_close, backend_tests, gates, host, host_int, tensor};
+use moe_kernels::{
+    self as ops, Gate, MoeBackend, reference::router_losses as losses_reference,
+    reference::routing as reference,
 };
 
 /// `(tokens, n_experts, top_k)`: T not a multiple of a workgroup, k = 1, 2, 4, E = 1, 8, 64.
@@ -60,7 +60,7 @@ fn cuda_routing_kernels_match_reference() {
 
 fn routing_kernels_match_reference<B: MoeBackend>(device: &B::Device) {
     for (tokens, n_experts, top_k) in SHAPES {
-        for gate in GATES {
+        for gate in gates() {
             for (one_expert, with_bias) in [(false, false), (false, true), (true, false)] {
                 let what = format!(
                     "T={tokens} E={n_experts} k={top_k} {gate:?} one_expert={one_expert} bias={with_bias}"
@@ -163,7 +163,7 @@ fn host_weights(logits: &[f64], experts: &[usize], gate: Gate) -> Vec<f64> {
 fn route_gradient_matches_finite_differences<B: MoeBackend>(device: &B::Device) {
     type A<B> = Autodiff<B>;
     for (tokens, n_experts, top_k) in SHAPES {
-        for gate in GATES {
+        for gate in gates() {
             let what = format!("T={tokens} E={n_experts} k={top_k} {gate:?}");
             let init = logits::<B>(tokens, n_experts, false, device);
             let logits = Tensor::<A<B>, 2>::from_inner(init.clone()).require_grad();
@@ -264,7 +264,7 @@ fn router_losses_match_host<B: MoeBackend>(device: &B::Device) {
     type A<B> = Autodiff<B>;
     let probe = [0.7, -1.3, 2.0, 5.0];
     for (tokens, n_experts, top_k) in SHAPES {
-        for gate in GATES {
+        for gate in gates() {
             let what = format!("T={tokens} E={n_experts} k={top_k} {gate:?}");
             let init = logits::<B>(tokens, n_experts, false, device);
             let logits = Tensor::<A<B>, 2>::from_inner(init.clone()).require_grad();
@@ -308,7 +308,7 @@ fn flex_router_losses_match_reference() {
     type B = burn::backend::Flex;
     let device = Default::default();
     for (tokens, n_experts, top_k) in SHAPES {
-        for gate in GATES {
+        for gate in gates() {
             let what = format!("T={tokens} E={n_experts} k={top_k} {gate:?}");
             let logits = logits::<B>(tokens, n_experts, false, &device);
             let counts = counts(tokens, n_experts, top_k);
@@ -338,24 +338,7 @@ fn flex_router_losses_match_reference() {
     }
 }
 
-macro_rules! backend_tests {
-    ($name:ident, $backend:ty) => {
-        mod $name {
-            type B = $backend;
-            #[test]
-            fn route_gradient_matches_finite_differences() {
-                super::route_gradient_matches_finite_differences::<B>(&Default::default());
-            }
-            #[test]
-            fn router_losses_match_host() {
-                super::router_losses_match_host::<B>(&Default::default());
-            }
-        }
-    };
-}
-
-backend_tests!(flex, burn::backend::Flex);
-backend_tests!(ndarray, burn::backend::NdArray);
-backend_tests!(wgpu, burn::backend::Wgpu);
-#[cfg(feature = "cuda")]
-backend_tests!(cuda, burn::backend::Cuda);
+backend_tests!(
+    route_gradient_matches_finite_differences,
+    router_losses_match_host,
+);

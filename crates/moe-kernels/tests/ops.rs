@@ -7,10 +7,10 @@ mod common;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
-use common::{assert_close, host, leaf, matmul_tol, tensor, values};
-use moe_model::MoeBackend;
-use moe_model::ops::{
-    causal_attention, linear, linear_cross_entropy, reference, rms_norm, rotary, swiglu,
+use common::{assert_close, backend_tests, host, leaf, matmul_tol, tensor, values};
+use moe_kernels::{
+    MoeBackend, causal_attention, linear, linear_cross_entropy, reference, rms_norm, rotary,
+    swiglu, write_positions,
 };
 
 fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
@@ -26,8 +26,19 @@ fn at(shape: [usize; 4], i: [usize; 4]) -> usize {
     ((i[0] * shape[1] + i[1]) * shape[2] + i[2]) * shape[3] + i[3]
 }
 
+/// Rotary `(cos, sin)` tables, `[len, dim]` each, of positions `3..3 + len` (base 10^4,
+/// the half-split layout: each half of a row repeats the angles).
 fn angles<B: Backend>(len: usize, dim: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    moe_model::rope::RopeAngles::<B>::new(3, len, dim, 10_000.0, device).tables()
+    let half = dim / 2;
+    let angle = |i: usize| {
+        let (position, j) = (3 + i / dim, i % dim % half);
+        position as f32 * (1.0 / 10_000f64.powf(2.0 * j as f64 / dim as f64)) as f32
+    };
+    let table = |f: fn(f32) -> f32| {
+        let values: Vec<f32> = (0..len * dim).map(|i| f(angle(i))).collect();
+        Tensor::<B, 1>::from_floats(values.as_slice(), device).reshape([len, dim])
+    };
+    (table(f32::cos), table(f32::sin))
 }
 
 /// Naive attention on the host: query `i` sees keys `0..=keys - queries + i`.
@@ -61,7 +72,13 @@ fn naive_attention(q: &[f64], k: &[f64], v: &[f64], qs: [usize; 4], keys: usize)
     out
 }
 
+/// Attention against the naive loops, on `B` and through autodiff on `B`.
 fn attention_matches_naive<B: MoeBackend>(device: &B::Device) {
+    attention_matches_naive_on::<B>(device);
+    attention_matches_naive_on::<Autodiff<B>>(device);
+}
+
+fn attention_matches_naive_on<B: MoeBackend>(device: &B::Device) {
     // Full causal attention, and a shorter query block continuing a cache (Sq < Sk);
     // head_dim 5 is not a multiple of any vector width. The longer ones span several of
     // flex's query and key blocks (64), the last partial.
@@ -109,7 +126,7 @@ fn write_positions_replaces_only_its_positions<B: MoeBackend>(device: &B::Device
         buffer
     };
     let held = buffer.clone();
-    let written = moe_model::ops::write_positions(buffer, first.clone(), 1);
+    let written = write_positions(buffer, first.clone(), 1);
     let after_first = expected(before.clone(), &host(first), 1, 2);
     assert_eq!(host(written.clone()), after_first, "positions 1..3");
     assert_eq!(
@@ -117,7 +134,7 @@ fn write_positions_replaces_only_its_positions<B: MoeBackend>(device: &B::Device
         before,
         "a buffer held elsewhere must not change"
     );
-    let written = moe_model::ops::write_positions(written, second.clone(), 3);
+    let written = write_positions(written, second.clone(), 3);
     let after_second = expected(after_first, &host(second), 3, 1);
     assert_eq!(host(written), after_second, "position 3");
 }
@@ -394,56 +411,14 @@ fn linear_matches_burn_linear<B: MoeBackend>(device: &B::Device) {
     }
 }
 
-macro_rules! backend_tests {
-    ($name:ident, $backend:ty) => {
-        mod $name {
-            type B = $backend;
-            fn device() -> burn::tensor::Device<B> {
-                Default::default()
-            }
-            #[test]
-            fn attention_matches_naive() {
-                super::attention_matches_naive::<B>(&device());
-                super::attention_matches_naive::<burn::backend::Autodiff<B>>(&device());
-            }
-            #[test]
-            fn attention_accepts_strided_inputs() {
-                super::attention_accepts_strided_inputs::<B>(&device());
-            }
-            #[test]
-            fn write_positions_replaces_only_its_positions() {
-                super::write_positions_replaces_only_its_positions::<B>(&device());
-            }
-            #[test]
-            fn linear_cross_entropy_matches_naive() {
-                super::linear_cross_entropy_matches_naive::<B>(&device());
-            }
-            #[test]
-            fn swiglu_matches_naive() {
-                super::swiglu_matches_naive::<B>(&device());
-            }
-            #[test]
-            fn rms_norm_matches_naive() {
-                super::rms_norm_matches_naive::<B>(&device());
-            }
-            #[test]
-            fn rotary_matches_naive() {
-                super::rotary_matches_naive::<B>(&device());
-            }
-            #[test]
-            fn linear_matches_burn_linear() {
-                super::linear_matches_burn_linear::<B>(&device());
-            }
-            #[test]
-            fn fused_gradients_match_reference() {
-                super::fused_gradients_match_reference::<B>(&device());
-            }
-        }
-    };
-}
-
-backend_tests!(flex, burn::backend::Flex);
-backend_tests!(ndarray, burn::backend::NdArray);
-backend_tests!(wgpu, burn::backend::Wgpu);
-#[cfg(feature = "cuda")]
-backend_tests!(cuda, burn::backend::Cuda);
+backend_tests!(
+    attention_matches_naive,
+    attention_accepts_strided_inputs,
+    write_positions_replaces_only_its_positions,
+    linear_cross_entropy_matches_naive,
+    swiglu_matches_naive,
+    rms_norm_matches_naive,
+    rotary_matches_naive,
+    linear_matches_burn_linear,
+    fused_gradients_match_reference,
+);

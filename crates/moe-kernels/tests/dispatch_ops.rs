@@ -9,9 +9,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor, TensorMetadata, TensorPrimitive};
-use common::{assert_close, host, host_int, leaf, tensor, values};
-use moe_model::MoeBackend;
-use moe_model::ops::{self, reference::dispatch as reference};
+use common::{assert_close, backend_tests, host, host_int, leaf, tensor, values};
+use moe_kernels::{self as ops, ExpertFfnWeights, MoeBackend, reference::dispatch as reference};
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -262,11 +261,11 @@ fn kernels_match_reference<B: MoeBackend>(device: &B::Device) {
 
             // The experts' SwiGLU FFN against its composition from the reference ops.
             let weights = || {
-                [
-                    tensor::<B, 3>([case.n_experts, case.d, f], 7, device),
-                    tensor::<B, 3>([case.n_experts, case.d, f], 9, device),
-                    tensor::<B, 3>([case.n_experts, f, case.d], 10, device),
-                ]
+                ExpertFfnWeights {
+                    gate: tensor::<B, 3>([case.n_experts, case.d, f], 7, device),
+                    up: tensor::<B, 3>([case.n_experts, case.d, f], 9, device),
+                    down: tensor::<B, 3>([case.n_experts, f, case.d], 10, device),
+                }
                 .map(prim)
             };
             let grad = prim(tensor::<B, 2>([rows, case.d], 11, device));
@@ -283,9 +282,9 @@ fn kernels_match_reference<B: MoeBackend>(device: &B::Device) {
                 B::expert_ffn_backward(x(), weights(), c, saved(), grad.clone())
             });
             close(d_x, ref_d_x, "expert ffn d_x");
-            for (i, (d_w, ref_d_w)) in d_ws.into_iter().zip(ref_d_ws).enumerate() {
-                close(d_w, ref_d_w, &format!("expert ffn d_weights[{i}]"));
-            }
+            close(d_ws.gate, ref_d_ws.gate, "expert ffn d_gate");
+            close(d_ws.up, ref_d_ws.up, "expert ffn d_up");
+            close(d_ws.down, ref_d_ws.down, "expert ffn d_down");
         }
     }
 }
@@ -371,7 +370,12 @@ fn expert_ffn_matches_autodiff_through_its_parts<B: MoeBackend>(device: &B::Devi
         let probe = tensor::<A<B>, 2>([rows, d], 9, device);
         let run = |fused: bool| {
             let out = if fused {
-                ops::expert_ffn(x.clone(), [w1.clone(), w3.clone(), w2.clone()], &counts)
+                let weights = ExpertFfnWeights {
+                    gate: w1.clone(),
+                    up: w3.clone(),
+                    down: w2.clone(),
+                };
+                ops::expert_ffn(x.clone(), weights, &counts)
             } else {
                 let gate = ops::grouped_matmul(x.clone(), w1.clone(), &counts);
                 let up = ops::grouped_matmul(x.clone(), w3.clone(), &counts);
@@ -397,30 +401,10 @@ fn expert_ffn_matches_autodiff_through_its_parts<B: MoeBackend>(device: &B::Devi
     }
 }
 
-macro_rules! backend_tests {
-    ($name:ident, $backend:ty) => {
-        mod $name {
-            type B = $backend;
-            fn device() -> burn::tensor::Device<B> {
-                Default::default()
-            }
-            #[test]
-            fn gradients_match_autodiff_through_reference() {
-                super::gradients_match_autodiff_through_reference::<B>(&device());
-            }
-            #[test]
-            fn expert_ffn_matches_autodiff_through_its_parts() {
-                super::expert_ffn_matches_autodiff_through_its_parts::<B>(&device());
-            }
-        }
-    };
-}
-
-backend_tests!(flex, burn::backend::Flex);
-backend_tests!(ndarray, burn::backend::NdArray);
-backend_tests!(wgpu, burn::backend::Wgpu);
-#[cfg(feature = "cuda")]
-backend_tests!(cuda, burn::backend::Cuda);
+backend_tests!(
+    gradients_match_autodiff_through_reference,
+    expert_ffn_matches_autodiff_through_its_parts,
+);
 
 /// flex's row-loop kernels and direct grouped matmul against the reference on flex.
 #[test]
