@@ -34,8 +34,8 @@ use moe_model::{MoeAutodiffBackend, Transformer};
 
 use crate::checkpoint::{OPTIMIZER_FILE, recorder};
 use crate::config::RunConfig;
+use crate::learner::{Learner, Shard};
 use crate::optimizer::FusedAdamW;
-use crate::trainer::{Learner, Shard};
 
 /// Where the replicas of a run train: devices of this machine and, for a run over
 /// several machines, this machine's place among them.

@@ -1,34 +1,31 @@
-//! The training loop: AdamW with warm-up + cosine LR, global-norm clipping, gradient
-//! accumulation, aux-loss-free bias updates, logging, evaluation and resumable checkpoints.
+//! The training loop: setup (resume or init, data, model, optimiser, replicas), one
+//! [`crate::learner`] step after another with warm-up + cosine LR, and after each step the
+//! logging, evaluation and resumable checkpoints that are due.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
-use burn::data::dataloader::batcher::Batcher;
+use anyhow::{Context, Result, bail, ensure};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::Optimizer;
 use burn::record::Recorder;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
-use moe_data::{EvalWindows, LmBatch, LmBatcher, TrainWindows};
-use moe_model::transformer::MoeOutputs;
+use moe_data::{EvalWindows, TrainWindows};
 use moe_model::{MoeAutodiffBackend, Transformer};
 
 use crate::checkpoint::{
     self, CONFIG_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TrainingState, list_checkpoints, load_state,
     load_tokenizer, load_weights, recorder, resolve_checkpoint, save_checkpoint,
 };
-use crate::config::{RunConfig, TrainConfig};
+use crate::config::RunConfig;
 use crate::data::{RunData, with_absolute_data_paths};
-use crate::data_parallel::{Cluster, Peer, ReplicaStart, Replicas};
+use crate::data_parallel::{Cluster, ReplicaStart, Replicas};
 use crate::eval::{EvalResult, evaluate};
-use crate::grad_clip::clip_global_norm;
+use crate::learner::{AdamW, Interval, Learner, Shard};
 use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
 use crate::model_tensors::{load_model_tensors, model_tensors};
 use crate::optimizer::FusedAdamW;
-use crate::router_stats::RouterStatsAccumulator;
 use crate::schedule::learning_rate;
 
 /// What a finished run reports.
@@ -246,8 +243,7 @@ impl<'a, B: MoeAutodiffBackend> Run<'a, B> {
         let tokens = self.config.tokens_per_step();
         self.clock.train_secs += step_secs;
         self.clock.trained_tokens += tokens;
-        self.interval.secs += step_secs;
-        self.interval.tokens += tokens;
+        self.interval.add_step_time(step_secs, tokens);
         self.state.elapsed_secs = self.clock.run_secs();
         self.after_step(lr, grad_norm)?;
         Ok(self)
@@ -602,191 +598,6 @@ impl<B: Backend> ModuleVisitor<B> for DrawWeights {
     }
 }
 
-/// The optimiser every replica trains with.
-pub(crate) type AdamW<B> = OptimizerAdaptor<FusedAdamW, Transformer<B>, B>;
-
-/// The micro-batches of one replica: its share of every micro-batch of the step.
-#[derive(Clone)]
-pub(crate) struct Shard {
-    /// The batches of the whole run, every replica's sequences together.
-    pub batches: TrainWindows,
-    /// This replica's global rank.
-    pub rank: usize,
-    /// Replicas in the run.
-    pub replicas: usize,
-}
-
-impl Shard {
-    /// This replica's sequences of micro-batch `micro` of `step`.
-    fn micro_batch(&self, step: usize, grad_accum: usize, micro: usize) -> Vec<Vec<u32>> {
-        let mut items = self.batches.batch(step * grad_accum + micro);
-        let per_replica = items.len() / self.replicas;
-        items.truncate((self.rank + 1) * per_replica);
-        items.split_off(self.rank * per_replica)
-    }
-}
-
-/// One replica's training state: its model and optimiser, the share of each step's batch
-/// it trains on, and the device it trains on.
-pub(crate) struct Learner<B: MoeAutodiffBackend> {
-    pub model: Transformer<B>,
-    pub optimizer: AdamW<B>,
-    pub shard: Shard,
-    pub train: TrainConfig,
-    pub device: B::Device,
-}
-
-/// A step's sums over its micro-batches: gradients, losses (cross-entropy and router) and
-/// each MoE layer's expert counts.
-struct StepSums<B: Backend> {
-    grads: GradientsParams,
-    losses: Tensor<B, 1>,
-    counts: Vec<Tensor<B, 1>>,
-}
-
-impl<B: MoeAutodiffBackend> Learner<B> {
-    /// One optimiser step: forward and backward over the replica's micro-batches, the
-    /// gradients averaged over the replicas (with `peer`), clipping, AdamW and bias
-    /// balancing (on the replicas' summed expert counts). Adds the step's losses
-    /// (averaged over the replicas) and this replica's routing statistics to `interval`,
-    /// if it logs (the other replicas read none of them back). Returns the stepped
-    /// learner and the gradient norm before clipping; a loss that is not finite on any
-    /// replica is a [`Diverged`] error on all of them.
-    pub(crate) fn step(
-        mut self,
-        step: usize,
-        peer: Option<&Peer<B::InnerBackend>>,
-        mut interval: Option<&mut Interval>,
-    ) -> Result<(Self, Tensor<B::InnerBackend, 1>)> {
-        B::seed(&self.device, self.train.seed.wrapping_add(step as u64 + 1));
-        let mut sums = self.accumulate(step, interval.as_deref_mut());
-        if let Some(peer) = peer {
-            sums = self.mean_over_replicas(sums, peer)?;
-        }
-        let losses = (sums.losses.into_data().to_vec::<f32>())
-            .map_err(|e| anyhow!("reading the step's losses: {e:?}"))?;
-        let (ce, router) = (f64::from(losses[0]), f64::from(losses[1]));
-        if !ce.is_finite() {
-            return Err(Diverged {
-                step: step + 1,
-                loss: ce,
-            }
-            .into());
-        }
-        if let Some(interval) = interval {
-            interval.loss += ce;
-            interval.aux += router;
-        }
-        let mut grads = sums.grads;
-        let grad_norm =
-            clip_global_norm(&self.model, &mut grads, self.train.grad_clip, &self.device);
-        let lr = learning_rate(&self.train, step);
-        let model = self.optimizer.step(lr, self.model, grads);
-        let counts = sums
-            .counts
-            .into_iter()
-            .map(|counts| Tensor::from_inner(counts.int()))
-            .collect();
-        self.model = model.update_expert_bias(counts);
-        Ok((self, grad_norm))
-    }
-
-    /// Forward and backward over the step's micro-batches: the accumulated gradients and
-    /// the summed losses and expert counts; routing statistics go to `interval`.
-    fn accumulate(
-        &self,
-        step: usize,
-        mut interval: Option<&mut Interval>,
-    ) -> StepSums<B::InnerBackend> {
-        let (grad_accum, device) = (self.train.grad_accum, &self.device);
-        let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
-        let mut counts: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
-        let mut losses = Tensor::<B::InnerBackend, 1>::zeros([2], device);
-        for micro in 0..grad_accum {
-            let items = self.shard.micro_batch(step, grad_accum, micro);
-            let batch: LmBatch<B> = LmBatcher.batch(items, device);
-            let out = forward_backward(&self.model, batch, 1.0 / grad_accum as f64, device);
-            accumulator.accumulate(&self.model, out.grads);
-            losses = losses + Tensor::cat(vec![out.ce.inner(), out.router.inner()], 0);
-            for (i, layer) in out.moe.iter().enumerate() {
-                let layer_counts = layer.stats.counts.clone().inner().float();
-                match counts.get_mut(i) {
-                    Some(c) => *c = c.clone() + layer_counts,
-                    None => counts.push(layer_counts),
-                }
-            }
-            if let Some(interval) = interval.as_deref_mut() {
-                interval.add(&out.moe);
-            }
-        }
-        StepSums {
-            grads: accumulator.grads(),
-            losses,
-            counts,
-        }
-    }
-
-    /// `sums` averaged over the replicas in one all-reduce (gradients, losses and expert
-    /// counts together); the counts come back as the replicas' sums.
-    fn mean_over_replicas(
-        &self,
-        sums: StepSums<B::InnerBackend>,
-        peer: &Peer<B::InnerBackend>,
-    ) -> Result<StepSums<B::InnerBackend>> {
-        let layers = sums.counts.len();
-        let mut values = vec![sums.losses];
-        values.extend(sums.counts);
-        let values = Tensor::cat(values, 0);
-        let (grads, mean_values) = peer.mean(&self.model, sums.grads, values)?;
-        let losses = mean_values.clone().slice(0..2);
-        let count_sums = mean_values
-            .slice(2..)
-            .mul_scalar(self.shard.replicas as f64)
-            .round();
-        let counts = match layers {
-            0 => Vec::new(),
-            _ => count_sums.chunk(layers, 0),
-        };
-        Ok(StepSums {
-            grads,
-            losses,
-            counts,
-        })
-    }
-}
-
-/// One micro-batch's forward pass and gradients.
-pub struct MicroStep<B: MoeAutodiffBackend> {
-    /// Gradients of `scale * (cross-entropy + router losses)`.
-    pub grads: GradientsParams,
-    /// Mean cross-entropy (nats per token), unscaled.
-    pub ce: Tensor<B, 1>,
-    /// The weighted router losses (balancing and z-loss), unscaled.
-    pub router: Tensor<B, 1>,
-    /// Each MoE layer's routing outputs (losses, statistics).
-    pub moe: MoeOutputs<B>,
-}
-
-/// Runs `batch` forward and backward; `scale` weighs its loss (1 / micro-batches per
-/// step, so accumulated gradients are those of the whole step's mean loss).
-pub fn forward_backward<B: MoeAutodiffBackend>(
-    model: &Transformer<B>,
-    batch: LmBatch<B>,
-    scale: f64,
-    device: &B::Device,
-) -> MicroStep<B> {
-    let (nll, moe) = model.token_nll(batch.inputs, batch.targets);
-    let ce = nll.mean();
-    let router = model.router_loss(&moe, device);
-    let loss = (ce.clone() + router.clone()) * scale;
-    MicroStep {
-        grads: GradientsParams::from_grads(loss.backward(), model),
-        ce,
-        router,
-        moe,
-    }
-}
-
 /// A resumed run must use the checkpoint's model, MoE, data and optimiser settings; only
 /// the step budget and the logging/eval/checkpoint intervals may change.
 fn check_resumable(config: &RunConfig, saved: &Path) -> Result<()> {
@@ -817,62 +628,6 @@ fn check_resumable(config: &RunConfig, saved: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Sums over the current logging interval.
-pub(crate) struct Interval {
-    loss: f64,
-    aux: f64,
-    balance: f64,
-    z: f64,
-    micro_batches: usize,
-    tokens: usize,
-    secs: f64,
-    stats: RouterStatsAccumulator,
-}
-
-impl Interval {
-    fn new() -> Self {
-        Self {
-            loss: 0.0,
-            aux: 0.0,
-            balance: 0.0,
-            z: 0.0,
-            micro_batches: 0,
-            tokens: 0,
-            secs: 0.0,
-            stats: RouterStatsAccumulator::default(),
-        }
-    }
-
-    /// Adds one micro-batch's router losses and routing statistics.
-    fn add<B: Backend>(&mut self, moe: &MoeOutputs<B>) {
-        for layer in moe {
-            self.balance += layer.balance_loss.clone().into_scalar().elem::<f64>();
-            self.z += layer.z_loss.clone().into_scalar().elem::<f64>();
-        }
-        self.stats.add(moe);
-        self.micro_batches += 1;
-    }
-
-    /// The record of the interval ending at `step`; starts the next interval.
-    fn finish(&mut self, step: usize, lr: f64, grad_norm: f64, elapsed_secs: f64) -> TrainRecord {
-        let n = self.micro_batches.max(1) as f64;
-        let record = TrainRecord {
-            step,
-            loss: self.loss / n,
-            aux_loss: self.aux / n,
-            balance_loss: self.balance / n,
-            z_loss: self.z / n,
-            lr,
-            grad_norm,
-            tokens_per_sec: self.tokens as f64 / self.secs.max(1e-9),
-            elapsed_secs,
-            layers: self.stats.take(),
-        };
-        *self = Self::new();
-        record
-    }
 }
 
 fn eval_line(step: usize, result: &EvalResult, full: bool) -> String {
