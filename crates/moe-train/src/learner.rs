@@ -48,10 +48,15 @@ impl Shard {
 /// One replica's training state: its model and optimiser, the share of each step's batch
 /// it trains on, and the device it trains on.
 pub(crate) struct Learner<B: MoeAutodiffBackend> {
+    /// The model, passed through each step (burn's optimiser consumes and returns it).
     pub model: Transformer<B>,
+    /// AdamW's state.
     pub optimizer: AdamW<B>,
+    /// Which sequences of each micro-batch this replica trains on.
     pub shard: Shard,
+    /// The run's `[train]` settings: seed, accumulation, clipping, schedule.
     pub train: TrainConfig,
+    /// Where the model lives and the step computes.
     pub device: B::Device,
 }
 
