@@ -20,8 +20,8 @@ use serde::Serialize;
 
 use crate::config::RunConfig;
 use crate::grad_clip::clip_global_norm;
+use crate::learner::forward_backward;
 use crate::optimizer::FusedAdamW;
-use crate::trainer::forward_backward;
 
 /// Parameter counts that set a model's compute per token.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

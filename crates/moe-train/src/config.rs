@@ -263,6 +263,114 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
 }
 
+impl TrainConfig {
+    /// Checks every field; `n_experts` bounds the expert placement.
+    fn validate(&self, n_experts: usize) -> Result<(), ConfigError> {
+        self.validate_counts()?;
+        self.validate_optimizer()?;
+        self.validate_parallelism(n_experts)?;
+        if !self.eps.is_finite() || self.eps <= 0.0 {
+            return Err(ConfigError::new(
+                "train.eps",
+                format!("{} must be finite and > 0", self.eps),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Batch sizes, step counts and intervals must be positive.
+    fn validate_counts(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("train.batch_size", self.batch_size),
+            ("train.grad_accum", self.grad_accum),
+            ("train.replicas", self.replicas),
+            ("train.expert_devices", self.expert_devices),
+            ("train.steps", self.steps),
+            ("train.log_every", self.log_every),
+            ("train.eval_every", self.eval_every),
+            ("train.checkpoint_every", self.checkpoint_every),
+            ("train.keep_checkpoints", self.keep_checkpoints),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(field, "must be positive"));
+            }
+        }
+        for (field, value) in [
+            ("train.eval_tokens", self.eval_tokens),
+            ("train.eval_batches", self.eval_batches),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::new(field, "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The learning rates, AdamW's betas, weight decay and clipping.
+    fn validate_optimizer(&self) -> Result<(), ConfigError> {
+        if !self.lr.is_finite() || self.lr <= 0.0 {
+            return Err(ConfigError::new(
+                "train.lr",
+                format!("{} must be finite and > 0", self.lr),
+            ));
+        }
+        if !self.min_lr.is_finite() || self.min_lr < 0.0 || self.min_lr > self.lr {
+            return Err(ConfigError::new(
+                "train.min_lr",
+                format!("{} must be in [0, lr]", self.min_lr),
+            ));
+        }
+        for (field, value) in [("train.beta1", self.beta1), ("train.beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{value} must be in [0, 1)"),
+                ));
+            }
+        }
+        for (field, value) in [
+            ("train.weight_decay", self.weight_decay),
+            ("train.grad_clip", self.grad_clip),
+        ] {
+            if !value.is_finite() || value < 0.0 {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{value} must be finite and >= 0"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Expert placement and the replicas' timeout.
+    fn validate_parallelism(&self, n_experts: usize) -> Result<(), ConfigError> {
+        if self.expert_devices > 1 {
+            if self.expert_devices > n_experts {
+                return Err(ConfigError::new(
+                    "train.expert_devices",
+                    format!(
+                        "{} devices for {} experts: at most one device per expert",
+                        self.expert_devices, n_experts
+                    ),
+                ));
+            }
+            if self.replicas > 1 {
+                return Err(ConfigError::new(
+                    "train.expert_devices",
+                    "expert placement cannot be combined with data parallelism (train.replicas > 1) yet",
+                ));
+            }
+        }
+        if !self.peer_timeout_secs.is_finite() || self.peer_timeout_secs <= 0.0 {
+            return Err(ConfigError::new(
+                "train.peer_timeout_secs",
+                format!("{} must be finite and > 0", self.peer_timeout_secs),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_seed() -> u64 {
     42
 }
@@ -392,90 +500,7 @@ impl RunConfig {
             ));
         }
         data.validate(&self.model)?;
-        for (field, value) in [
-            ("train.batch_size", train.batch_size),
-            ("train.grad_accum", train.grad_accum),
-            ("train.replicas", train.replicas),
-            ("train.expert_devices", train.expert_devices),
-            ("train.steps", train.steps),
-            ("train.log_every", train.log_every),
-            ("train.eval_every", train.eval_every),
-            ("train.checkpoint_every", train.checkpoint_every),
-            ("train.keep_checkpoints", train.keep_checkpoints),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::new(field, "must be positive"));
-            }
-        }
-        for (field, value) in [
-            ("train.eval_tokens", train.eval_tokens),
-            ("train.eval_batches", train.eval_batches),
-        ] {
-            if value == Some(0) {
-                return Err(ConfigError::new(field, "must be positive"));
-            }
-        }
-        if !train.lr.is_finite() || train.lr <= 0.0 {
-            return Err(ConfigError::new(
-                "train.lr",
-                format!("{} must be finite and > 0", train.lr),
-            ));
-        }
-        if !train.min_lr.is_finite() || train.min_lr < 0.0 || train.min_lr > train.lr {
-            return Err(ConfigError::new(
-                "train.min_lr",
-                format!("{} must be in [0, lr]", train.min_lr),
-            ));
-        }
-        for (field, value) in [("train.beta1", train.beta1), ("train.beta2", train.beta2)] {
-            if !(0.0..1.0).contains(&value) {
-                return Err(ConfigError::new(
-                    field,
-                    format!("{value} must be in [0, 1)"),
-                ));
-            }
-        }
-        for (field, value) in [
-            ("train.weight_decay", train.weight_decay),
-            ("train.grad_clip", train.grad_clip),
-        ] {
-            if !value.is_finite() || value < 0.0 {
-                return Err(ConfigError::new(
-                    field,
-                    format!("{value} must be finite and >= 0"),
-                ));
-            }
-        }
-        if train.expert_devices > 1 {
-            if train.expert_devices > self.moe.n_experts {
-                return Err(ConfigError::new(
-                    "train.expert_devices",
-                    format!(
-                        "{} devices for {} experts: at most one device per expert",
-                        train.expert_devices, self.moe.n_experts
-                    ),
-                ));
-            }
-            if train.replicas > 1 {
-                return Err(ConfigError::new(
-                    "train.expert_devices",
-                    "expert placement cannot be combined with data parallelism (train.replicas > 1) yet",
-                ));
-            }
-        }
-        if !train.peer_timeout_secs.is_finite() || train.peer_timeout_secs <= 0.0 {
-            return Err(ConfigError::new(
-                "train.peer_timeout_secs",
-                format!("{} must be finite and > 0", train.peer_timeout_secs),
-            ));
-        }
-        if !train.eps.is_finite() || train.eps <= 0.0 {
-            return Err(ConfigError::new(
-                "train.eps",
-                format!("{} must be finite and > 0", train.eps),
-            ));
-        }
-        Ok(())
+        train.validate(self.moe.n_experts)
     }
 
     /// Validation tokens each periodic evaluation scores.

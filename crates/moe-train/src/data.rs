@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
+use moe_data::cache_dir;
 use moe_data::{
     DirectorySettings, EvalWindows, PreparedSet, Progress, TextTokenizer, TokenSplit,
     TokenizerChoice, TokenizerKind, TrainWindows, ValidationSplit, WeightedSplit, cached_directory,
@@ -147,7 +148,8 @@ impl RunData {
 
 /// The cached preparation of the `dataset` directory `dir`. With the model's
 /// `tokenizer`, the entry made with the config's own tokenizer settings is used when it
-/// is there and matches; else the directory is prepared with `tokenizer` itself.
+/// is there and matches; else the directory is prepared with `tokenizer` itself. Each
+/// entry's content key is computed once.
 fn cached_dataset(
     config: &RunConfig,
     dir: &Path,
@@ -173,34 +175,42 @@ fn cached_dataset(
     };
     let root = default_cache_root();
     let own = settings(own);
-    let chosen = match tokenizer {
-        None => own,
+    let own_dir = cache_dir(&own, &root)?;
+    let (chosen, target) = match tokenizer {
+        None => (own, own_dir),
         Some(tokenizer) => {
-            let cached = moe_data::cache_dir(&own, &root)?;
-            let matches = cached.is_dir()
-                && PreparedSet::open(&cached).is_ok_and(|set| {
-                    Some(set.meta.tokenizer_sha256) == tokenizer.fingerprint().ok()
-                });
-            match matches {
-                true => own,
-                false => settings(TokenizerChoice::Given(Box::new(tokenizer.clone()))),
+            if let Some(set) = open_if_tokenized_with(&own_dir, tokenizer) {
+                return Ok(set);
             }
+            let given = settings(TokenizerChoice::Given(Box::new(tokenizer.clone())));
+            let given_dir = cache_dir(&given, &root)?;
+            (given, given_dir)
         }
     };
-    let target = moe_data::cache_dir(&chosen, &root)?;
-    if !target.is_dir() {
-        progress(&format!(
-            "preparing {} into the data cache {} (once; later runs reuse it)",
-            dir.display(),
-            target.display()
-        ));
+    if target.is_dir() {
+        return PreparedSet::open(&target);
     }
+    progress(&format!(
+        "preparing {} into the data cache {} (once; later runs reuse it)",
+        dir.display(),
+        target.display()
+    ));
     let mut report = |p: Progress| {
         if let Progress::TrainingTokenizer { bytes } = p {
             progress(&format!("training a tokenizer on {bytes} bytes of text"));
         }
     };
     cached_directory(&chosen, &root, &mut report)
+}
+
+/// The prepared set in `dir`, if there is one and it was tokenized with `tokenizer`.
+fn open_if_tokenized_with(dir: &Path, tokenizer: &TextTokenizer) -> Option<PreparedSet> {
+    if !dir.is_dir() {
+        return None;
+    }
+    let set = PreparedSet::open(dir).ok()?;
+    let fingerprint = tokenizer.fingerprint().ok()?;
+    (set.meta.tokenizer_sha256 == fingerprint).then_some(set)
 }
 
 /// The config with its data paths absolute (resolved against the current directory)

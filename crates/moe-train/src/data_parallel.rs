@@ -4,7 +4,8 @@
 //! the replicas stay identical and the run follows the trajectory of one replica
 //! training on the whole batch.
 //!
-//! Replicas on one machine are threads of one process; several machines (nodes) each run
+//! Replicas on one machine are threads of one process (the first trains on the caller's
+//! thread, the others are started by `Replicas`); several machines (nodes) each run
 //! `moe train` with their local replicas and meet through burn-collective's global
 //! orchestrator (`moe orchestrator`), which pairs the nodes for a ring all-reduce.
 //!
@@ -14,18 +15,27 @@
 
 use std::marker::PhantomData;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use burn::collective::{
     self, AllReduceStrategy, CollectiveConfig, CollectiveError, PeerId, ReduceOperation,
 };
-use burn::module::{AutodiffModule, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::{GradientsParams, Optimizer};
+use burn::record::Recorder;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_communication::Address;
+use moe_data::TrainWindows;
+use moe_model::{MoeAutodiffBackend, Transformer};
+
+use crate::checkpoint::{OPTIMIZER_FILE, recorder};
+use crate::config::RunConfig;
+use crate::learner::{Learner, Shard};
+use crate::optimizer::FusedAdamW;
 
 /// Where the replicas of a run train: devices of this machine and, for a run over
 /// several machines, this machine's place among them.
@@ -249,6 +259,172 @@ fn within<T: Send + 'static>(
              never joined (checkpoints written so far are intact)",
             timeout.as_secs_f64()
         ),
+    }
+}
+
+/// What a replica thread starts from: replica 0's state before its first step.
+pub(crate) struct ReplicaStart<'a, B: MoeAutodiffBackend> {
+    /// Replica 0's model (new, initialised or restored).
+    pub model: &'a Transformer<B>,
+    /// The run's config.
+    pub config: &'a RunConfig,
+    /// The run's training batches (every replica's sequences together).
+    pub batches: &'a TrainWindows,
+    /// The first step to train.
+    pub step: usize,
+    /// The checkpoint resumed, whose optimiser state every replica loads.
+    pub resume_from: Option<&'a Path>,
+}
+
+/// This machine's replicas after the first, each training on its own thread, and the
+/// first one's membership of the collective. Dropping it before [`Replicas::finish`] (the
+/// first replica failed) wakes the others out of their all-reduce so they stop too.
+pub(crate) struct Replicas<B: MoeAutodiffBackend> {
+    /// The first replica's membership of the collective.
+    pub peer: Peer<B::InnerBackend>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+    /// The first error of each replica that stopped, sent before it resets the collective.
+    failures: mpsc::Receiver<String>,
+}
+
+impl<B: MoeAutodiffBackend> Replicas<B> {
+    /// Starts this machine's `local` replicas but the first (local replica `r` on
+    /// [`Cluster::device`]`(r)`) and joins the first on `devices[0]`.
+    pub fn start(
+        from: ReplicaStart<B>,
+        cluster: &Cluster<B::Device>,
+        local: usize,
+    ) -> Result<Self> {
+        let timeout = Duration::from_secs_f64(from.config.train.peer_timeout_secs);
+        let first = cluster.first_rank(local);
+        reset::<B::InnerBackend>();
+        let (failed, failures) = mpsc::channel();
+        let threads = (1..local)
+            .map(|r| {
+                let device = cluster.device(r).clone();
+                let thread = ReplicaThread {
+                    rank: first + r,
+                    local,
+                    nodes: cluster.nodes.clone(),
+                    model: from.model.clone().fork(&device),
+                    device,
+                    config: from.config.clone(),
+                    batches: from.batches.clone(),
+                    start: from.step,
+                    resume_from: from.resume_from.map(Path::to_path_buf),
+                    timeout,
+                };
+                let failed = failed.clone();
+                std::thread::spawn(move || thread.run_reporting(failed))
+            })
+            .collect();
+        let peer = Peer::join(
+            first,
+            local,
+            cluster.nodes.as_ref(),
+            &cluster.devices[0],
+            timeout,
+        )?;
+        Ok(Self {
+            peer,
+            threads,
+            failures,
+        })
+    }
+
+    /// `error` of replica 0, under the error of a replica that stopped before (replica
+    /// 0's is then only its consequence).
+    pub fn explain(&self, error: anyhow::Error) -> anyhow::Error {
+        match self.failures.try_recv() {
+            Ok(failure) => error.context(failure),
+            Err(_) => error,
+        }
+    }
+
+    /// Leaves the collective after the last step and waits for the other replicas.
+    pub fn finish(mut self) -> Result<()> {
+        let threads = std::mem::take(&mut self.threads);
+        self.peer.leave()?;
+        for (i, thread) in threads.into_iter().enumerate() {
+            match thread.join() {
+                Ok(result) => result.with_context(|| format!("replica {}", i + 1))?,
+                Err(_) => bail!("replica {} panicked", i + 1),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B: MoeAutodiffBackend> Drop for Replicas<B> {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            reset::<B::InnerBackend>();
+        }
+    }
+}
+
+/// One replica after the first of this machine, trained on its own thread.
+struct ReplicaThread<B: MoeAutodiffBackend> {
+    rank: usize,
+    local: usize,
+    nodes: Option<Nodes>,
+    model: Transformer<B>,
+    device: B::Device,
+    config: RunConfig,
+    batches: TrainWindows,
+    start: usize,
+    resume_from: Option<PathBuf>,
+    timeout: Duration,
+}
+
+impl<B: MoeAutodiffBackend> ReplicaThread<B> {
+    /// Runs the replica; if it fails, sends its error to `failed` and resets the
+    /// collective so the other replicas stop too.
+    fn run_reporting(self, failed: mpsc::Sender<String>) -> Result<()> {
+        let rank = self.rank;
+        let result = self.run();
+        if let Err(error) = &result {
+            failed
+                .send(format!("replica {rank} stopped: {error:#}"))
+                .ok();
+            reset::<B::InnerBackend>();
+        }
+        result
+    }
+
+    /// Joins the collective and trains every step left, then leaves.
+    fn run(self) -> Result<()> {
+        let train = self.config.train;
+        let mut optimizer = FusedAdamW::new(&train).init::<B>();
+        if let Some(ckpt) = &self.resume_from {
+            let record = recorder().load(ckpt.join(OPTIMIZER_FILE), &self.device)?;
+            optimizer = optimizer.load_record(record);
+        }
+        let peer = Peer::join(
+            self.rank,
+            self.local,
+            self.nodes.as_ref(),
+            &self.device,
+            self.timeout,
+        )?;
+        let shard = Shard {
+            batches: self.batches,
+            rank: self.rank,
+            replicas: train.replicas,
+        };
+        let steps = self.start..train.steps;
+        let mut learner = Learner {
+            model: self.model,
+            optimizer,
+            shard,
+            train,
+            device: self.device,
+        };
+        for step in steps {
+            // Only the main replica logs: this one reads no statistics.
+            learner = learner.step(step, Some(&peer), None)?.0;
+        }
+        peer.leave()
     }
 }
 

@@ -64,7 +64,7 @@ pub fn export<B: Backend>(
                 let json = |value: serde_json::Value| serde_json::to_string_pretty(&value);
                 std::fs::write(
                     tmp.join("config.json"),
-                    json(hf_mixtral::config_json(&config.model, &config.moe, eos))?,
+                    json(hf_mixtral::config_json(&config.model, &config.moe, eos)?)?,
                 )?;
                 std::fs::write(
                     tmp.join("generation_config.json"),

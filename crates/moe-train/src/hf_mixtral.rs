@@ -13,8 +13,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use moe_model::{DropPolicy, Gate, ModelConfig, MoeConfig};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::model_tensors::take;
@@ -49,38 +50,83 @@ pub fn unsupported_feature(model: &ModelConfig, moe: &MoeConfig) -> Option<Strin
 }
 
 /// The `config.json` of the exported model.
-pub fn config_json(model: &ModelConfig, moe: &MoeConfig, eos_token: Option<u32>) -> Value {
-    json!({
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.d_model,
-        "intermediate_size": moe.expert_ffn_dim,
-        "num_hidden_layers": model.n_layers,
-        "num_attention_heads": model.n_heads,
-        "num_key_value_heads": model.kv_heads(),
-        "head_dim": model.head_dim(),
-        "hidden_act": "silu",
-        "max_position_embeddings": model.max_seq_len,
-        "rms_norm_eps": model.norm_eps,
-        "rope_theta": model.rope_theta,
-        "rope_parameters": {"rope_theta": model.rope_theta, "rope_type": "default"},
-        "num_local_experts": moe.n_experts,
-        "num_experts_per_tok": moe.top_k,
+pub fn config_json(model: &ModelConfig, moe: &MoeConfig, eos_token: Option<u32>) -> Result<Value> {
+    let config = MixtralConfigOut {
+        architectures: ["MixtralForCausalLM"],
+        model_type: "mixtral",
+        vocab_size: model.vocab_size,
+        hidden_size: model.d_model,
+        intermediate_size: moe.expert_ffn_dim,
+        num_hidden_layers: model.n_layers,
+        num_attention_heads: model.n_heads,
+        num_key_value_heads: model.kv_heads(),
+        head_dim: model.head_dim(),
+        hidden_act: "silu",
+        max_position_embeddings: model.max_seq_len,
+        rms_norm_eps: model.norm_eps,
+        rope_theta: model.rope_theta,
+        rope_parameters: RopeParametersOut {
+            rope_theta: model.rope_theta,
+            rope_type: "default",
+        },
+        num_local_experts: moe.n_experts,
+        num_experts_per_tok: moe.top_k,
         // Transformers' balancing loss is k times ours (see DESIGN.md).
-        "router_aux_loss_coef": moe.aux_loss_weight / moe.top_k as f64,
-        "router_jitter_noise": moe.jitter,
-        "output_router_logits": false,
-        "tie_word_embeddings": model.tie_embeddings,
-        "sliding_window": null,
-        "attention_dropout": 0.0,
-        "initializer_range": model.init_std,
-        "bos_token_id": null,
-        "eos_token_id": eos_token,
-        "pad_token_id": null,
-        "use_cache": true,
-        "dtype": "float32",
-    })
+        router_aux_loss_coef: moe.aux_loss_weight / moe.top_k as f64,
+        router_jitter_noise: moe.jitter,
+        output_router_logits: false,
+        tie_word_embeddings: model.tie_embeddings,
+        sliding_window: None,
+        attention_dropout: 0.0,
+        initializer_range: model.init_std,
+        bos_token_id: None,
+        eos_token_id: eos_token,
+        pad_token_id: None,
+        use_cache: true,
+        dtype: "float32",
+    };
+    // A value, so the keys come out in the same order as any other JSON object's.
+    Ok(serde_json::to_value(config)?)
+}
+
+/// What export writes to `config.json`, under transformers' `MixtralConfig` names.
+#[derive(Serialize)]
+struct MixtralConfigOut {
+    architectures: [&'static str; 1],
+    model_type: &'static str,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+    hidden_act: &'static str,
+    max_position_embeddings: usize,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    rope_parameters: RopeParametersOut,
+    num_local_experts: usize,
+    num_experts_per_tok: usize,
+    router_aux_loss_coef: f64,
+    router_jitter_noise: f64,
+    output_router_logits: bool,
+    tie_word_embeddings: bool,
+    sliding_window: Option<usize>,
+    attention_dropout: f64,
+    initializer_range: f64,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+    pad_token_id: Option<u32>,
+    use_cache: bool,
+    dtype: &'static str,
+}
+
+/// `rope_parameters` of the exported `config.json`.
+#[derive(Serialize)]
+struct RopeParametersOut {
+    rope_theta: f64,
+    rope_type: &'static str,
 }
 
 /// `(ours, theirs, transposed)` for every tensor but the experts' weights.
@@ -276,120 +322,172 @@ fn experts_of_layer(
     Ok(out)
 }
 
+/// The settings of a Hugging Face Mixtral `config.json` that import reads, under
+/// transformers' names. Those a file may leave out or set to null are options (absent is
+/// `None`); the importer applies transformers' defaults (see [`configs_from_json`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MixtralConfig {
+    /// Must be `"mixtral"` if present.
+    pub model_type: Option<String>,
+    /// Must be `"silu"` if present.
+    pub hidden_act: Option<String>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width (our `d_model`).
+    pub hidden_size: usize,
+    /// Each expert's hidden width.
+    pub intermediate_size: usize,
+    /// Transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Default: `num_attention_heads`.
+    pub num_key_value_heads: Option<usize>,
+    /// Must be `hidden_size / num_attention_heads` if present.
+    pub head_dim: Option<usize>,
+    /// Default: 131072.
+    pub max_position_embeddings: Option<usize>,
+    /// Must cover `max_position_embeddings` if present (no sliding-window attention).
+    pub sliding_window: Option<usize>,
+    /// transformers 5's RoPE settings; they take precedence over `rope_theta`.
+    pub rope_parameters: Option<RopeParameters>,
+    /// Older files' RoPE scaling: refused if present.
+    pub rope_scaling: Option<Value>,
+    /// Default: 1e6.
+    pub rope_theta: Option<f64>,
+    /// Default: 1e-5.
+    pub rms_norm_eps: Option<f64>,
+    /// Default: false.
+    pub tie_word_embeddings: Option<bool>,
+    /// Default: 0.02.
+    pub initializer_range: Option<f64>,
+    /// Default: 8.
+    pub num_local_experts: Option<usize>,
+    /// Default: 2.
+    pub num_experts_per_tok: Option<usize>,
+    /// Default: 0.
+    pub router_jitter_noise: Option<f64>,
+    /// Transformers' balancing-loss weight (k times ours). Default: 0.001.
+    pub router_aux_loss_coef: Option<f64>,
+}
+
+/// `rope_parameters` of a `config.json`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct RopeParameters {
+    /// Must be `"default"` if present.
+    pub rope_type: Option<String>,
+    /// RoPE base. Default: the outer `rope_theta`.
+    pub rope_theta: Option<f64>,
+}
+
+impl MixtralConfig {
+    /// The settings of a parsed `config.json`; a missing setting or a value of the wrong
+    /// type is an error that names its key.
+    pub fn from_json(config: &Value) -> Result<Self> {
+        serde_path_to_error::deserialize(config).map_err(|e| match e.path().iter().next() {
+            // A missing key is reported at the top level, with its name.
+            None => anyhow!("config.json: {}", e.inner()),
+            Some(_) => anyhow!("config.json: `{}`: {}", e.path(), e.inner()),
+        })
+    }
+
+    /// Refuses the settings our model cannot compute as transformers does.
+    fn check_supported(&self, d_model: usize, n_heads: usize, max_seq_len: usize) -> Result<()> {
+        if let Some(kind) = &self.model_type {
+            ensure!(
+                kind == "mixtral",
+                "config.json: `model_type` is {kind:?}, this importer reads \"mixtral\""
+            );
+        }
+        if let Some(act) = &self.hidden_act {
+            ensure!(
+                act == "silu",
+                "config.json: `hidden_act` {act:?} is not supported (only \"silu\")"
+            );
+        }
+        ensure!(
+            n_heads > 0 && d_model.is_multiple_of(n_heads),
+            "config.json: `hidden_size` must be a multiple of `num_attention_heads`"
+        );
+        if let Some(head_dim) = self.head_dim {
+            ensure!(
+                head_dim == d_model / n_heads,
+                "config.json: `head_dim` other than hidden_size / num_attention_heads is not supported"
+            );
+        }
+        if let Some(window) = self.sliding_window {
+            ensure!(
+                window >= max_seq_len,
+                "config.json: `sliding_window` attention is not supported"
+            );
+        }
+        let rope_type = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.as_ref());
+        if let Some(kind) = rope_type {
+            ensure!(
+                kind == "default",
+                "config.json: `rope_parameters.rope_type` {kind:?} is not supported (only \"default\")"
+            );
+        }
+        ensure!(
+            self.rope_scaling.is_none(),
+            "config.json: `rope_scaling` is not supported"
+        );
+        Ok(())
+    }
+
+    /// Our model config of these settings.
+    fn model_config(&self) -> Result<ModelConfig> {
+        let (d_model, n_heads) = (self.hidden_size, self.num_attention_heads);
+        let max_seq_len = self.max_position_embeddings.unwrap_or(4096 * 32);
+        self.check_supported(d_model, n_heads, max_seq_len)?;
+        let rope_theta = self.rope_parameters.as_ref().and_then(|r| r.rope_theta);
+        Ok(ModelConfig {
+            vocab_size: self.vocab_size,
+            d_model,
+            n_layers: self.num_hidden_layers,
+            n_heads,
+            n_kv_heads: Some(self.num_key_value_heads.unwrap_or(n_heads)),
+            max_seq_len,
+            rope_theta: rope_theta.or(self.rope_theta).unwrap_or(1e6),
+            norm_eps: self.rms_norm_eps.unwrap_or(1e-5),
+            tie_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            dense_ffn_dim: 0,
+            n_dense_layers: 0,
+            moe_layer_interval: 1,
+            init_std: self.initializer_range.unwrap_or(0.02),
+        })
+    }
+
+    /// Our MoE config of these settings: Mixtral's softmax, top-k and renormalisation.
+    fn moe_config(&self) -> MoeConfig {
+        let top_k = self.num_experts_per_tok.unwrap_or(2);
+        MoeConfig {
+            n_experts: self.num_local_experts.unwrap_or(8),
+            top_k,
+            expert_ffn_dim: self.intermediate_size,
+            router: Gate::SoftmaxTopk { renormalize: true },
+            jitter: self.router_jitter_noise.unwrap_or(0.0),
+            n_shared_experts: 0,
+            capacity_factor: None,
+            eval_capacity_factor: None,
+            drop_policy: DropPolicy::Position,
+            aux_loss_weight: self.router_aux_loss_coef.unwrap_or(0.001) * top_k as f64,
+            z_loss_weight: 0.0,
+            bias_update_rate: 0.0,
+        }
+    }
+}
+
 /// The model and MoE configs of a Mixtral `config.json`, each unsupported setting refused
 /// with its key named.
 pub fn configs_from_json(config: &Value) -> Result<(ModelConfig, MoeConfig)> {
-    let get = |key: &str| config.get(key).filter(|v| !v.is_null());
-    let size = |key: &str| -> Result<usize> {
-        let value = get(key).with_context(|| format!("config.json has no `{key}`"))?;
-        value.as_u64().map(|v| v as usize).with_context(|| {
-            format!("config.json: `{key}` must be a non-negative integer, got {value}")
-        })
-    };
-    let float = |key: &str, default: f64| -> Result<f64> {
-        match get(key) {
-            None => Ok(default),
-            Some(value) => value
-                .as_f64()
-                .with_context(|| format!("config.json: `{key}` must be a number, got {value}")),
-        }
-    };
-    if let Some(kind) = get("model_type") {
-        ensure!(
-            kind == "mixtral",
-            "config.json: `model_type` is {kind}, this importer reads \"mixtral\""
-        );
-    }
-    if let Some(act) = get("hidden_act") {
-        ensure!(
-            act == "silu",
-            "config.json: `hidden_act` {act} is not supported (only \"silu\")"
-        );
-    }
-    let d_model = size("hidden_size")?;
-    let n_heads = size("num_attention_heads")?;
-    ensure!(
-        n_heads > 0 && d_model % n_heads == 0,
-        "config.json: `hidden_size` must be a multiple of `num_attention_heads`"
-    );
-    if get("head_dim").is_some() {
-        ensure!(
-            size("head_dim")? == d_model / n_heads,
-            "config.json: `head_dim` other than hidden_size / num_attention_heads is not supported"
-        );
-    }
-    let max_seq_len = if get("max_position_embeddings").is_some() {
-        size("max_position_embeddings")?
-    } else {
-        4096 * 32
-    };
-    if get("sliding_window").is_some() {
-        ensure!(
-            size("sliding_window")? >= max_seq_len,
-            "config.json: `sliding_window` attention is not supported"
-        );
-    }
-    let rope = get("rope_parameters");
-    if let Some(kind) = rope.and_then(|r| r.get("rope_type")) {
-        ensure!(
-            kind == "default",
-            "config.json: `rope_parameters.rope_type` {kind} is not supported (only \"default\")"
-        );
-    }
-    ensure!(
-        get("rope_scaling").is_none(),
-        "config.json: `rope_scaling` is not supported"
-    );
-    let rope_theta = match rope.and_then(|r| r.get("rope_theta")) {
-        Some(theta) => theta
-            .as_f64()
-            .context("config.json: `rope_parameters.rope_theta` must be a number")?,
-        None => float("rope_theta", 1e6)?,
-    };
-    let top_k = if get("num_experts_per_tok").is_some() {
-        size("num_experts_per_tok")?
-    } else {
-        2
-    };
-    let model = ModelConfig {
-        vocab_size: size("vocab_size")?,
-        d_model,
-        n_layers: size("num_hidden_layers")?,
-        n_heads,
-        n_kv_heads: Some(if get("num_key_value_heads").is_some() {
-            size("num_key_value_heads")?
-        } else {
-            n_heads
-        }),
-        max_seq_len,
-        rope_theta,
-        norm_eps: float("rms_norm_eps", 1e-5)?,
-        tie_embeddings: get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        dense_ffn_dim: 0,
-        n_dense_layers: 0,
-        moe_layer_interval: 1,
-        init_std: float("initializer_range", 0.02)?,
-    };
-    let moe = MoeConfig {
-        n_experts: if get("num_local_experts").is_some() {
-            size("num_local_experts")?
-        } else {
-            8
-        },
-        top_k,
-        expert_ffn_dim: size("intermediate_size")?,
-        router: Gate::SoftmaxTopk { renormalize: true },
-        jitter: float("router_jitter_noise", 0.0)?,
-        n_shared_experts: 0,
-        capacity_factor: None,
-        eval_capacity_factor: None,
-        drop_policy: DropPolicy::Position,
-        aux_loss_weight: float("router_aux_loss_coef", 0.001)? * top_k as f64,
-        z_loss_weight: 0.0,
-        bias_update_rate: 0.0,
-    };
+    let config = MixtralConfig::from_json(config)?;
+    let model = config.model_config()?;
+    let moe = config.moe_config();
     model.validate().context("config.json")?;
     moe.validate().context("config.json")?;
     Ok((model, moe))

@@ -11,6 +11,7 @@ pub mod export;
 pub mod grad_clip;
 pub mod hf_mixtral;
 pub mod import;
+pub mod learner;
 pub mod logger;
 pub mod metrics;
 pub mod model_tensors;

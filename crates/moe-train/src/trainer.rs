@@ -1,35 +1,31 @@
-//! The training loop: AdamW with warm-up + cosine LR, global-norm clipping, gradient
-//! accumulation, aux-loss-free bias updates, logging, evaluation and resumable checkpoints.
+//! The training loop: setup (resume or init, data, model, optimiser, replicas), one
+//! [`crate::learner`] step after another with warm-up + cosine LR, and after each step the
+//! logging, evaluation and resumable checkpoints that are due.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use burn::data::dataloader::batcher::Batcher;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::Optimizer;
 use burn::record::Recorder;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
-use moe_data::{EvalWindows, LmBatch, LmBatcher, TrainWindows};
-use moe_model::transformer::MoeOutputs;
+use moe_data::{EvalWindows, TrainWindows};
 use moe_model::{MoeAutodiffBackend, Transformer};
 
 use crate::checkpoint::{
     self, CONFIG_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TrainingState, list_checkpoints, load_state,
     load_tokenizer, load_weights, recorder, resolve_checkpoint, save_checkpoint,
 };
-use crate::config::{RunConfig, TrainConfig};
+use crate::config::RunConfig;
 use crate::data::{RunData, with_absolute_data_paths};
-use crate::data_parallel;
-use crate::data_parallel::{Cluster, Peer};
+use crate::data_parallel::{Cluster, ReplicaStart, Replicas};
 use crate::eval::{EvalResult, evaluate};
-use crate::grad_clip::clip_global_norm;
+use crate::learner::{AdamW, Interval, Learner, Shard};
 use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
 use crate::model_tensors::{load_model_tensors, model_tensors};
 use crate::optimizer::FusedAdamW;
-use crate::router_stats::RouterStatsAccumulator;
 use crate::schedule::learning_rate;
 
 /// What a finished run reports.
@@ -86,11 +82,298 @@ pub fn train<B: MoeAutodiffBackend>(
     cluster: &Cluster<B::Device>,
     mut progress: impl FnMut(&str),
 ) -> Result<TrainOutcome> {
-    // Saved configs name their data by absolute paths.
-    let config = &with_absolute_data_paths(config)?;
-    let Some(device) = cluster.devices.first() else {
-        bail!("no device to train on");
+    let start = RunStart {
+        // Saved configs name their data by absolute paths.
+        config: with_absolute_data_paths(config)?,
+        run_dir,
+        resume,
+        init,
+        cluster,
     };
+    let mut run = Run::<B>::start(start, &mut progress)?;
+    while !run.is_done() {
+        run = run.step()?;
+    }
+    run.finish()
+}
+
+/// What [`train`] was asked to do, before anything is opened.
+struct RunStart<'a, D> {
+    config: RunConfig,
+    run_dir: &'a Path,
+    resume: bool,
+    init: Option<&'a Path>,
+    cluster: &'a Cluster<D>,
+}
+
+/// A run in progress on this machine's first replica: its data, model and optimiser,
+/// the other replicas, and what it has logged, evaluated and saved so far.
+struct Run<'a, B: MoeAutodiffBackend> {
+    config: RunConfig,
+    run_dir: &'a Path,
+    data: RunData,
+    eval_windows: EvalWindows,
+    learner: Learner<B>,
+    /// This machine's other replicas (data-parallel runs only).
+    replicas: Option<Replicas<B>>,
+    state: TrainingState,
+    logger: MetricsLogger,
+    interval: Interval,
+    clock: RunClock,
+    last_eval: Option<EvalResult>,
+    last_checkpoint: Option<PathBuf>,
+    progress: &'a mut dyn FnMut(&str),
+}
+
+/// Time and tokens of this invocation of [`train`].
+struct RunClock {
+    started: Instant,
+    /// Training seconds of the run before this invocation (resuming).
+    elapsed_before: f64,
+    train_secs: f64,
+    trained_tokens: usize,
+}
+
+impl RunClock {
+    fn new(elapsed_before: f64) -> Self {
+        Self {
+            started: Instant::now(),
+            elapsed_before,
+            train_secs: 0.0,
+            trained_tokens: 0,
+        }
+    }
+
+    /// Training seconds of the whole run so far.
+    fn run_secs(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+}
+
+impl<'a, B: MoeAutodiffBackend> Run<'a, B> {
+    /// Checks the cluster, finds the checkpoint to resume or start from, opens the data,
+    /// builds (or restores) the model and optimiser and starts the other replicas.
+    fn start(start: RunStart<'a, B::Device>, progress: &'a mut dyn FnMut(&str)) -> Result<Self> {
+        let RunStart {
+            config,
+            run_dir,
+            resume,
+            init,
+            cluster,
+        } = start;
+        let Some(device) = cluster.devices.first() else {
+            bail!("no device to train on");
+        };
+        let local = local_replicas(&config, cluster)?;
+        let from = StartingPoint::find(&config, run_dir, resume, init, progress)?;
+        let data = open_data(&config, run_dir, from.model_checkpoint(), progress)?;
+        let batches = training_batches(&config, &data, progress)?;
+        let eval_windows = data.eval_windows(&config);
+        let (model, optimizer, state) = initial_model::<B>(&config, &from, cluster, progress)?;
+        let logger = MetricsLogger::open(run_dir, from.resume.as_ref().map(|_| state.step))?;
+        let clock = RunClock::new(state.elapsed_secs);
+        // Every step's all-reduce keeps the replicas in step: the others wait there while
+        // this one evaluates or saves.
+        let replicas = match config.train.replicas {
+            1 => None,
+            _ => {
+                let start = ReplicaStart {
+                    model: &model,
+                    config: &config,
+                    batches: &batches,
+                    step: state.step,
+                    resume_from: from.resume.as_deref(),
+                };
+                Some(Replicas::<B>::start(start, cluster, local)?)
+            }
+        };
+        let shard = Shard {
+            batches,
+            rank: cluster.first_rank(local),
+            replicas: config.train.replicas,
+        };
+        let learner = Learner {
+            model,
+            optimizer,
+            shard,
+            train: config.train.clone(),
+            device: device.clone(),
+        };
+        Ok(Self {
+            eval_windows,
+            learner,
+            replicas,
+            state,
+            logger,
+            interval: Interval::new(),
+            clock,
+            last_eval: None,
+            last_checkpoint: from.resume,
+            progress,
+            config,
+            run_dir,
+            data,
+        })
+    }
+
+    /// Whether every step of the run is done.
+    fn is_done(&self) -> bool {
+        self.state.step >= self.config.train.steps
+    }
+
+    /// Trains one step, then logs, evaluates and saves as the step's number calls for.
+    fn step(mut self) -> Result<Self> {
+        let step = self.state.step;
+        let step_start = Instant::now();
+        let lr = learning_rate(&self.config.train, step);
+        let peer = self.replicas.as_ref().map(|r| &r.peer);
+        let (learner, grad_norm) = match self.learner.step(step, peer, Some(&mut self.interval)) {
+            Ok(out) => out,
+            Err(error) => {
+                return Err(explain_failure(
+                    self.replicas.as_ref(),
+                    &mut self.logger,
+                    error,
+                ));
+            }
+        };
+        self.learner = learner;
+        self.state.step = step + 1;
+        let step_secs = step_start.elapsed().as_secs_f64();
+        let tokens = self.config.tokens_per_step();
+        self.clock.train_secs += step_secs;
+        self.clock.trained_tokens += tokens;
+        self.interval.add_step_time(step_secs, tokens);
+        self.state.elapsed_secs = self.clock.run_secs();
+        self.after_step(lr, grad_norm)?;
+        Ok(self)
+    }
+
+    /// The duties after a step: the training log line, the periodic evaluation (and the
+    /// whole split's after the last step) and the checkpoint, each when due.
+    fn after_step(&mut self, lr: f64, grad_norm: Tensor<B::InnerBackend, 1>) -> Result<()> {
+        let train = &self.config.train;
+        let (step, last) = (self.state.step, self.state.step == train.steps);
+        if step.is_multiple_of(train.log_every) || last {
+            let grad_norm = grad_norm.into_scalar().elem::<f64>();
+            let record = self
+                .interval
+                .finish(step, lr, grad_norm, self.state.elapsed_secs);
+            (self.progress)(&train_line(&record, train.steps));
+            self.logger.log(&MetricRecord::Train(record))?;
+        }
+        let periodic = step.is_multiple_of(train.eval_every) || last;
+        let checkpoint = step.is_multiple_of(train.checkpoint_every) || last;
+        // Periodic passes score the same fixed windows; the final one also the whole split.
+        for (full, due) in [(false, periodic), (true, last)] {
+            if due {
+                self.evaluate_and_log(full)?;
+            }
+        }
+        if checkpoint {
+            self.state.elapsed_secs = self.clock.run_secs();
+            self.last_checkpoint = Some(self.save()?);
+        }
+        Ok(())
+    }
+
+    /// Evaluates on the fixed windows or (`full`) the whole validation split, and reports
+    /// and logs the result.
+    fn evaluate_and_log(&mut self, full: bool) -> Result<()> {
+        let result = self.evaluate(full)?;
+        let step = self.state.step;
+        (self.progress)(&eval_line(step, &result, full));
+        self.logger.log(&MetricRecord::Eval {
+            step,
+            full,
+            result: result.clone(),
+        })?;
+        self.last_eval = Some(result);
+        Ok(())
+    }
+
+    /// The model's loss on the fixed evaluation windows or (`full`) the whole split.
+    fn evaluate(&self, full: bool) -> Result<EvalResult> {
+        let full_windows;
+        let windows = match full {
+            false => &self.eval_windows,
+            true => {
+                full_windows = self.data.full_eval_windows(self.config.data.seq_len);
+                &full_windows
+            }
+        };
+        let (model, device) = (&self.learner.model, &self.learner.device);
+        evaluate(
+            &model.valid(),
+            windows,
+            self.config.train.batch_size,
+            None,
+            device,
+        )
+    }
+
+    /// Writes a checkpoint of the current model, optimiser and step.
+    fn save(&self) -> Result<PathBuf> {
+        save_checkpoint::<B, _, _>(
+            self.run_dir,
+            &self.learner.model,
+            self.learner.optimizer.to_record(),
+            &self.config,
+            self.data.tokenizer(),
+            self.state,
+            self.config.train.keep_checkpoints,
+        )
+    }
+
+    /// Waits for the other replicas and reports the run. The last step ends with an
+    /// evaluation and a checkpoint; they run here only when no step was left (resuming a
+    /// finished run).
+    fn finish(mut self) -> Result<TrainOutcome> {
+        if let Some(replicas) = self.replicas.take() {
+            replicas.finish()?;
+        }
+        let final_eval = match self.last_eval.take() {
+            Some(result) => result,
+            None => self.evaluate(true)?,
+        };
+        let checkpoint = match self.last_checkpoint.take() {
+            Some(dir) => dir,
+            None => self.save()?,
+        };
+        Ok(TrainOutcome {
+            steps: self.state.step,
+            final_eval,
+            checkpoint,
+            elapsed_secs: self.clock.started.elapsed().as_secs_f64(),
+            tokens_per_sec: self.clock.trained_tokens as f64 / self.clock.train_secs.max(1e-9),
+        })
+    }
+}
+
+/// `error` of a step, explained by the replica that stopped first if one did; a
+/// divergence is logged.
+fn explain_failure<B: MoeAutodiffBackend>(
+    replicas: Option<&Replicas<B>>,
+    logger: &mut MetricsLogger,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    let error = match replicas {
+        Some(replicas) => replicas.explain(error),
+        None => error,
+    };
+    if let Some(diverged) = error.downcast_ref::<Diverged>() {
+        let record = MetricRecord::Diverged {
+            step: diverged.step,
+        };
+        if let Err(log_error) = logger.log(&record) {
+            return log_error;
+        }
+    }
+    error
+}
+
+/// This machine's share of `train.replicas`, after checking the cluster can hold them.
+fn local_replicas<D>(config: &RunConfig, cluster: &Cluster<D>) -> Result<usize> {
     let (replicas, nodes) = (config.train.replicas, cluster.node_count());
     if let Some(n) = &cluster.nodes {
         ensure!(
@@ -111,44 +394,99 @@ pub fn train<B: MoeAutodiffBackend>(
         "{} devices given for {local} replicas on this machine (train.replicas {replicas} over {nodes} nodes) and train.expert_devices {expert_devices}",
         cluster.devices.len(),
     );
-    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    Ok(local)
+}
+
+/// The checkpoints a run's first step starts from.
+struct StartingPoint {
+    /// The checkpoint resumed: weights, optimiser state and step.
+    resume: Option<PathBuf>,
+    /// A new run's starting weights and tokenizer.
+    init: Option<PathBuf>,
+}
+
+impl StartingPoint {
+    /// Creates `run_dir` and finds the checkpoint to resume (the newest there, with
+    /// `resume`, if its config allows) or to start from (`init`, for a new run).
+    fn find(
+        config: &RunConfig,
+        run_dir: &Path,
+        resume: bool,
+        init: Option<&Path>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        let resume = checkpoint_to_resume(run_dir, resume, progress)?;
+        if let Some(ckpt) = &resume {
+            check_resumable(config, &ckpt.join(CONFIG_FILE))?;
+        }
+        let init = match (&resume, init) {
+            (None, Some(init)) => Some(resolve_checkpoint(init)?),
+            _ => None,
+        };
+        Ok(Self { resume, init })
+    }
+
+    /// The checkpoint whose tokenizer the model keeps: the one resumed, or (a new run
+    /// from `init` starts from its weights) `init`.
+    fn model_checkpoint(&self) -> Option<&PathBuf> {
+        self.resume.as_ref().or(self.init.as_ref())
+    }
+}
+
+/// The checkpoint a run continues from: the newest in `run_dir` with `resume`. Without
+/// `resume`, a directory that already holds checkpoints is refused.
+fn checkpoint_to_resume(
+    run_dir: &Path,
+    resume: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<PathBuf>> {
     let existing = list_checkpoints(run_dir)?;
-    let resume_from = match (resume, existing.last()) {
-        (true, Some(last)) => Some(last.clone()),
+    match (resume, existing.last()) {
+        (true, Some(last)) => Ok(Some(last.clone())),
         (true, None) => {
             progress(&format!(
                 "no checkpoint in {} yet: starting a new run",
                 run_dir.display()
             ));
-            None
+            Ok(None)
         }
         (false, Some(last)) => bail!(
             "{} already holds a run (latest checkpoint {}); pass --resume to continue it, or --out for a new run",
             run_dir.display(),
             last.display()
         ),
-        (false, None) => None,
-    };
-    if let Some(ckpt) = &resume_from {
-        check_resumable(config, &ckpt.join(CONFIG_FILE))?;
+        (false, None) => Ok(None),
     }
+}
 
-    // A new run from `init` starts from its weights, so it keeps its tokenizer too.
-    let init = match (&resume_from, init) {
-        (None, Some(init)) => Some(resolve_checkpoint(init)?),
-        _ => None,
-    };
-    let model_tokenizer = match resume_from.as_ref().or(init.as_ref()) {
+/// Opens the run's data (tokenized with the tokenizer of `model_checkpoint`, the one
+/// resumed or started from, if any) and saves the config and tokenizer in `run_dir`.
+fn open_data(
+    config: &RunConfig,
+    run_dir: &Path,
+    model_checkpoint: Option<&PathBuf>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<RunData> {
+    let model_tokenizer = match model_checkpoint {
         Some(ckpt) => Some(load_tokenizer(ckpt)?),
         None => None,
     };
-    let data = RunData::open(config, model_tokenizer.as_ref(), &mut progress)?;
-    let tokenizer = data.tokenizer().clone();
+    let data = RunData::open(config, model_tokenizer.as_ref(), progress)?;
     std::fs::write(run_dir.join(CONFIG_FILE), config.to_toml()?)?;
-    tokenizer.save(&run_dir.join(TOKENIZER_FILE))?;
-    let (seq_len, batch_size) = (config.data.seq_len, config.train.batch_size);
-    // One batch holds every replica's sequences of a micro-batch.
-    let step_batch = batch_size * config.train.replicas;
+    data.tokenizer().save(&run_dir.join(TOKENIZER_FILE))?;
+    Ok(data)
+}
+
+/// The run's training batches, each holding every replica's sequences of a micro-batch;
+/// reports the data sets and, for a mixture, each set's share of the run.
+fn training_batches(
+    config: &RunConfig,
+    data: &RunData,
+    progress: &mut dyn FnMut(&str),
+) -> Result<TrainWindows> {
+    let step_batch = config.train.batch_size * config.train.replicas;
     let batches = data.train_windows(config, step_batch)?;
     for line in data.describe() {
         progress(&line);
@@ -167,36 +505,40 @@ pub fn train<B: MoeAutodiffBackend>(
             shares.join(", ")
         ));
     }
-    let eval_windows = data.eval_windows(config);
+    Ok(batches)
+}
 
+/// The model, optimiser and training state the run's first step starts from: seeded new
+/// weights, else `init`'s, else those of the checkpoint resumed; experts placed over
+/// `train.expert_devices` devices.
+fn initial_model<B: MoeAutodiffBackend>(
+    config: &RunConfig,
+    from: &StartingPoint,
+    cluster: &Cluster<B::Device>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Transformer<B>, AdamW<B>, TrainingState)> {
+    let device = cluster.device(0);
     B::seed(device, config.train.seed);
     let mut model = Transformer::<B>::new(&config.model, &config.moe, device)?;
     model.visit(&mut DrawWeights);
-    if let Some(init) = &init {
+    if let Some(init) = &from.init {
         model = initial_weights(model, config, init, device)?;
         progress(&format!("initialised from {}", init.display()));
     }
-    let train = &config.train;
-    let mut optimizer = FusedAdamW::new(train).init::<B>();
+    let mut optimizer = FusedAdamW::new(&config.train).init::<B>();
     let mut state = TrainingState {
         step: 0,
         elapsed_secs: 0.0,
     };
-    if let Some(ckpt) = &resume_from {
-        model = model
-            .load_file(ckpt.join(checkpoint::MODEL_FILE), &recorder(), device)
-            .with_context(|| format!("loading model from {}", ckpt.display()))?;
-        let record = recorder()
-            .load(ckpt.join(OPTIMIZER_FILE), device)
-            .with_context(|| format!("loading optimizer state from {}", ckpt.display()))?;
-        optimizer = optimizer.load_record(record);
-        state = load_state(ckpt)?;
+    if let Some(ckpt) = &from.resume {
+        (model, optimizer, state) = restore(model, optimizer, ckpt, device)?;
         progress(&format!(
             "resumed from {} (step {})",
             ckpt.display(),
             state.step
         ));
     }
+    let expert_devices = config.train.expert_devices;
     if expert_devices > 1 {
         let placement: Vec<B::Device> = (0..expert_devices)
             .map(|s| cluster.device(s).clone())
@@ -206,145 +548,23 @@ pub fn train<B: MoeAutodiffBackend>(
             "experts placed over {expert_devices} devices (expert e on device e mod {expert_devices})"
         ));
     }
-    let mut logger = MetricsLogger::open(run_dir, resume_from.as_ref().map(|_| state.step))?;
-    let started = Instant::now();
-    let elapsed_before = state.elapsed_secs;
-    let mut interval = Interval::new();
-    let mut train_secs = 0.0;
-    let mut trained_tokens = 0usize;
-    let mut last_eval = None;
-    let mut last_checkpoint = resume_from.clone();
-    // Periodic passes score the same fixed windows; the final one also the whole split.
-    let run_eval = |model: &Transformer<B>, windows: &EvalWindows| {
-        evaluate(&model.valid(), windows, batch_size, None, device)
-    };
-    let full_eval = |model: &Transformer<B>| run_eval(model, &data.full_eval_windows(seq_len));
-    let write_checkpoint = |model: &Transformer<B>, record, state| {
-        save_checkpoint::<B, _, _>(
-            run_dir,
-            model,
-            record,
-            config,
-            &tokenizer,
-            state,
-            train.keep_checkpoints,
-        )
-    };
+    Ok((model, optimizer, state))
+}
 
-    // Every step's all-reduce keeps the replicas in step: the others wait there while
-    // this one evaluates or saves.
-    let replicas = if train.replicas > 1 {
-        let start = ReplicaStart {
-            model: &model,
-            config,
-            batches: &batches,
-            step: state.step,
-            resume_from: resume_from.as_deref(),
-        };
-        Some(Replicas::<B>::start(start, cluster, local)?)
-    } else {
-        None
-    };
-    let peer = replicas.as_ref().map(|r| &r.peer);
-
-    for step in state.step..train.steps {
-        let step_start = Instant::now();
-        let lr = learning_rate(train, step);
-        let shard = Shard {
-            batches: &batches,
-            rank: cluster.first_rank(local),
-            replicas: train.replicas,
-        };
-        let grad_norm;
-        (model, grad_norm) = match train_step(
-            model,
-            &mut optimizer,
-            train,
-            step,
-            shard,
-            peer,
-            Some(&mut interval),
-            device,
-        ) {
-            Ok(out) => out,
-            Err(error) => {
-                let error = match &replicas {
-                    Some(replicas) => replicas.explain(error),
-                    None => error,
-                };
-                if let Some(diverged) = error.downcast_ref::<Diverged>() {
-                    logger.log(&MetricRecord::Diverged {
-                        step: diverged.step,
-                    })?;
-                }
-                return Err(error);
-            }
-        };
-        state.step = step + 1;
-        let step_secs = step_start.elapsed().as_secs_f64();
-        train_secs += step_secs;
-        trained_tokens += config.tokens_per_step();
-        interval.secs += step_secs;
-        interval.tokens += config.tokens_per_step();
-        state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
-
-        if state.step.is_multiple_of(train.log_every) || state.step == train.steps {
-            let record = interval.finish(
-                state.step,
-                lr,
-                grad_norm.into_scalar().elem::<f64>(),
-                state.elapsed_secs,
-            );
-            progress(&train_line(&record, train.steps));
-            logger.log(&MetricRecord::Train(record))?;
-        }
-        let last = state.step == train.steps;
-        if state.step.is_multiple_of(train.eval_every) || last {
-            let result = run_eval(&model, &eval_windows)?;
-            progress(&eval_line(state.step, &result, false));
-            logger.log(&MetricRecord::Eval {
-                step: state.step,
-                full: false,
-                result: result.clone(),
-            })?;
-            last_eval = Some(result);
-        }
-        if last {
-            let result = full_eval(&model)?;
-            progress(&eval_line(state.step, &result, true));
-            logger.log(&MetricRecord::Eval {
-                step: state.step,
-                full: true,
-                result: result.clone(),
-            })?;
-            last_eval = Some(result);
-        }
-        if state.step.is_multiple_of(train.checkpoint_every) || last {
-            state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
-            last_checkpoint = Some(write_checkpoint(&model, optimizer.to_record(), state)?);
-        }
-    }
-
-    if let Some(replicas) = replicas {
-        replicas.finish()?;
-    }
-    // The loop ends with an evaluation and a checkpoint; these run only when it had
-    // nothing left to do (resuming a finished run).
-    let final_eval = match last_eval {
-        Some(result) => result,
-        None => full_eval(&model)?,
-    };
-    let checkpoint = match last_checkpoint {
-        Some(dir) => dir,
-        None => write_checkpoint(&model, optimizer.to_record(), state)?,
-    };
-    Ok(TrainOutcome {
-        steps: state.step,
-        final_eval,
-        checkpoint,
-        elapsed_secs: started.elapsed().as_secs_f64(),
-        tokens_per_sec: trained_tokens as f64 / train_secs.max(1e-9),
-    })
+/// The model, optimiser and state saved in checkpoint `ckpt`.
+fn restore<B: MoeAutodiffBackend>(
+    model: Transformer<B>,
+    optimizer: AdamW<B>,
+    ckpt: &Path,
+    device: &B::Device,
+) -> Result<(Transformer<B>, AdamW<B>, TrainingState)> {
+    let model = model
+        .load_file(ckpt.join(checkpoint::MODEL_FILE), &recorder(), device)
+        .with_context(|| format!("loading model from {}", ckpt.display()))?;
+    let record = recorder()
+        .load(ckpt.join(OPTIMIZER_FILE), device)
+        .with_context(|| format!("loading optimizer state from {}", ckpt.display()))?;
+    Ok((model, optimizer.load_record(record), load_state(ckpt)?))
 }
 
 /// `model` with the weights of the checkpoint `init`, whose `[model]` section must equal
@@ -378,260 +598,6 @@ impl<B: Backend> ModuleVisitor<B> for DrawWeights {
     }
 }
 
-/// The micro-batches of one replica: its share of every micro-batch of the step.
-#[derive(Clone, Copy)]
-struct Shard<'a> {
-    batches: &'a TrainWindows,
-    rank: usize,
-    replicas: usize,
-}
-
-impl Shard<'_> {
-    /// This replica's sequences of micro-batch `micro` of `step`.
-    fn micro_batch(&self, step: usize, grad_accum: usize, micro: usize) -> Vec<Vec<u32>> {
-        let mut items = self.batches.batch(step * grad_accum + micro);
-        let per_replica = items.len() / self.replicas;
-        items.truncate((self.rank + 1) * per_replica);
-        items.split_off(self.rank * per_replica)
-    }
-}
-
-/// One optimiser step of a replica: forward and backward over its micro-batches, the
-/// gradients averaged over the replicas (with `peer`), clipping, AdamW and bias
-/// balancing (on the replicas' summed expert counts). Adds the step's losses (averaged
-/// over the replicas) and this replica's routing statistics to `interval`, if it logs
-/// (the other replicas read none of them back). Returns the updated model and the
-/// gradient norm before clipping; a loss that is not finite on any replica is a
-/// [`Diverged`] error on all of them.
-#[allow(clippy::too_many_arguments)]
-fn train_step<B: MoeAutodiffBackend, O: Optimizer<Transformer<B>, B>>(
-    model: Transformer<B>,
-    optimizer: &mut O,
-    train: &TrainConfig,
-    step: usize,
-    shard: Shard,
-    peer: Option<&Peer<B::InnerBackend>>,
-    mut interval: Option<&mut Interval>,
-    device: &B::Device,
-) -> Result<(Transformer<B>, Tensor<B::InnerBackend, 1>)> {
-    B::seed(device, train.seed.wrapping_add(step as u64 + 1));
-    let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
-    let mut step_counts: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
-    let mut losses = Tensor::<B::InnerBackend, 1>::zeros([2], device);
-    for micro in 0..train.grad_accum {
-        let items = shard.micro_batch(step, train.grad_accum, micro);
-        let batch: LmBatch<B> = LmBatcher.batch(items, device);
-        let out = forward_backward(&model, batch, 1.0 / train.grad_accum as f64, device);
-        accumulator.accumulate(&model, out.grads);
-        losses = losses + Tensor::cat(vec![out.ce.inner(), out.router.inner()], 0);
-        for (i, layer) in out.moe.iter().enumerate() {
-            let counts = layer.stats.counts.clone().inner().float();
-            match step_counts.get_mut(i) {
-                Some(c) => *c = c.clone() + counts,
-                None => step_counts.push(counts),
-            }
-        }
-        if let Some(interval) = interval.as_deref_mut() {
-            for layer in &out.moe {
-                interval.balance += layer.balance_loss.clone().into_scalar().elem::<f64>();
-                interval.z += layer.z_loss.clone().into_scalar().elem::<f64>();
-            }
-            interval.stats.add(&out.moe);
-            interval.micro_batches += 1;
-        }
-    }
-    let mut grads = accumulator.grads();
-    if let Some(peer) = peer {
-        // One all-reduce per step: gradients, losses and expert counts together.
-        let layers = step_counts.len();
-        let mut values = vec![losses];
-        values.extend(step_counts);
-        let values = Tensor::cat(values, 0);
-        let (mean_grads, mean_values) = peer.mean(&model, grads, values)?;
-        grads = mean_grads;
-        losses = mean_values.clone().slice(0..2);
-        let sums = mean_values
-            .slice(2..)
-            .mul_scalar(shard.replicas as f64)
-            .round();
-        step_counts = match layers {
-            0 => Vec::new(),
-            _ => sums.chunk(layers, 0),
-        };
-    }
-    let losses = losses.into_data().to_vec::<f32>().unwrap_or_default();
-    let (ce, router) = (f64::from(losses[0]), f64::from(losses[1]));
-    if !ce.is_finite() {
-        return Err(Diverged {
-            step: step + 1,
-            loss: ce,
-        }
-        .into());
-    }
-    if let Some(interval) = interval {
-        interval.loss += ce;
-        interval.aux += router;
-    }
-    let grad_norm = clip_global_norm(&model, &mut grads, train.grad_clip, device);
-    let lr = learning_rate(train, step);
-    let model = optimizer.step(lr, model, grads);
-    let step_counts = step_counts
-        .into_iter()
-        .map(|counts| Tensor::from_inner(counts.int()))
-        .collect();
-    Ok((model.update_expert_bias(step_counts), grad_norm))
-}
-
-/// What a replica thread starts from: replica 0's state before its first step.
-struct ReplicaStart<'a, B: MoeAutodiffBackend> {
-    model: &'a Transformer<B>,
-    config: &'a RunConfig,
-    batches: &'a TrainWindows,
-    step: usize,
-    resume_from: Option<&'a Path>,
-}
-
-/// This machine's replicas after the first, each training on its own thread, and the
-/// first one's membership of the collective. Dropping it before [`Replicas::finish`] (the
-/// first replica failed) wakes the others out of their all-reduce so they stop too.
-struct Replicas<B: MoeAutodiffBackend> {
-    peer: Peer<B::InnerBackend>,
-    threads: Vec<std::thread::JoinHandle<Result<()>>>,
-    /// The first error of each replica that stopped, sent before it resets the collective.
-    failures: mpsc::Receiver<String>,
-}
-
-impl<B: MoeAutodiffBackend> Replicas<B> {
-    /// Starts this machine's `local` replicas but the first (local replica `r` on
-    /// [`Cluster::device`]`(r)`) and joins the first on `devices[0]`.
-    fn start(from: ReplicaStart<B>, cluster: &Cluster<B::Device>, local: usize) -> Result<Self> {
-        let replicas = from.config.train.replicas;
-        let timeout = Duration::from_secs_f64(from.config.train.peer_timeout_secs);
-        let (devices, nodes, first) = (&cluster.devices, &cluster.nodes, cluster.first_rank(local));
-        data_parallel::reset::<B::InnerBackend>();
-        let (failed, failures) = mpsc::channel();
-        let threads = (1..local)
-            .map(|r| {
-                let rank = first + r;
-                let device = cluster.device(r).clone();
-                let nodes = nodes.clone();
-                let model = from.model.clone().fork(&device);
-                let (config, batches) = (from.config.clone(), from.batches.clone());
-                let (start, resume_from) = (from.step, from.resume_from.map(Path::to_path_buf));
-                let failed = failed.clone();
-                std::thread::spawn(move || {
-                    let run = || -> Result<()> {
-                        let train = &config.train;
-                        let mut optimizer = FusedAdamW::new(train).init::<B>();
-                        if let Some(ckpt) = &resume_from {
-                            let record = recorder().load(ckpt.join(OPTIMIZER_FILE), &device)?;
-                            optimizer = optimizer.load_record(record);
-                        }
-                        let peer = Peer::join(rank, local, nodes.as_ref(), &device, timeout)?;
-                        let shard = Shard {
-                            batches: &batches,
-                            rank,
-                            replicas,
-                        };
-                        let mut model = model;
-                        for step in start..train.steps {
-                            // Only the main replica logs: this one reads no statistics.
-                            let stepped = train_step(
-                                model,
-                                &mut optimizer,
-                                train,
-                                step,
-                                shard,
-                                Some(&peer),
-                                None,
-                                &device,
-                            )?;
-                            model = stepped.0;
-                        }
-                        peer.leave()
-                    };
-                    let result = run();
-                    if let Err(error) = &result {
-                        failed
-                            .send(format!("replica {rank} stopped: {error:#}"))
-                            .ok();
-                        data_parallel::reset::<B::InnerBackend>();
-                    }
-                    result
-                })
-            })
-            .collect();
-        let peer = Peer::join(first, local, nodes.as_ref(), &devices[0], timeout)?;
-        Ok(Self {
-            peer,
-            threads,
-            failures,
-        })
-    }
-
-    /// `error` of replica 0, under the error of a replica that stopped before (replica
-    /// 0's is then only its consequence).
-    fn explain(&self, error: anyhow::Error) -> anyhow::Error {
-        match self.failures.try_recv() {
-            Ok(failure) => error.context(failure),
-            Err(_) => error,
-        }
-    }
-
-    /// Leaves the collective after the last step and waits for the other replicas.
-    fn finish(mut self) -> Result<()> {
-        let threads = std::mem::take(&mut self.threads);
-        self.peer.leave()?;
-        for (i, thread) in threads.into_iter().enumerate() {
-            match thread.join() {
-                Ok(result) => result.with_context(|| format!("replica {}", i + 1))?,
-                Err(_) => bail!("replica {} panicked", i + 1),
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<B: MoeAutodiffBackend> Drop for Replicas<B> {
-    fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            data_parallel::reset::<B::InnerBackend>();
-        }
-    }
-}
-
-/// One micro-batch's forward pass and gradients.
-pub struct MicroStep<B: MoeAutodiffBackend> {
-    /// Gradients of `scale * (cross-entropy + router losses)`.
-    pub grads: GradientsParams,
-    /// Mean cross-entropy (nats per token), unscaled.
-    pub ce: Tensor<B, 1>,
-    /// The weighted router losses (balancing and z-loss), unscaled.
-    pub router: Tensor<B, 1>,
-    /// Each MoE layer's routing outputs (losses, statistics).
-    pub moe: MoeOutputs<B>,
-}
-
-/// Runs `batch` forward and backward; `scale` weighs its loss (1 / micro-batches per
-/// step, so accumulated gradients are those of the whole step's mean loss).
-pub fn forward_backward<B: MoeAutodiffBackend>(
-    model: &Transformer<B>,
-    batch: LmBatch<B>,
-    scale: f64,
-    device: &B::Device,
-) -> MicroStep<B> {
-    let (nll, moe) = model.token_nll(batch.inputs, batch.targets);
-    let ce = nll.mean();
-    let router = model.router_loss(&moe, device);
-    let loss = (ce.clone() + router.clone()) * scale;
-    MicroStep {
-        grads: GradientsParams::from_grads(loss.backward(), model),
-        ce,
-        router,
-        moe,
-    }
-}
-
 /// A resumed run must use the checkpoint's model, MoE, data and optimiser settings; only
 /// the step budget and the logging/eval/checkpoint intervals may change.
 fn check_resumable(config: &RunConfig, saved: &Path) -> Result<()> {
@@ -662,52 +628,6 @@ fn check_resumable(config: &RunConfig, saved: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Sums over the current logging interval.
-struct Interval {
-    loss: f64,
-    aux: f64,
-    balance: f64,
-    z: f64,
-    micro_batches: usize,
-    tokens: usize,
-    secs: f64,
-    stats: RouterStatsAccumulator,
-}
-
-impl Interval {
-    fn new() -> Self {
-        Self {
-            loss: 0.0,
-            aux: 0.0,
-            balance: 0.0,
-            z: 0.0,
-            micro_batches: 0,
-            tokens: 0,
-            secs: 0.0,
-            stats: RouterStatsAccumulator::default(),
-        }
-    }
-
-    /// The record of the interval ending at `step`; starts the next interval.
-    fn finish(&mut self, step: usize, lr: f64, grad_norm: f64, elapsed_secs: f64) -> TrainRecord {
-        let n = self.micro_batches.max(1) as f64;
-        let record = TrainRecord {
-            step,
-            loss: self.loss / n,
-            aux_loss: self.aux / n,
-            balance_loss: self.balance / n,
-            z_loss: self.z / n,
-            lr,
-            grad_norm,
-            tokens_per_sec: self.tokens as f64 / self.secs.max(1e-9),
-            elapsed_secs,
-            layers: self.stats.take(),
-        };
-        *self = Self::new();
-        record
-    }
 }
 
 fn eval_line(step: usize, result: &EvalResult, full: bool) -> String {

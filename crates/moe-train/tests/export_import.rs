@@ -10,6 +10,7 @@ use burn::backend::Flex;
 use common::{logits, max_abs_diff};
 use moe_model::{Gate, ModelConfig, MoeConfig, Transformer};
 use moe_train::checkpoint::save_model_checkpoint;
+use moe_train::hf_mixtral;
 use moe_train::model_tensors::model_tensors;
 use moe_train::safetensors_file::{HostTensor, NamedTensors, read_file, write_file};
 use moe_train::{ExportFormat, RunConfig, export, import, load_weights, read_model};
@@ -322,6 +323,44 @@ fn broken_checkpoints_give_errors_that_name_the_problem() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("already exists"), "{error}");
+}
+
+#[test]
+fn config_json_errors_name_the_missing_or_bad_key() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap())
+            .unwrap();
+    let error_of = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut config = fixture.clone();
+        edit(config.as_object_mut().unwrap());
+        format!("{:#}", hf_mixtral::configs_from_json(&config).unwrap_err())
+    };
+    assert!(hf_mixtral::configs_from_json(&fixture).is_ok());
+
+    let missing = error_of(&|c| {
+        c.remove("hidden_size");
+    });
+    assert!(missing.contains("`hidden_size`"), "{missing}");
+    let negative = error_of(&|c| {
+        c.insert("num_local_experts".into(), (-4).into());
+    });
+    assert!(negative.contains("`num_local_experts`"), "{negative}");
+    let text = error_of(&|c| {
+        c.insert("rms_norm_eps".into(), "small".into());
+    });
+    assert!(text.contains("`rms_norm_eps`"), "{text}");
+    let nested = error_of(&|c| {
+        c["rope_parameters"]["rope_theta"] = "large".into();
+    });
+    assert!(nested.contains("`rope_parameters.rope_theta`"), "{nested}");
+    let scaled = error_of(&|c| {
+        c["rope_parameters"]["rope_type"] = "yarn".into();
+    });
+    assert!(scaled.contains("`rope_parameters.rope_type`"), "{scaled}");
+    let gelu = error_of(&|c| {
+        c.insert("hidden_act".into(), "gelu".into());
+    });
+    assert!(gelu.contains("`hidden_act`"), "{gelu}");
 }
 
 /// Last-position logits of candle-transformers' Mixtral fed `ids` (one sequence) token by

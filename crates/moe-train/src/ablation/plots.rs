@@ -20,15 +20,7 @@ struct Curve {
 /// Writes `loss.svg`, `val_bpb.svg`, `load_cv.svg`, `router_logit.svg`, `z_loss.svg` and
 /// `expert_load_layer<L>.svg` into `study`; returns the file names.
 pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<String>> {
-    let variants: Vec<&str> = {
-        let mut names: Vec<&str> = Vec::new();
-        for run in &grid.runs {
-            if !names.contains(&run.variant.as_str()) {
-                names.push(&run.variant);
-            }
-        }
-        names
-    };
+    let variants = variant_names(grid);
     let mut loss = Vec::new();
     let mut bpb = Vec::new();
     let mut cv = Vec::new();
@@ -43,34 +35,7 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<
             continue;
         };
         let variant = variants.iter().position(|v| *v == run.variant).unwrap_or(0);
-        let records = read_metrics(&run.dir(study))?;
-        let mut curves = [(); 5].map(|()| Curve {
-            variant,
-            points: Vec::new(),
-        });
-        for record in &records {
-            match record {
-                MetricRecord::Train(t) => {
-                    let step = t.step as f64;
-                    curves[0].points.push((step, t.loss));
-                    if !t.layers.is_empty() {
-                        let mean =
-                            t.layers.iter().map(|l| l.cv).sum::<f64>() / t.layers.len() as f64;
-                        curves[2].points.push((step, mean));
-                        let max = t.layers.iter().map(|l| l.max_logit).fold(0.0, f64::max);
-                        curves[3].points.push((step, max));
-                        curves[4].points.push((step, t.z_loss));
-                    }
-                }
-                // The periodic evaluations' fixed windows make one comparable curve.
-                MetricRecord::Eval { step, full, result } => {
-                    if !full {
-                        curves[1].points.push((*step as f64, result.bpb));
-                    }
-                }
-                MetricRecord::Diverged { .. } => {}
-            }
-        }
+        let curves = run_curves(&read_metrics(&run.dir(study))?, variant);
         let [l, b, c, m, z] = curves;
         loss.push(l);
         bpb.push(b);
@@ -113,6 +78,49 @@ pub fn write(study: &Path, grid: &Grid, summaries: &[RunSummary]) -> Result<Vec<
         written.push(name);
     }
     Ok(written)
+}
+
+/// The study's variants, in the order of their first run.
+fn variant_names(grid: &Grid) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for run in &grid.runs {
+        if !names.contains(&run.variant.as_str()) {
+            names.push(&run.variant);
+        }
+    }
+    names
+}
+
+/// A run's five curves from its metrics: training loss, validation bpb, load CV, largest
+/// router logit and z-loss.
+fn run_curves(records: &[MetricRecord], variant: usize) -> [Curve; 5] {
+    let mut curves = [(); 5].map(|()| Curve {
+        variant,
+        points: Vec::new(),
+    });
+    for record in records {
+        match record {
+            MetricRecord::Train(t) => {
+                let step = t.step as f64;
+                curves[0].points.push((step, t.loss));
+                if !t.layers.is_empty() {
+                    let mean = t.layers.iter().map(|l| l.cv).sum::<f64>() / t.layers.len() as f64;
+                    curves[2].points.push((step, mean));
+                    let max = t.layers.iter().map(|l| l.max_logit).fold(0.0, f64::max);
+                    curves[3].points.push((step, max));
+                    curves[4].points.push((step, t.z_loss));
+                }
+            }
+            // The periodic evaluations' fixed windows make one comparable curve.
+            MetricRecord::Eval { step, full, result } => {
+                if !full {
+                    curves[1].points.push((*step as f64, result.bpb));
+                }
+            }
+            MetricRecord::Diverged { .. } => {}
+        }
+    }
+    curves
 }
 
 fn color(variant: usize) -> RGBColor {
@@ -188,15 +196,9 @@ fn line_chart(
     Ok(())
 }
 
-/// Mean load of each expert in `layer` (over the last logged intervals and the seeds),
-/// one row per variant; darker is busier, and each cell shows its value.
-fn load_heatmap(
-    path: &Path,
-    layer: usize,
-    summaries: &[RunSummary],
-    variants: &[&str],
-) -> Result<()> {
-    let rows: Vec<Vec<f64>> = variants
+/// Each variant's mean load of each expert of `layer`, over its seeds.
+fn mean_loads(layer: usize, summaries: &[RunSummary], variants: &[&str]) -> Vec<Vec<f64>> {
+    variants
         .iter()
         .map(|variant| {
             let loads: Vec<&Vec<f64>> = summaries
@@ -211,7 +213,18 @@ fn load_heatmap(
                 })
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+/// Mean load of each expert in `layer` (over the last logged intervals and the seeds),
+/// one row per variant; darker is busier, and each cell shows its value.
+fn load_heatmap(
+    path: &Path,
+    layer: usize,
+    summaries: &[RunSummary],
+    variants: &[&str],
+) -> Result<()> {
+    let rows = mean_loads(layer, summaries, variants);
     let experts = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
     let peak = rows.iter().flatten().copied().fold(1e-12, f64::max);
     let height = 120 + 40 * variants.len() as u32;

@@ -162,6 +162,7 @@ fn csv(summaries: &[RunSummary]) -> String {
     out
 }
 
+/// The study's Markdown report: what was run, the variants' table, the plots and the runs.
 fn markdown(
     study: &Path,
     grid: &Grid,
@@ -169,6 +170,22 @@ fn markdown(
     summaries: &[RunSummary],
     plots: &[String],
 ) -> String {
+    let mut out = String::new();
+    write_intro(&mut out, study, grid, variants.len(), summaries.len());
+    write_variant_table(&mut out, variants);
+    if !plots.is_empty() {
+        let _ = writeln!(out, "\n## Plots\n");
+        for plot in plots {
+            let _ = writeln!(out, "![{plot}]({plot})\n");
+        }
+    }
+    write_run_table(&mut out, summaries);
+    out
+}
+
+/// The report's title and the paragraph that says what the runs were and what each
+/// column means.
+fn write_intro(out: &mut String, study: &Path, grid: &Grid, variants: usize, summarised: usize) {
     let name = study.file_name().map_or_else(
         || study.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
@@ -180,7 +197,6 @@ fn markdown(
         seeds.iter().map(u64::to_string).collect()
     };
     let options = &grid.metrics;
-    let mut out = String::new();
     let _ = writeln!(out, "# Ablation study `{name}`\n");
     let _ = writeln!(
         out,
@@ -193,14 +209,18 @@ fn markdown(
          and router entropy (nats), averaged over the MoE layers; dead: experts under {}% \
          load in each of those intervals, summed over layers.\n",
         grid.runs.len(),
-        variants.len(),
+        variants,
         seeds.join(", "),
-        summaries.len(),
+        summarised,
         options.spike_factor,
         options.spike_window,
         options.dead_load * 100.0,
         tail = options.tail,
     );
+}
+
+/// One row per variant: its runs, divergences and every metric's mean ± std.
+fn write_variant_table(out: &mut String, variants: &[VariantResult]) {
     let header: Vec<&str> = METRICS.iter().map(|m| m.1).collect();
     let _ = writeln!(
         out,
@@ -226,12 +246,10 @@ fn markdown(
             cells.join(" | ")
         );
     }
-    if !plots.is_empty() {
-        let _ = writeln!(out, "\n## Plots\n");
-        for plot in plots {
-            let _ = writeln!(out, "![{plot}]({plot})\n");
-        }
-    }
+}
+
+/// The `## Runs` section: one row per run.
+fn write_run_table(out: &mut String, summaries: &[RunSummary]) {
     let _ = writeln!(out, "\n## Runs\n");
     let _ = writeln!(
         out,
@@ -256,7 +274,6 @@ fn markdown(
             dead.join(" ")
         );
     }
-    out
 }
 
 /// A metric value with the precision that makes sense for it.

@@ -174,26 +174,7 @@ pub fn summarize(
     };
     let tail = &train[train.len().saturating_sub(options.tail.max(1))..];
     let n_layers = train.iter().map(|t| t.layers.len()).max().unwrap_or(0);
-    let layers = (0..n_layers)
-        .map(|layer| {
-            let stats: Vec<_> = tail.iter().filter_map(|t| t.layers.get(layer)).collect();
-            let mean = |f: fn(&crate::metrics::LayerLoad) -> f64| {
-                stats.iter().map(|s| f(s)).sum::<f64>() / stats.len().max(1) as f64
-            };
-            let loads: Vec<&[f64]> = stats.iter().map(|s| s.load.as_slice()).collect();
-            let experts = loads.first().map_or(0, |l| l.len());
-            LayerSummary {
-                cv: mean(|s| s.cv),
-                max_violation: mean(|s| s.max_violation),
-                dropped: mean(|s| s.dropped),
-                entropy: mean(|s| s.entropy),
-                dead_experts: dead_experts(&loads, options.dead_load),
-                load: (0..experts)
-                    .map(|e| loads.iter().map(|l| l[e]).sum::<f64>() / loads.len() as f64)
-                    .collect(),
-            }
-        })
-        .collect();
+    let layers = layer_summaries(tail, n_layers, options.dead_load);
     RunSummary {
         variant: variant.to_string(),
         seed,
@@ -217,6 +198,31 @@ pub fn summarize(
             / train.len().max(1) as f64,
         layers,
     }
+}
+
+/// Each of `n_layers` MoE layers' routing over the last logged intervals `tail`; experts
+/// under `dead_load` in every one of them count as dead.
+fn layer_summaries(tail: &[&TrainRecord], n_layers: usize, dead_load: f64) -> Vec<LayerSummary> {
+    (0..n_layers)
+        .map(|layer| {
+            let stats: Vec<_> = tail.iter().filter_map(|t| t.layers.get(layer)).collect();
+            let mean = |f: fn(&crate::metrics::LayerLoad) -> f64| {
+                stats.iter().map(|s| f(s)).sum::<f64>() / stats.len().max(1) as f64
+            };
+            let loads: Vec<&[f64]> = stats.iter().map(|s| s.load.as_slice()).collect();
+            let experts = loads.first().map_or(0, |l| l.len());
+            LayerSummary {
+                cv: mean(|s| s.cv),
+                max_violation: mean(|s| s.max_violation),
+                dropped: mean(|s| s.dropped),
+                entropy: mean(|s| s.entropy),
+                dead_experts: dead_experts(&loads, dead_load),
+                load: (0..experts)
+                    .map(|e| loads.iter().map(|l| l[e]).sum::<f64>() / loads.len() as f64)
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 /// Mean of `metric` over the records of `tail` (0 when there are none).
