@@ -11,8 +11,8 @@ use burn::backend::{Autodiff, Flex, NdArray, Wgpu};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
+use moe_model::SwiGlu;
 use moe_model::dispatch;
-use moe_model::experts::SwiGlu;
 use moe_model::ops::with_reference_dispatch;
 use moe_model::{DropPolicy, Gate, MoeBackend, MoeConfig, MoeLayer};
 

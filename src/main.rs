@@ -15,8 +15,8 @@ use burn::backend::Flex;
 use clap::{Parser, Subcommand};
 use moe_model::ops::run_compute;
 use moe_model::{MoeAutodiffBackend, SamplingConfig, generate};
-use moe_train::checkpoint::CONFIG_FILE;
-use moe_train::data::RunData;
+use moe_train::CONFIG_FILE;
+use moe_train::RunData;
 use moe_train::data_parallel::{Cluster, Nodes};
 use moe_train::{
     ExportFormat, RunConfig, UpcycleOptions, evaluate, export, import, load_model,

@@ -495,7 +495,7 @@ fn trains_on_two_machines_through_the_orchestrator() {
     let weights = |run: &Path| {
         let loaded =
             moe_train::load_model::<burn::backend::Flex>(run, &Default::default()).unwrap();
-        moe_train::model_tensors::model_tensors(&loaded.model).unwrap()
+        moe_train::model_tensors(&loaded.model).unwrap()
     };
     let (a, b) = (weights(&runs[0]), weights(&runs[1]));
     for (name, tensor) in &a {

@@ -4,21 +4,28 @@
 //! (counting sort by expert, capacity limit or dropless) -> experts as one batched matmul
 //! -> weighted combine, with the Switch load-balancing loss and the ST-MoE router z-loss.
 
-pub mod attention;
-pub mod config;
+mod attention;
+mod config;
 pub mod dispatch;
-pub mod experts;
-pub mod generation;
+mod experts;
+mod generation;
 pub mod losses;
-pub mod moe;
-pub mod rope;
-pub mod router;
-pub mod sampling;
-pub mod transformer;
+mod moe;
+mod rope;
+mod router;
+mod sampling;
+mod transformer;
 
+pub use attention::{Attention, LayerCache};
 pub use config::{ConfigError, DropPolicy, ModelConfig, MoeConfig};
+pub use dispatch::{BufferLayout, DispatchPlan};
+pub use experts::{ExpertWeights, Experts, SwiGlu};
 pub use generation::{FinishReason, Generation, Sequence, decode_step, generate};
 pub use moe::{MoeLayer, MoeOutput, RouterStats};
 pub use moe_kernels::{self as ops, Gate, MoeAutodiffBackend, MoeBackend};
+pub use rope::RopeAngles;
+pub use router::{Router, Routing};
 pub use sampling::{Sampler, SamplingConfig};
-pub use transformer::{KvCache, Transformer, TransformerOutput};
+pub use transformer::{
+    Block, FeedForward, KvCache, LOSS_BLOCK_LOGITS, MoeOutputs, Transformer, TransformerOutput,
+};

@@ -10,7 +10,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
-use moe_model::experts::ExpertWeights;
+use moe_model::ExpertWeights;
 use moe_model::{MoeBackend, MoeConfig, MoeLayer};
 
 /// A layer with `bias` as its selection bias (to steer tokens away from some experts).
@@ -188,7 +188,7 @@ fn placement_does_not_change_the_record<B: AutodiffBackend + MoeBackend>(devices
         devices.len(),
         "placement kept"
     );
-    let ids = |experts: &moe_model::experts::Experts<B>| -> Vec<_> {
+    let ids = |experts: &moe_model::Experts<B>| -> Vec<_> {
         experts
             .shards
             .iter()

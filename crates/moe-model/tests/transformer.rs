@@ -9,7 +9,7 @@ use burn::backend::Flex;
 use burn::tensor::{Int, Tensor};
 use common::*;
 
-use moe_model::transformer::LOSS_BLOCK_LOGITS;
+use moe_model::LOSS_BLOCK_LOGITS;
 use moe_model::{
     FinishReason, Generation, KvCache, ModelConfig, SamplingConfig, Sequence, Transformer,
     decode_step, generate,

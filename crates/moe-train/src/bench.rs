@@ -12,7 +12,7 @@ use burn::optim::Optimizer;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 use moe_data::{LmBatch, LmBatcher};
-use moe_model::transformer::FeedForward;
+use moe_model::FeedForward;
 use moe_model::{MoeAutodiffBackend, MoeBackend, SamplingConfig, Transformer, generate, ops};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -9,7 +9,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
 use moe_data::{LmBatch, LmBatcher, TrainWindows};
-use moe_model::transformer::MoeOutputs;
+use moe_model::MoeOutputs;
 use moe_model::{MoeAutodiffBackend, Transformer};
 
 use crate::config::TrainConfig;

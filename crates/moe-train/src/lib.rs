@@ -2,30 +2,38 @@
 
 pub mod ablation;
 pub mod bench;
-pub mod checkpoint;
-pub mod config;
-pub mod data;
+mod checkpoint;
+mod config;
+mod data;
 pub mod data_parallel;
-pub mod eval;
-pub mod export;
-pub mod grad_clip;
+mod eval;
+mod export;
+mod grad_clip;
 pub mod hf_mixtral;
-pub mod import;
-pub mod learner;
-pub mod logger;
-pub mod metrics;
-pub mod model_tensors;
-pub mod optimizer;
-pub mod router_stats;
+mod import;
+mod learner;
+mod logger;
+mod metrics;
+mod model_tensors;
+mod optimizer;
+mod router_stats;
 pub mod safetensors_file;
-pub mod schedule;
-pub mod trainer;
-pub mod upcycle;
+mod schedule;
+mod trainer;
+mod upcycle;
 
-pub use checkpoint::{LoadedModel, load_model, load_weights, resolve_checkpoint};
-pub use config::RunConfig;
+pub use checkpoint::{
+    CONFIG_FILE, LoadedModel, TrainingState, load_model, load_weights, recorder,
+    resolve_checkpoint, save_model_checkpoint,
+};
+pub use config::{DataConfig, DataSource, RunConfig, SourceConfig, TrainConfig};
+pub use data::RunData;
 pub use eval::{EvalResult, evaluate};
 pub use export::{ExportFormat, export};
 pub use import::{Imported, import, read_model};
+pub use logger::{MetricRecord, TrainRecord};
+pub use metrics::{LayerLoad, coefficient_of_variation, max_violation};
+pub use model_tensors::model_tensors;
+pub use optimizer::FusedAdamW;
 pub use trainer::{Diverged, TrainOutcome, train};
-pub use upcycle::{UpcycleOptions, upcycle, upcycle_checkpoint};
+pub use upcycle::{UpcycleOptions, upcycle, upcycle_checkpoint, upcycled_config};

@@ -11,7 +11,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::collective::ReduceOperation;
 use burn::tensor::Tensor;
 use moe_train::data_parallel::{Cluster, Peer, reset};
-use moe_train::model_tensors::model_tensors;
+use moe_train::model_tensors;
 use moe_train::{RunConfig, load_model, train};
 
 type B = Autodiff<Flex>;

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use common::{logits, max_abs_diff};
 use moe_model::{Gate, ModelConfig, MoeConfig, Transformer};
-use moe_train::checkpoint::save_model_checkpoint;
 use moe_train::hf_mixtral;
-use moe_train::model_tensors::model_tensors;
+use moe_train::model_tensors;
 use moe_train::safetensors_file::{HostTensor, NamedTensors, read_file, write_file};
+use moe_train::save_model_checkpoint;
 use moe_train::{ExportFormat, RunConfig, export, import, load_weights, read_model};
 use safetensors::SafeTensors;
 

@@ -9,8 +9,8 @@ use burn::record::Recorder;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use moe_model::MoeBackend;
-use moe_train::checkpoint::recorder;
-use moe_train::optimizer::FusedAdamW;
+use moe_train::FusedAdamW;
+use moe_train::recorder;
 
 const HYPER: FusedAdamW = FusedAdamW {
     beta_1: 0.8,

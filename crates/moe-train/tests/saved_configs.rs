@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use moe_model::Gate;
-use moe_train::checkpoint::load_model;
-use moe_train::config::RunConfig;
+use moe_train::RunConfig;
+use moe_train::load_model;
 
 /// A valid run config with `router_lines` in its `[moe]` section.
 fn config_text(router_lines: &str) -> String {

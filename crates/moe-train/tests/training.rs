@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
 use moe_data::{PrepareOptions, TokenizerChoice, ValidationSplit, prepare};
-use moe_train::config::SourceConfig;
+use moe_train::MetricRecord;
+use moe_train::SourceConfig;
 use moe_train::data_parallel::Cluster;
-use moe_train::logger::MetricRecord;
-use moe_train::metrics::{LayerLoad, coefficient_of_variation, max_violation};
-use moe_train::model_tensors::model_tensors;
+use moe_train::model_tensors;
+use moe_train::{LayerLoad, coefficient_of_variation, max_violation};
 use moe_train::{RunConfig, load_model, train};
 
 type B = Autodiff<Flex>;

@@ -11,9 +11,9 @@ use burn::backend::{Autodiff, Flex};
 use common::max_abs_diff;
 use moe_data::TextTokenizer;
 use moe_model::{Gate, Transformer};
-use moe_train::checkpoint::save_model_checkpoint;
 use moe_train::data_parallel::Cluster;
-use moe_train::model_tensors::model_tensors;
+use moe_train::model_tensors;
+use moe_train::save_model_checkpoint;
 use moe_train::{RunConfig, UpcycleOptions, load_weights, train, upcycle_checkpoint};
 
 type B = Flex;
@@ -298,7 +298,7 @@ fn upcycled_config_keeps_the_rest_of_the_parent() {
         top_k: 2,
         router_std: None,
     };
-    let child = moe_train::upcycle::upcycled_config(&parent, &options).unwrap();
+    let child = moe_train::upcycled_config(&parent, &options).unwrap();
     assert_eq!(child.moe.router, Gate::Sigmoid { scale: 1.0 });
     assert_eq!(child.moe.aux_loss_weight, 0.02);
     assert_eq!(child.moe.n_shared_experts, 0);

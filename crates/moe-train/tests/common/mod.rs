@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use moe_model::Transformer;
-use moe_train::logger::MetricRecord;
+use moe_train::MetricRecord;
 
 /// A dataset directory under `dir` holding the first `bytes` of each named shipped work.
 pub fn dataset(dir: &Path, works: &[(&str, usize)]) -> PathBuf {
