@@ -120,124 +120,38 @@ const BATCH_BYTES: usize = 16 << 20;
 
 /// Prepares `options.inputs` into `options.out`; returns the written `meta.json`.
 pub fn prepare(options: &PrepareOptions, progress: &mut dyn FnMut(Progress)) -> Result<Meta> {
-    let out = &options.out;
-    ensure!(
-        !out.exists(),
-        "`{}` already exists; choose another --out or delete it",
-        out.display()
-    );
-    ensure!(
-        !options.inputs.is_empty(),
-        "no input: pass --input PATH (or - for standard input)"
-    );
-    ensure!(
-        options.shard_tokens > 0,
-        "shards must hold at least one token"
-    );
-    let staging = Staging::new(out)?;
+    check_options(options)?;
+    let staging = Staging::new(&options.out)?;
     let inputs = spool_stdin(options, staging.path())?;
     let files = expand_inputs(&inputs)?;
 
-    let scan = scan(options, &files, progress)?;
-    let documents = scan.documents();
+    let mut scan = scan(options, &files, progress)?;
     ensure!(
-        documents > 0,
+        scan.documents() > 0,
         "no text in {}: every document is empty",
         describe_inputs(&options.inputs)
     );
     let validation = pick_validation(options, &files, &scan)?;
-    let tokenizer = match &options.tokenizer {
-        TokenizerChoice::File(path) => TextTokenizer::load(path)?,
-        TokenizerChoice::Given(tokenizer) => tokenizer.as_ref().clone(),
-        TokenizerChoice::Bytes => TextTokenizer::bytes()?,
-        TokenizerChoice::TrainBpe { vocab_size } => {
-            let sample: Vec<&str> = scan
-                .sample
-                .iter()
-                .filter(|s| !validation.contains(&s.doc))
-                .map(|s| s.text.as_str())
-                .collect();
-            let bytes = sample.iter().map(|t| t.len() as u64).sum();
-            progress(Progress::TrainingTokenizer { bytes });
-            TextTokenizer::train_bpe(&sample, *vocab_size)?
-        }
-    };
-    drop(scan.sample);
-    let dtype = Dtype::for_vocab(tokenizer.vocab_size());
+    let tokenizer = build_tokenizer(&options.tokenizer, &scan, &validation, progress)?;
+    scan.sample = Vec::new();
     let labels: Vec<String> = options
         .inputs
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    let mut train = SplitWriter::create(
-        &staging.path().join("train"),
-        dtype,
-        options.shard_tokens,
-        labels.len(),
-    )?;
-    let mut val = SplitWriter::create(
-        &staging.path().join("val"),
-        dtype,
-        options.shard_tokens,
-        labels.len(),
-    )?;
-
-    let mut batch: Vec<(Piece, usize)> = Vec::new();
-    let (mut batch_bytes, mut done) = (0usize, 0u64);
-    let mut flush = |batch: &mut Vec<(Piece, usize)>, done: &mut u64| -> Result<()> {
-        let encoded: Vec<Result<Vec<u32>>> = batch
-            .par_iter()
-            .map(|(piece, _)| tokenizer.encode(&piece.text))
-            .collect();
-        for ((piece, input), ids) in batch.drain(..).zip(encoded) {
-            let ids = ids?;
-            let split = if validation.contains(&piece.doc) {
-                &mut val
-            } else {
-                &mut train
-            };
-            split.push(&piece, input, &ids, tokenizer.end_of_text())?;
-            *done += piece.text.len() as u64;
-        }
-        progress(Progress::Tokenizing {
-            done: *done,
-            total: scan.bytes,
-        });
-        Ok(())
+    let pass = Tokenizing {
+        options,
+        tokenizer: &tokenizer,
+        validation: &validation,
+        total_bytes: scan.bytes,
+        inputs: labels.len(),
     };
-    let mut first_doc = 0;
-    for file in &files {
-        let counts = read_pieces(file, &options.text_field, first_doc, &mut |piece| {
-            batch_bytes += piece.text.len();
-            batch.push((piece, file.input));
-            if batch_bytes >= BATCH_BYTES {
-                flush(&mut batch, &mut done)?;
-                batch_bytes = 0;
-            }
-            Ok(())
-        })?;
-        first_doc += counts.documents;
-    }
-    flush(&mut batch, &mut done)?;
-    ensure!(
-        first_doc == documents,
-        "the input changed while it was being prepared ({documents} documents, then {first_doc})"
-    );
+    let (train, val) = pass.run(&files, scan.documents(), staging.path(), progress)?;
 
-    let sources = labels
-        .iter()
-        .zip(&scan.per_input)
-        .map(|(input, counts)| SourceMeta {
-            input: input.clone(),
-            documents: counts.documents,
-            empty: counts.empty,
-            invalid_utf8: counts.invalid_utf8,
-        })
-        .collect();
     let meta = Meta {
         format: FORMAT,
         vocab_size: tokenizer.vocab_size(),
-        dtype,
+        dtype: Dtype::for_vocab(tokenizer.vocab_size()),
         end_of_text: tokenizer.end_of_text(),
         tokenizer_sha256: tokenizer.fingerprint()?,
         seed: options.seed,
@@ -246,7 +160,7 @@ pub fn prepare(options: &PrepareOptions, progress: &mut dyn FnMut(Progress)) -> 
         invalid_utf8: scan.per_input.iter().map(|c| c.invalid_utf8).sum(),
         train: train.finish(&labels)?,
         val: val.finish(&labels)?,
-        sources,
+        sources: source_metas(&labels, &scan.per_input),
     };
     ensure!(
         meta.train.tokens > 0,
@@ -262,6 +176,151 @@ pub fn prepare(options: &PrepareOptions, progress: &mut dyn FnMut(Progress)) -> 
     }
     staging.publish()?;
     Ok(meta)
+}
+
+/// Refuses options that cannot work, before anything is read or written.
+fn check_options(options: &PrepareOptions) -> Result<()> {
+    ensure!(
+        !options.out.exists(),
+        "`{}` already exists; choose another --out or delete it",
+        options.out.display()
+    );
+    ensure!(
+        !options.inputs.is_empty(),
+        "no input: pass --input PATH (or - for standard input)"
+    );
+    ensure!(
+        options.shard_tokens > 0,
+        "shards must hold at least one token"
+    );
+    Ok(())
+}
+
+/// The tokenizer `choice` names; a BPE is trained on the scan's sample less the
+/// validation documents.
+fn build_tokenizer(
+    choice: &TokenizerChoice,
+    scan: &Scan,
+    validation: &HashSet<u64>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<TextTokenizer> {
+    match choice {
+        TokenizerChoice::File(path) => TextTokenizer::load(path),
+        TokenizerChoice::Given(tokenizer) => Ok(tokenizer.as_ref().clone()),
+        TokenizerChoice::Bytes => TextTokenizer::bytes(),
+        TokenizerChoice::TrainBpe { vocab_size } => {
+            let sample: Vec<&str> = scan
+                .sample
+                .iter()
+                .filter(|s| !validation.contains(&s.doc))
+                .map(|s| s.text.as_str())
+                .collect();
+            let bytes = sample.iter().map(|t| t.len() as u64).sum();
+            progress(Progress::TrainingTokenizer { bytes });
+            TextTokenizer::train_bpe(&sample, *vocab_size)
+        }
+    }
+}
+
+/// The second pass: every document tokenized, in batches encoded in parallel, into the
+/// training or the validation split.
+struct Tokenizing<'a> {
+    options: &'a PrepareOptions,
+    tokenizer: &'a TextTokenizer,
+    validation: &'a HashSet<u64>,
+    /// Text bytes in all, for the progress reports.
+    total_bytes: u64,
+    /// Number of `--input`s, each counted apart in the splits.
+    inputs: usize,
+}
+
+impl Tokenizing<'_> {
+    /// Tokenizes `files` (holding `documents` non-empty documents, as the first pass
+    /// counted) into the `train` and `val` splits under `dir`.
+    fn run(
+        &self,
+        files: &[SourceFile],
+        documents: u64,
+        dir: &Path,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(SplitWriter, SplitWriter)> {
+        let dtype = Dtype::for_vocab(self.tokenizer.vocab_size());
+        let split = |name: &str| {
+            SplitWriter::create(
+                &dir.join(name),
+                dtype,
+                self.options.shard_tokens,
+                self.inputs,
+            )
+        };
+        let mut splits = (split("train")?, split("val")?);
+        let mut batch: Vec<(Piece, usize)> = Vec::new();
+        let (mut batch_bytes, mut done, mut first_doc) = (0usize, 0u64, 0u64);
+        for file in files {
+            let counts = read_pieces(file, &self.options.text_field, first_doc, &mut |piece| {
+                batch_bytes += piece.text.len();
+                batch.push((piece, file.input));
+                if batch_bytes >= BATCH_BYTES {
+                    done += self.encode(&mut batch, &mut splits)?;
+                    progress(self.progress(done));
+                    batch_bytes = 0;
+                }
+                Ok(())
+            })?;
+            first_doc += counts.documents;
+        }
+        done += self.encode(&mut batch, &mut splits)?;
+        progress(self.progress(done));
+        ensure!(
+            first_doc == documents,
+            "the input changed while it was being prepared ({documents} documents, then {first_doc})"
+        );
+        Ok(splits)
+    }
+
+    /// Encodes and empties `batch` into the splits; returns its text bytes.
+    fn encode(
+        &self,
+        batch: &mut Vec<(Piece, usize)>,
+        (train, val): &mut (SplitWriter, SplitWriter),
+    ) -> Result<u64> {
+        let encoded: Vec<Result<Vec<u32>>> = batch
+            .par_iter()
+            .map(|(piece, _)| self.tokenizer.encode(&piece.text))
+            .collect();
+        let mut bytes = 0;
+        for ((piece, input), ids) in batch.drain(..).zip(encoded) {
+            let split = if self.validation.contains(&piece.doc) {
+                &mut *val
+            } else {
+                &mut *train
+            };
+            split.push(&piece, input, &ids?, self.tokenizer.end_of_text())?;
+            bytes += piece.text.len() as u64;
+        }
+        Ok(bytes)
+    }
+
+    fn progress(&self, done: u64) -> Progress {
+        Progress::Tokenizing {
+            done,
+            total: self.total_bytes,
+        }
+    }
+}
+
+/// What `meta.json` says of each input.
+fn source_metas(labels: &[String], per_input: &[FileCounts]) -> Vec<SourceMeta> {
+    labels
+        .iter()
+        .zip(per_input)
+        .map(|(input, counts)| SourceMeta {
+            input: input.clone(),
+            documents: counts.documents,
+            empty: counts.empty,
+            invalid_utf8: counts.invalid_utf8,
+        })
+        .collect()
 }
 
 fn describe_inputs(inputs: &[PathBuf]) -> String {
