@@ -18,6 +18,16 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Asserts that a command failed (exit code 1) with an error naming `what`.
+fn assert_fails_naming(out: &Output, what: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+    assert!(
+        stderr(out).contains(what),
+        "expected `{what}` in: {}",
+        stderr(out)
+    );
+}
+
 /// A small config on slices of three shipped works.
 fn small_run(dir: &Path) -> String {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/shakespeare");
@@ -154,12 +164,7 @@ fn train_then_eval_and_generate() {
         "--out",
         &hf,
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("dense FFN layers"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_naming(&out, "dense FFN layers");
     let exported = dir.path().join("exported").display().to_string();
     let out = moe(&[
         "export",
@@ -264,12 +269,7 @@ fn imports_a_transformers_mixtral_without_a_tokenizer() {
         stderr(&out)
     );
     let out = moe(&["eval", "--checkpoint", &checkpoint]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("has no tokenizer.json"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_naming(&out, "has no tokenizer.json");
 }
 
 #[test]
@@ -314,8 +314,7 @@ fn ablate_runs_a_grid_in_parallel_processes_and_skips_finished_runs() {
     )
     .unwrap();
     let out = moe(&args);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("topk"), "{}", stderr(&out));
+    assert_fails_naming(&out, "topk");
 }
 
 #[test]
@@ -519,8 +518,7 @@ fn errors_name_the_problem() {
         "--out",
         "/tmp/never-written",
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("moe.top_k"), "{}", stderr(&out));
+    assert_fails_naming(&out, "moe.top_k");
     assert!(
         !Path::new("/tmp/never-written").exists(),
         "no work starts on a bad config"
@@ -530,12 +528,7 @@ fn errors_name_the_problem() {
     assert!(stderr(&out).contains("no-such.toml"), "{}", stderr(&out));
 
     let out = moe(&["eval", "--checkpoint", dir.path().to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("neither a checkpoint"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_naming(&out, "neither a checkpoint");
 
     let out = moe(&["train", "--backend", "tpu"]);
     assert!(!out.status.success());
@@ -564,12 +557,7 @@ fn errors_name_the_problem() {
     let out = moe(&["moa"]);
     assert!(stderr(&out).contains("--prompt"), "{}", stderr(&out));
     let out = moe(&["moa", "serve", "--config", "configs/no-such-moa.toml"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("no-such-moa.toml"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_naming(&out, "no-such-moa.toml");
 }
 
 #[test]
@@ -646,12 +634,7 @@ fn upcycle_a_dense_run_then_fine_tune_it() {
         "--out",
         &path("x"),
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("[model] section differs"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_naming(&out, "[model] section differs");
     let out = moe(&[
         "upcycle",
         "--from",
@@ -663,12 +646,7 @@ fn upcycle_a_dense_run_then_fine_tune_it() {
         "--out",
         &path("y"),
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("already an MoE layer"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_naming(&out, "already an MoE layer");
 }
 
 #[test]
