@@ -48,11 +48,21 @@ pub fn cached_directory(
     cache_root: &Path,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<PreparedSet> {
-    let dir = cache_dir(settings, cache_root)?;
+    open_or_prepare(settings, &cache_dir(settings, cache_root)?, progress)
+}
+
+/// The prepared set of `settings.dir` in `dir`, its cache directory (from [`cache_dir`],
+/// which hashes every input file: a caller that has it need not hash them again),
+/// preparing it there first if it is not yet.
+pub fn open_or_prepare(
+    settings: &DirectorySettings,
+    dir: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<PreparedSet> {
     if dir.is_dir() {
-        return PreparedSet::open(&dir);
+        return PreparedSet::open(dir);
     }
-    let mut options = PrepareOptions::new(vec![settings.dir.clone()], dir.clone());
+    let mut options = PrepareOptions::new(vec![settings.dir.clone()], dir.to_path_buf());
     options.tokenizer = settings.tokenizer.clone();
     options.validation = settings.validation.clone();
     options.seed = settings.seed;
@@ -63,7 +73,7 @@ pub fn cached_directory(
             return Err(error);
         }
     }
-    PreparedSet::open(&dir)
+    PreparedSet::open(dir)
 }
 
 /// Where the cache keeps (or would keep) the prepared set of `settings`.

@@ -12,7 +12,9 @@ mod tokenizer;
 mod windows;
 
 pub use batches::{LmBatch, LmBatcher};
-pub use cache::{DirectorySettings, cache_dir, cached_directory, default_cache_root};
+pub use cache::{
+    DirectorySettings, cache_dir, cached_directory, default_cache_root, open_or_prepare,
+};
 pub use meta::Meta;
 pub use prepare::{PrepareOptions, Progress, TokenizerChoice, ValidationSplit, prepare};
 pub use prepared::{PreparedSet, TokenSplit};

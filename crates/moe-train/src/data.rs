@@ -6,11 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
-use moe_data::cache_dir;
 use moe_data::{
     DirectorySettings, EvalWindows, PreparedSet, Progress, TextTokenizer, TokenSplit,
-    TokenizerChoice, TokenizerKind, TrainWindows, ValidationSplit, WeightedSplit, cached_directory,
-    default_cache_root,
+    TokenizerChoice, TokenizerKind, TrainWindows, ValidationSplit, WeightedSplit, cache_dir,
+    default_cache_root, open_or_prepare,
 };
 
 use crate::config::{DataSource, RunConfig};
@@ -200,7 +199,7 @@ fn cached_dataset(
             progress(&format!("training a tokenizer on {bytes} bytes of text"));
         }
     };
-    cached_directory(&chosen, &root, &mut report)
+    open_or_prepare(&chosen, &target, &mut report)
 }
 
 /// The prepared set in `dir`, if there is one and it was tokenized with `tokenizer`.
