@@ -1,0 +1,89 @@
+//! `moe eval`: a checkpoint's validation loss, bits per byte, perplexity and expert load.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use moe_model::MoeAutodiffBackend;
+use moe_train::{RunData, evaluate, load_model};
+
+use crate::backend::{BackendJob, BackendKind, run_on};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct EvalArgs {
+    /// A checkpoint directory, or a run directory (its latest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// A prepared set (`moe data prepare`) whose validation split to score, instead of
+    /// the run config's data. It must use the checkpoint's tokenizer.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Evaluate only this many validation batches.
+    #[arg(long)]
+    batches: Option<usize>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "flex")]
+    backend: BackendKind,
+}
+
+/// Runs `moe eval` on the backend its flags name.
+pub(crate) fn run(args: EvalArgs) -> Result<()> {
+    run_on(args.backend, args)
+}
+
+impl BackendJob for EvalArgs {
+    type Output = ();
+
+    fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        let mut config = loaded.config.clone();
+        if let Some(dir) = &self.data {
+            config.data.prepared = Some(dir.clone());
+            config.data.dataset = None;
+            config.data.sources.clear();
+            config.data.tokenizer = None;
+            config.data.validation_works = None;
+        }
+        let data = RunData::open(&config, Some(&loaded.tokenizer), &mut |line| {
+            eprintln!("{line}")
+        })?;
+        let windows = data.full_eval_windows(config.data.seq_len);
+        let result = evaluate(
+            &loaded.model,
+            &windows,
+            config.train.batch_size,
+            self.batches,
+            &device,
+        )?;
+        if self.json {
+            let json = serde_json::json!({
+                "checkpoint": loaded.checkpoint,
+                "val_loss": result.val_loss,
+                "bpb": result.bpb,
+                "perplexity": result.perplexity,
+                "tokens": result.tokens,
+                "expert_load": result.expert_load.iter().map(|l| l.load.clone()).collect::<Vec<_>>(),
+                "layers": result.expert_load,
+            });
+            println!("{json}");
+        } else {
+            println!("checkpoint  {}", loaded.checkpoint.display());
+            println!("val_loss    {:.4}", result.val_loss);
+            println!("bpb         {:.4}", result.bpb);
+            println!("perplexity  {:.2}", result.perplexity);
+            for (i, layer) in result.expert_load.iter().enumerate() {
+                let load: Vec<String> = layer.load.iter().map(|l| format!("{l:.3}")).collect();
+                println!(
+                    "moe layer {i}: load [{}] cv {:.3} dropped {:.2}% entropy {:.3}",
+                    load.join(" "),
+                    layer.cv,
+                    100.0 * layer.dropped,
+                    layer.entropy
+                );
+            }
+        }
+        Ok(())
+    }
+}
