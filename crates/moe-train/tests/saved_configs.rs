@@ -1,10 +1,13 @@
 //! The router setting in config files: its table form, its shorthand, the flat form of
 //! configs saved before it was one table, and a checkpoint saved in that form.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
+use common::max_abs_diff;
 use moe_model::Gate;
 use moe_train::RunConfig;
 use moe_train::load_model;
@@ -149,14 +152,6 @@ fn last_logits(checkpoint: &Path) -> (Gate, Vec<f32>) {
     let logits = loaded.model.forward(tokens).logits.into_data();
     let logits = logits.to_vec::<f32>().unwrap();
     (loaded.config.moe.router, logits[(n - 2) * 256..].to_vec())
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

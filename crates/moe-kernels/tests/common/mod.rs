@@ -25,30 +25,15 @@ pub fn gates() -> Vec<Gate> {
 /// default device.
 macro_rules! backend_tests {
     ($($test:ident),+ $(,)?) => {
-        mod flex {
-            type B = burn::backend::Flex;
-            $(#[test]
-            fn $test() {
-                super::$test::<B>(&Default::default());
-            })+
-        }
-        mod ndarray {
-            type B = burn::backend::NdArray;
-            $(#[test]
-            fn $test() {
-                super::$test::<B>(&Default::default());
-            })+
-        }
-        mod wgpu {
-            type B = burn::backend::Wgpu;
-            $(#[test]
-            fn $test() {
-                super::$test::<B>(&Default::default());
-            })+
-        }
+        backend_tests!(@backend flex, burn::backend::Flex, $($test),+);
+        backend_tests!(@backend ndarray, burn::backend::NdArray, $($test),+);
+        backend_tests!(@backend wgpu, burn::backend::Wgpu, $($test),+);
         #[cfg(feature = "cuda")]
-        mod cuda {
-            type B = burn::backend::Cuda;
+        backend_tests!(@backend cuda, burn::backend::Cuda, $($test),+);
+    };
+    (@backend $name:ident, $backend:ty, $($test:ident),+) => {
+        mod $name {
+            type B = $backend;
             $(#[test]
             fn $test() {
                 super::$test::<B>(&Default::default());
