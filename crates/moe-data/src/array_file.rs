@@ -20,10 +20,12 @@ pub const VERSION: u32 = 1;
 const HEADER_BYTES: usize = 32;
 
 /// How values are stored: tokens as `u16` while the vocabulary fits, else `u32`;
-/// document offsets as `u64`.
+/// document offsets as `u64`; loss masks as `u8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
+    /// One byte per value.
+    U8,
     /// Two bytes per value.
     U16,
     /// Four bytes per value.
@@ -45,6 +47,7 @@ impl Dtype {
     /// Bytes per value.
     pub fn width(self) -> usize {
         match self {
+            Self::U8 => 1,
             Self::U16 => 2,
             Self::U32 => 4,
             Self::U64 => 8,
@@ -53,6 +56,7 @@ impl Dtype {
 
     fn from_width(width: u32) -> Option<Self> {
         match width {
+            1 => Some(Self::U8),
             2 => Some(Self::U16),
             4 => Some(Self::U32),
             8 => Some(Self::U64),
@@ -228,6 +232,7 @@ impl ArrayFile {
         let from = HEADER_BYTES + start as usize * width;
         let bytes = &self.map[from..from + len * width];
         match self.dtype {
+            Dtype::U8 => out.extend(bytes.iter().map(|&b| u32::from(b))),
             Dtype::U16 => out.extend(
                 bytes
                     .chunks_exact(2)

@@ -103,7 +103,8 @@ fn cache_key(settings: &DirectorySettings) -> Result<String> {
         }
     }
     let tokenizer = match &settings.tokenizer {
-        TokenizerChoice::TrainBpe { vocab_size } => format!("bpe {vocab_size}"),
+        // "chat": BPEs trained since they hold ChatML's markers get new entries.
+        TokenizerChoice::TrainBpe { vocab_size } => format!("bpe chat {vocab_size}"),
         TokenizerChoice::Bytes => "bytes".into(),
         TokenizerChoice::Given(tokenizer) => format!("given {}", tokenizer.fingerprint()?),
         TokenizerChoice::File(path) => {

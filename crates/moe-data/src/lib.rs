@@ -4,6 +4,7 @@
 mod array_file;
 mod batches;
 mod cache;
+mod chat;
 mod meta;
 mod prepare;
 mod prepared;
@@ -15,11 +16,15 @@ pub use batches::{LmBatch, LmBatcher};
 pub use cache::{
     DirectorySettings, cache_dir, cached_directory, default_cache_root, open_or_prepare,
 };
-pub use meta::Meta;
-pub use prepare::{PrepareOptions, Progress, TokenizerChoice, ValidationSplit, prepare};
+pub use chat::{
+    CHATML_TEMPLATE, ChatTemplate, IM_END, IM_START, Message, PLAIN_TEMPLATE, ROLES,
+    TokenizerConfig, parse_conversation,
+};
+pub use meta::{ChatMeta, ChatSplitMeta, Meta};
+pub use prepare::{Overlong, PrepareOptions, Progress, TokenizerChoice, ValidationSplit, prepare};
 pub use prepared::{PreparedSet, TokenSplit};
-pub use tokenizer::{END_OF_TEXT, TextTokenizer, TokenizerKind};
-pub use windows::{EvalWindows, TrainWindows, WeightedSplit};
+pub use tokenizer::{END_OF_TEXT, TOKENIZER_CONFIG_FILE, TextTokenizer, TokenizerKind};
+pub use windows::{EvalWindows, LossOn, TrainWindows, WeightedSplit, Window};
 
 /// SplitMix64's finaliser: a fast, well-mixed 64-bit hash, for seeded data order.
 pub(crate) fn mix64(mut x: u64) -> u64 {

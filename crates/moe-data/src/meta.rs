@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::array_file::Dtype;
+use crate::prepare::Overlong;
 
 /// The prepared-dataset layout this code writes and reads.
 pub const FORMAT: u32 = 1;
@@ -12,6 +13,13 @@ pub const META_FILE: &str = "meta.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Each split's document start offsets (u64 token positions).
 pub const DOCUMENTS_FILE: &str = "documents.bin";
+
+/// The loss mask beside token shard `shard` (`00000.bin` -> `00000.mask`): one byte per
+/// token, 1 where the token is trained on.
+pub fn mask_file(shard: &str) -> String {
+    let stem = shard.strip_suffix(".bin").unwrap_or(shard);
+    format!("{stem}.mask")
+}
 
 /// The contents of `meta.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,12 +43,45 @@ pub struct Meta {
     pub command: String,
     /// Invalid UTF-8 sequences replaced by U+FFFD, in all inputs.
     pub invalid_utf8: u64,
+    /// Conversations (`--format chat`): how they were prepared. Absent for prose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatMeta>,
     /// The training split.
     pub train: SplitMeta,
     /// The validation split.
     pub val: SplitMeta,
     /// What each input held.
     pub sources: Vec<SourceMeta>,
+}
+
+/// How conversations were prepared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMeta {
+    /// The longest conversation kept whole, in tokens (`None`: no limit).
+    pub max_tokens: Option<usize>,
+    /// What happened to longer ones.
+    pub overlong: Overlong,
+    /// Special tokens the chat template needed that the given tokenizer lacked, added
+    /// after its last id.
+    pub added_tokens: Vec<String>,
+    /// Fingerprint of the tokenizer before they were added: a model trained with it can
+    /// train on this set once its embeddings grow by `added_tokens`.
+    pub base_tokenizer_sha256: Option<String>,
+}
+
+/// A chat split's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatSplitMeta {
+    /// Tokens trained on (the answers and their end-of-turn markers).
+    pub trained_tokens: u64,
+    /// Their UTF-8 bytes.
+    pub trained_bytes: u64,
+    /// Conversations cut to `max_tokens`.
+    pub truncated: u64,
+    /// Conversations left out for being longer than `max_tokens`.
+    pub dropped: u64,
 }
 
 /// One split: its shards and counts.
@@ -57,6 +98,9 @@ pub struct SplitMeta {
     pub shards: Vec<ShardMeta>,
     /// The split's share of each input.
     pub sources: Vec<SplitSource>,
+    /// Chat data: the loss mask's counts (each shard has a mask file beside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatSplitMeta>,
 }
 
 impl SplitMeta {

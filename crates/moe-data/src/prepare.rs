@@ -3,8 +3,10 @@
 //! Two passes over the input. The first counts the documents and keeps a bounded, seeded
 //! sample of text for training a tokenizer; the validation documents are then drawn with
 //! the seed. The second tokenizes in parallel batches and appends each document, followed
-//! by the end-of-text token, to its split's shards. Everything is written under a
-//! temporary name beside the output and renamed when complete.
+//! by the end-of-text token, to its split's shards. Conversations (`--format chat`) are
+//! rendered with the tokenizer's chat template and also write a loss mask: 1 on the
+//! tokens of the answers, 0 elsewhere. Everything is written under a temporary name
+//! beside the output and renamed when complete.
 
 use std::collections::{BinaryHeap, HashSet};
 use std::io::Write;
@@ -14,11 +16,14 @@ use anyhow::{Context, Result, bail, ensure};
 use rayon::prelude::*;
 
 use crate::array_file::{ArrayWriter, Dtype};
+use crate::chat::ChatTemplate;
 use crate::meta::{
-    DOCUMENTS_FILE, FORMAT, META_FILE, Meta, ShardMeta, SourceMeta, SplitMeta, SplitSource,
-    TOKENIZER_FILE,
+    ChatMeta, ChatSplitMeta, DOCUMENTS_FILE, FORMAT, META_FILE, Meta, ShardMeta, SourceMeta,
+    SplitMeta, SplitSource, TOKENIZER_FILE, mask_file,
 };
-use crate::sources::{FileCounts, Piece, SourceFile, SourceKind, expand_inputs, read_pieces};
+use crate::sources::{
+    FileCounts, Piece, Records, SourceFile, SourceKind, expand_inputs, read_pieces,
+};
 use crate::{TextTokenizer, mix64};
 
 /// Where the tokenizer comes from.
@@ -48,6 +53,28 @@ pub enum ValidationSplit {
     Named(Vec<String>),
 }
 
+/// What happens to a conversation longer than `--max-tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlong {
+    /// Keep its first tokens.
+    Truncate,
+    /// Leave it out.
+    Drop,
+}
+
+impl std::str::FromStr for Overlong {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "truncate" => Ok(Self::Truncate),
+            "drop" => Ok(Self::Drop),
+            other => Err(format!("`{other}`: expected truncate or drop")),
+        }
+    }
+}
+
 /// What `moe data prepare` does.
 #[derive(Debug, Clone)]
 pub struct PrepareOptions {
@@ -59,6 +86,14 @@ pub struct PrepareOptions {
     pub text_field: String,
     /// Standard input is JSON lines (else plain text, one document).
     pub stdin_jsonl: bool,
+    /// The inputs are conversations (JSON lines with OpenAI `messages`), rendered with the
+    /// tokenizer's chat template and trained on their answers only.
+    pub chat: bool,
+    /// Conversations longer than this many tokens (end-of-text included) are truncated or
+    /// dropped, per `overlong` (chat only; `None`: no limit).
+    pub max_tokens: Option<usize>,
+    /// What happens to a conversation over `max_tokens`.
+    pub overlong: Overlong,
     /// The tokenizer.
     pub tokenizer: TokenizerChoice,
     /// Bytes of training text a tokenizer is trained on at most.
@@ -83,6 +118,9 @@ impl PrepareOptions {
             out,
             text_field: "text".into(),
             stdin_jsonl: false,
+            chat: false,
+            max_tokens: None,
+            overlong: Overlong::Drop,
             tokenizer: TokenizerChoice::TrainBpe { vocab_size: 4096 },
             tokenizer_sample_bytes: 100_000_000,
             validation: ValidationSplit::Fraction(0.01),
@@ -124,15 +162,37 @@ pub fn prepare(options: &PrepareOptions, progress: &mut dyn FnMut(Progress)) -> 
     let staging = Staging::new(&options.out)?;
     let inputs = spool_stdin(options, staging.path())?;
     let files = expand_inputs(&inputs)?;
+    // A tokenizer given (or bytes) is loaded once, before the scan; a BPE is trained after.
+    let given = given_tokenizer(&options.tokenizer)?;
+    // Conversations render with the given tokenizer's template; ChatML for one made here.
+    let template = options.chat.then(|| {
+        given
+            .as_ref()
+            .map_or_else(ChatTemplate::chatml, TextTokenizer::chat_template)
+    });
+    let records = match &template {
+        Some(template) => Records::Chat(template),
+        None => Records::Text(&options.text_field),
+    };
 
-    let mut scan = scan(options, &files, progress)?;
+    let mut scan = scan(options, records, &files, progress)?;
     ensure!(
         scan.documents() > 0,
         "no text in {}: every document is empty",
         describe_inputs(&options.inputs)
     );
     let validation = pick_validation(options, &files, &scan)?;
-    let tokenizer = build_tokenizer(&options.tokenizer, &scan, &validation, progress)?;
+    let tokenizer = match (given, &options.tokenizer) {
+        (Some(tokenizer), _) => tokenizer,
+        (None, TokenizerChoice::TrainBpe { vocab_size }) => {
+            train_tokenizer(*vocab_size, &scan, &validation, progress)?
+        }
+        (None, choice) => bail!("no tokenizer for {choice:?}"),
+    };
+    let (tokenizer, chat) = match &template {
+        Some(template) => with_chat_tokens(tokenizer, template, options)?,
+        None => (tokenizer, None),
+    };
     scan.sample = Vec::new();
     let labels: Vec<String> = options
         .inputs
@@ -141,6 +201,7 @@ pub fn prepare(options: &PrepareOptions, progress: &mut dyn FnMut(Progress)) -> 
         .collect();
     let pass = Tokenizing {
         options,
+        records,
         tokenizer: &tokenizer,
         validation: &validation,
         total_bytes: scan.bytes,
@@ -158,6 +219,7 @@ pub fn prepare(options: &PrepareOptions, progress: &mut dyn FnMut(Progress)) -> 
         text_field: options.text_field.clone(),
         command: options.command.clone(),
         invalid_utf8: scan.per_input.iter().map(|c| c.invalid_utf8).sum(),
+        chat,
         train: train.finish(&labels)?,
         val: val.finish(&labels)?,
         sources: source_metas(&labels, &scan.per_input),
@@ -193,39 +255,71 @@ fn check_options(options: &PrepareOptions) -> Result<()> {
         options.shard_tokens > 0,
         "shards must hold at least one token"
     );
+    ensure!(
+        options.chat || options.max_tokens.is_none(),
+        "--max-tokens limits conversations: it needs --format chat"
+    );
+    ensure!(
+        options.max_tokens != Some(0),
+        "--max-tokens must be at least 1"
+    );
     Ok(())
 }
 
-/// The tokenizer `choice` names; a BPE is trained on the scan's sample less the
-/// validation documents.
-fn build_tokenizer(
-    choice: &TokenizerChoice,
+/// `tokenizer` holding `template` and the special tokens it writes (added after the last
+/// id where missing: a model trained with the old tokenizer grows its embeddings to match),
+/// and what `meta.json` says of the chat data.
+fn with_chat_tokens(
+    tokenizer: TextTokenizer,
+    template: &ChatTemplate,
+    options: &PrepareOptions,
+) -> Result<(TextTokenizer, Option<ChatMeta>)> {
+    let base = tokenizer.fingerprint()?;
+    let (tokenizer, added) = tokenizer.with_special_tokens(&template.special_tokens());
+    let meta = ChatMeta {
+        max_tokens: options.max_tokens,
+        overlong: options.overlong,
+        base_tokenizer_sha256: (!added.is_empty()).then_some(base),
+        added_tokens: added,
+    };
+    Ok((tokenizer.with_chat_template(template), Some(meta)))
+}
+
+/// The tokenizer `choice` names when it needs no data: a file, a loaded one or bytes;
+/// `None` for a BPE to train.
+fn given_tokenizer(choice: &TokenizerChoice) -> Result<Option<TextTokenizer>> {
+    Ok(match choice {
+        TokenizerChoice::File(path) => Some(TextTokenizer::load(path)?),
+        TokenizerChoice::Given(tokenizer) => Some(tokenizer.as_ref().clone()),
+        TokenizerChoice::Bytes => Some(TextTokenizer::bytes()?),
+        TokenizerChoice::TrainBpe { .. } => None,
+    })
+}
+
+/// A BPE of `vocab_size` tokens trained on the scan's sample less the validation
+/// documents.
+fn train_tokenizer(
+    vocab_size: usize,
     scan: &Scan,
     validation: &HashSet<u64>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<TextTokenizer> {
-    match choice {
-        TokenizerChoice::File(path) => TextTokenizer::load(path),
-        TokenizerChoice::Given(tokenizer) => Ok(tokenizer.as_ref().clone()),
-        TokenizerChoice::Bytes => TextTokenizer::bytes(),
-        TokenizerChoice::TrainBpe { vocab_size } => {
-            let sample: Vec<&str> = scan
-                .sample
-                .iter()
-                .filter(|s| !validation.contains(&s.doc))
-                .map(|s| s.text.as_str())
-                .collect();
-            let bytes = sample.iter().map(|t| t.len() as u64).sum();
-            progress(Progress::TrainingTokenizer { bytes });
-            TextTokenizer::train_bpe(&sample, *vocab_size)
-        }
-    }
+    let sample: Vec<&str> = scan
+        .sample
+        .iter()
+        .filter(|s| !validation.contains(&s.doc))
+        .map(|s| s.text.as_str())
+        .collect();
+    let bytes = sample.iter().map(|t| t.len() as u64).sum();
+    progress(Progress::TrainingTokenizer { bytes });
+    TextTokenizer::train_bpe(&sample, vocab_size)
 }
 
 /// The second pass: every document tokenized, in batches encoded in parallel, into the
 /// training or the validation split.
 struct Tokenizing<'a> {
     options: &'a PrepareOptions,
+    records: Records<'a>,
     tokenizer: &'a TextTokenizer,
     validation: &'a HashSet<u64>,
     /// Text bytes in all, for the progress reports.
@@ -251,13 +345,14 @@ impl Tokenizing<'_> {
                 dtype,
                 self.options.shard_tokens,
                 self.inputs,
+                self.options.chat,
             )
         };
         let mut splits = (split("train")?, split("val")?);
         let mut batch: Vec<(Piece, usize)> = Vec::new();
         let (mut batch_bytes, mut done, mut first_doc) = (0usize, 0u64, 0u64);
         for file in files {
-            let counts = read_pieces(file, &self.options.text_field, first_doc, &mut |piece| {
+            let counts = read_pieces(file, self.records, first_doc, &mut |piece| {
                 batch_bytes += piece.text.len();
                 batch.push((piece, file.input));
                 if batch_bytes >= BATCH_BYTES {
@@ -284,21 +379,70 @@ impl Tokenizing<'_> {
         batch: &mut Vec<(Piece, usize)>,
         (train, val): &mut (SplitWriter, SplitWriter),
     ) -> Result<u64> {
-        let encoded: Vec<Result<Vec<u32>>> = batch
+        let encoded: Vec<Result<Encoded>> = batch
             .par_iter()
-            .map(|(piece, _)| self.tokenizer.encode(&piece.text))
+            .map(|(piece, _)| self.encode_piece(piece))
             .collect();
         let mut bytes = 0;
-        for ((piece, input), ids) in batch.drain(..).zip(encoded) {
+        for ((piece, input), encoded) in batch.drain(..).zip(encoded) {
             let split = if self.validation.contains(&piece.doc) {
                 &mut *val
             } else {
                 &mut *train
             };
-            split.push(&piece, input, &ids?, self.tokenizer.end_of_text())?;
             bytes += piece.text.len() as u64;
+            let mut encoded = encoded?;
+            if !self.fit_limit(&mut encoded, split) {
+                continue;
+            }
+            split.push(&piece, input, &encoded, self.tokenizer)?;
         }
         Ok(bytes)
+    }
+
+    /// A piece's tokens, and for a conversation which of them are trained on.
+    fn encode_piece(&self, piece: &Piece) -> Result<Encoded> {
+        let Some(trained) = &piece.trained else {
+            let ids = self.tokenizer.encode(&piece.text)?;
+            return Ok(Encoded { ids, mask: None });
+        };
+        let (ids, starts) = self.tokenizer.encode_with_starts(&piece.text)?;
+        let mask = starts
+            .iter()
+            .map(|start| u8::from(trained.iter().any(|span| span.contains(start))))
+            .collect();
+        Ok(Encoded {
+            ids,
+            mask: Some(mask),
+        })
+    }
+
+    /// Applies `--max-tokens` to a conversation (its end-of-text token included);
+    /// false if it is dropped. Counts what it changed in `split`.
+    fn fit_limit(&self, encoded: &mut Encoded, split: &mut SplitWriter) -> bool {
+        let Some(limit) = self.options.max_tokens else {
+            return true;
+        };
+        let end = usize::from(self.tokenizer.end_of_text().is_some());
+        if encoded.ids.len() + end <= limit {
+            return true;
+        }
+        let chat = split.chat.get_or_insert_with(ChatSplitMeta::default);
+        match self.options.overlong {
+            Overlong::Drop => {
+                chat.dropped += 1;
+                false
+            }
+            Overlong::Truncate => {
+                chat.truncated += 1;
+                let keep = limit.saturating_sub(end).max(1);
+                encoded.ids.truncate(keep);
+                if let Some(mask) = &mut encoded.mask {
+                    mask.truncate(keep);
+                }
+                true
+            }
+        }
     }
 
     fn progress(&self, done: u64) -> Progress {
@@ -389,8 +533,15 @@ impl Scan {
     }
 }
 
+/// A piece's token ids and, for a conversation, its loss mask (1 = trained on).
+struct Encoded {
+    ids: Vec<u32>,
+    mask: Option<Vec<u8>>,
+}
+
 fn scan(
     options: &PrepareOptions,
+    records: Records<'_>,
     files: &[SourceFile],
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Scan> {
@@ -402,7 +553,7 @@ fn scan(
     let (mut bytes, mut sampled_bytes, mut pieces, mut reported) = (0u64, 0u64, 0u64, 0u64);
     let mut first_doc = 0;
     for file in files {
-        let counts = read_pieces(file, &options.text_field, first_doc, &mut |piece| {
+        let counts = read_pieces(file, records, first_doc, &mut |piece| {
             bytes += piece.text.len() as u64;
             pieces += 1;
             if sampling {
@@ -513,6 +664,10 @@ struct SplitWriter {
     dtype: Dtype,
     shard_tokens: u64,
     shard: Option<ArrayWriter>,
+    /// The current shard's loss mask (chat data only).
+    mask: Option<ArrayWriter>,
+    /// Chat data: its counts (`None` for prose).
+    chat: Option<ChatSplitMeta>,
     shards: Vec<ShardMeta>,
     documents: ArrayWriter,
     tokens: u64,
@@ -521,13 +676,21 @@ struct SplitWriter {
 }
 
 impl SplitWriter {
-    fn create(dir: &Path, dtype: Dtype, shard_tokens: u64, inputs: usize) -> Result<Self> {
+    fn create(
+        dir: &Path,
+        dtype: Dtype,
+        shard_tokens: u64,
+        inputs: usize,
+        chat: bool,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             dtype,
             shard_tokens,
             shard: None,
+            mask: None,
+            chat: chat.then(ChatSplitMeta::default),
             shards: Vec::new(),
             documents: ArrayWriter::create(&dir.join(DOCUMENTS_FILE), Dtype::U64)?,
             tokens: 0,
@@ -536,8 +699,15 @@ impl SplitWriter {
         })
     }
 
-    /// Appends a piece's tokens (and end-of-text after a document's last piece).
-    fn push(&mut self, piece: &Piece, input: usize, ids: &[u32], eot: Option<u32>) -> Result<()> {
+    /// Appends a piece's tokens (and end-of-text, never trained on, after a document's
+    /// last piece).
+    fn push(
+        &mut self,
+        piece: &Piece,
+        input: usize,
+        encoded: &Encoded,
+        tokenizer: &TextTokenizer,
+    ) -> Result<()> {
         let counts = &mut self.per_input[input];
         if piece.first {
             self.documents.extend([self.tokens])?;
@@ -545,36 +715,60 @@ impl SplitWriter {
         }
         counts.bytes += piece.text.len() as u64;
         self.bytes += piece.text.len() as u64;
-        let eot = eot.filter(|_| piece.last);
-        let added = ids.len() as u64 + u64::from(eot.is_some());
+        let eot = tokenizer.end_of_text().filter(|_| piece.last);
+        let added = encoded.ids.len() as u64 + u64::from(eot.is_some());
         counts.tokens += added;
-        self.write(ids.iter().copied().chain(eot))
+        let mask = encoded.mask.as_deref().unwrap_or_default();
+        if let Some(chat) = &mut self.chat {
+            let trained = encoded.ids.iter().zip(mask).filter(|&(_, &m)| m == 1);
+            for (&id, _) in trained {
+                chat.trained_tokens += 1;
+                chat.trained_bytes += u64::from(tokenizer.token_bytes()[id as usize]);
+            }
+        }
+        let masks = mask.iter().copied().chain(std::iter::repeat(0));
+        self.write(encoded.ids.iter().copied().chain(eot).zip(masks))
     }
 
-    fn write(&mut self, ids: impl Iterator<Item = u32>) -> Result<()> {
-        for id in ids {
-            let shard = match &mut self.shard {
-                Some(shard) if shard.len() < self.shard_tokens => shard,
-                _ => {
-                    self.close_shard()?;
-                    let file = format!("{:05}.bin", self.shards.len());
-                    self.shards.push(ShardMeta {
-                        file: file.clone(),
-                        tokens: 0,
-                    });
-                    self.shard
-                        .insert(ArrayWriter::create(&self.dir.join(file), self.dtype)?)
-                }
-            };
-            shard.extend([u64::from(id)])?;
+    /// Appends `(token, mask)` pairs; the mask is written for chat data only.
+    fn write(&mut self, tokens: impl Iterator<Item = (u32, u8)>) -> Result<()> {
+        for (id, mask) in tokens {
+            if self
+                .shard
+                .as_ref()
+                .is_none_or(|s| s.len() >= self.shard_tokens)
+            {
+                self.open_shard()?;
+            }
+            if let Some(shard) = &mut self.shard {
+                shard.extend([u64::from(id)])?;
+            }
+            if let Some(mask_file) = &mut self.mask {
+                mask_file.extend([u64::from(mask)])?;
+            }
             self.tokens += 1;
         }
+        Ok(())
+    }
+
+    fn open_shard(&mut self) -> Result<()> {
+        self.close_shard()?;
+        let file = format!("{:05}.bin", self.shards.len());
+        if self.chat.is_some() {
+            let path = self.dir.join(mask_file(&file));
+            self.mask = Some(ArrayWriter::create(&path, Dtype::U8)?);
+        }
+        self.shard = Some(ArrayWriter::create(&self.dir.join(&file), self.dtype)?);
+        self.shards.push(ShardMeta { file, tokens: 0 });
         Ok(())
     }
 
     fn close_shard(&mut self) -> Result<()> {
         if let (Some(shard), Some(meta)) = (self.shard.take(), self.shards.last_mut()) {
             meta.tokens = shard.finish()?;
+        }
+        if let Some(mask) = self.mask.take() {
+            mask.finish()?;
         }
         Ok(())
     }
@@ -592,6 +786,7 @@ impl SplitWriter {
             })
             .collect();
         Ok(SplitMeta {
+            chat: self.chat,
             tokens: self.tokens,
             documents,
             bytes: self.bytes,

@@ -8,7 +8,9 @@ use anyhow::{Context, Result, ensure};
 
 use crate::TextTokenizer;
 use crate::array_file::{ArrayFile, Dtype};
-use crate::meta::{DOCUMENTS_FILE, FORMAT, META_FILE, Meta, SplitMeta, TOKENIZER_FILE};
+use crate::meta::{
+    ChatSplitMeta, DOCUMENTS_FILE, FORMAT, META_FILE, Meta, SplitMeta, TOKENIZER_FILE, mask_file,
+};
 
 /// A directory written by `moe data prepare`.
 #[derive(Debug, Clone)]
@@ -81,6 +83,9 @@ impl PreparedSet {
 #[derive(Debug)]
 pub struct TokenSplit {
     shards: Vec<ArrayFile>,
+    /// Chat data: each shard's loss mask.
+    masks: Option<Vec<ArrayFile>>,
+    chat: Option<ChatSplitMeta>,
     /// Position of each shard's first token in the stream.
     starts: Vec<u64>,
     tokens: u64,
@@ -94,6 +99,7 @@ pub struct TokenSplit {
 impl TokenSplit {
     fn open(dir: &Path, meta: &SplitMeta, dtype: Dtype, scattered: bool) -> Result<Self> {
         let (mut shards, mut starts, mut tokens) = (Vec::new(), Vec::new(), 0u64);
+        let mut masks = meta.chat.map(|_| Vec::new());
         for shard in &meta.shards {
             let path = dir.join(&shard.file);
             let file = ArrayFile::open(&path, dtype)?;
@@ -104,6 +110,18 @@ impl TokenSplit {
                 file.len(),
                 shard.tokens
             );
+            if let Some(masks) = &mut masks {
+                let path = dir.join(mask_file(&shard.file));
+                let mask = ArrayFile::open(&path, Dtype::U8)?;
+                ensure!(
+                    mask.len() == shard.tokens,
+                    "{} holds {} values for the {} tokens of its shard",
+                    path.display(),
+                    mask.len(),
+                    shard.tokens
+                );
+                masks.push(mask);
+            }
             if scattered {
                 file.advise_random_reads();
             }
@@ -127,6 +145,8 @@ impl TokenSplit {
         );
         Ok(Self {
             shards,
+            masks,
+            chat: meta.chat,
             starts,
             tokens,
             documents,
@@ -165,14 +185,29 @@ impl TokenSplit {
         start..end
     }
 
+    /// Chat data: its trained tokens' counts; `None` for prose.
+    pub fn chat(&self) -> Option<&ChatSplitMeta> {
+        self.chat.as_ref()
+    }
+
     /// Tokens `start..start + len` (within the split), across shard boundaries.
     pub fn tokens(&self, start: u64, len: usize) -> Vec<u32> {
+        self.read(&self.shards, start, len)
+    }
+
+    /// The loss mask of tokens `start..start + len` (1 = trained on); `None` for prose.
+    pub fn mask(&self, start: u64, len: usize) -> Option<Vec<u32>> {
+        Some(self.read(self.masks.as_ref()?, start, len))
+    }
+
+    /// Values `start..start + len` of `files`, one per shard.
+    fn read(&self, files: &[ArrayFile], start: u64, len: usize) -> Vec<u32> {
         let mut out = Vec::with_capacity(len);
         let mut at = start;
         let end = start + len as u64;
         let mut shard = self.starts.partition_point(|&s| s <= at).saturating_sub(1);
         while at < end {
-            let file = &self.shards[shard];
+            let file = &files[shard];
             let offset = at - self.starts[shard];
             let take = (file.len() - offset).min(end - at);
             file.read_into(offset, take as usize, &mut out);

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -13,6 +14,8 @@ use parquet::basic::{ConvertedType, LogicalType, Type as PhysicalType};
 use parquet::column::reader::ColumnReader;
 use parquet::data_type::ByteArray;
 use parquet::file::reader::{FileReader, SerializedFileReader};
+
+use crate::chat::{ChatTemplate, json_kind, parse_conversation};
 
 /// Target size of a piece of a long text file, in bytes.
 pub const PIECE_BYTES: usize = 1 << 20;
@@ -120,6 +123,19 @@ pub struct Piece {
     pub first: bool,
     /// Whether this piece ends its document.
     pub last: bool,
+    /// A conversation's trained byte ranges of `text` (its answers); `None` for prose,
+    /// which is trained on whole.
+    pub trained: Option<Vec<Range<usize>>>,
+}
+
+/// What each JSON line or parquet row holds.
+#[derive(Debug, Clone, Copy)]
+pub enum Records<'a> {
+    /// Text, in the field (or column) of this name.
+    Text(&'a str),
+    /// A conversation in OpenAI's `messages` form, rendered with this template (JSON
+    /// lines only).
+    Chat(&'a ChatTemplate),
 }
 
 /// What reading one file found.
@@ -133,21 +149,21 @@ pub struct FileCounts {
     pub invalid_utf8: u64,
 }
 
-/// Reads `file`'s documents as pieces, numbering them from `first_doc`. `text_field`
-/// names the JSON field or parquet column that holds the text.
+/// Reads `file`'s documents as pieces, numbering them from `first_doc`. `records` says
+/// what a JSON line or parquet row holds.
 pub fn read_pieces(
     file: &SourceFile,
-    text_field: &str,
+    records: Records<'_>,
     first_doc: u64,
     each: &mut dyn FnMut(Piece) -> Result<()>,
 ) -> Result<FileCounts> {
     let mut counts = FileCounts::default();
-    let mut whole_document = |bytes: &[u8], counts: &mut FileCounts| {
-        if bytes.is_empty() {
+    let mut whole_document = |document: Document<'_>, counts: &mut FileCounts| {
+        if document.text.is_empty() {
             counts.empty += 1;
             return Ok(());
         }
-        let text = lossy(bytes, &mut counts.invalid_utf8);
+        let text = lossy(document.text, &mut counts.invalid_utf8);
         let doc = first_doc + counts.documents;
         counts.documents += 1;
         each(Piece {
@@ -155,9 +171,18 @@ pub fn read_pieces(
             text,
             first: true,
             last: true,
+            trained: document.trained,
         })
     };
     let path = &file.path;
+    let text_field = match (records, file.kind) {
+        (Records::Text(field), _) => field,
+        (Records::Chat(_), SourceKind::Jsonl | SourceKind::JsonlGz) => "",
+        (Records::Chat(_), _) => bail!(
+            "`{}`: chat data is read from JSON lines (.jsonl, .jsonl.gz) holding `messages`",
+            path.display()
+        ),
+    };
     match file.kind {
         SourceKind::Text => {
             let reader = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -169,19 +194,13 @@ pub fn read_pieces(
                 SourceKind::JsonlGz => Box::new(MultiGzDecoder::new(reader)),
                 _ => Box::new(reader),
             };
-            read_jsonl(
-                reader,
-                path,
-                text_field,
-                &mut |text: &[u8], counts| whole_document(text, counts),
-                &mut counts,
-            )?;
+            read_jsonl(reader, path, records, &mut whole_document, &mut counts)?;
         }
         SourceKind::Parquet => read_parquet(
             path,
             text_field,
             &mut |text: Option<&[u8]>, counts| match text {
-                Some(text) => whole_document(text, counts),
+                Some(text) => whole_document(Document::prose(text), counts),
                 None => {
                     counts.empty += 1;
                     Ok(())
@@ -247,6 +266,7 @@ fn read_text(
             text,
             first,
             last,
+            trained: None,
         })?;
         first = false;
     }
@@ -276,11 +296,26 @@ fn cut_point(buf: &[u8]) -> usize {
         .unwrap_or_else(boundary)
 }
 
+/// One JSON line's or parquet row's document.
+struct Document<'a> {
+    text: &'a [u8],
+    trained: Option<Vec<Range<usize>>>,
+}
+
+impl<'a> Document<'a> {
+    fn prose(text: &'a [u8]) -> Self {
+        Self {
+            text,
+            trained: None,
+        }
+    }
+}
+
 fn read_jsonl(
     reader: impl Read,
     path: &Path,
-    field: &str,
-    document: &mut dyn FnMut(&[u8], &mut FileCounts) -> Result<()>,
+    records: Records<'_>,
+    document: &mut dyn FnMut(Document<'_>, &mut FileCounts) -> Result<()>,
     counts: &mut FileCounts,
 ) -> Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
@@ -301,8 +336,28 @@ fn read_jsonl(
         let text = lossy(&line, &mut counts.invalid_utf8);
         let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
             .with_context(|| format!("{name}:{number}: not a JSON object"))?;
+        let field = match records {
+            Records::Text(field) => field,
+            Records::Chat(template) => {
+                let conversation = parse_conversation(&serde_json::Value::Object(object))
+                    .and_then(|messages| template.render_for_training(&messages))
+                    .with_context(|| format!("{name}:{number}"))?;
+                let (text, trained) = conversation;
+                let trained = Some(trained);
+                document(
+                    Document {
+                        text: text.as_bytes(),
+                        trained,
+                    },
+                    counts,
+                )?;
+                continue;
+            }
+        };
         match object.get(field) {
-            Some(serde_json::Value::String(value)) => document(value.as_bytes(), counts)?,
+            Some(serde_json::Value::String(value)) => {
+                document(Document::prose(value.as_bytes()), counts)?
+            }
             Some(other) => bail!(
                 "{name}:{number}: field `{field}` is {}, not a string",
                 json_kind(other)
@@ -317,17 +372,6 @@ fn read_jsonl(
         }
     }
     Ok(())
-}
-
-fn json_kind(value: &serde_json::Value) -> &'static str {
-    match value {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 /// What receives each row's text (`None` for a null) with the file's counts.

@@ -1,6 +1,8 @@
 //! Text tokenizers, both stored as a Hugging Face `tokenizer.json`:
 //! a byte-level BPE trained on the training works, and a plain byte tokenizer (vocab 256,
-//! id = byte value), which is a byte-level BPE with no merges.
+//! id = byte value), which is a byte-level BPE with no merges. Beside it, a
+//! `tokenizer_config.json` holds the chat template and the special tokens' roles, as
+//! Hugging Face stores them.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -13,8 +15,17 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder, TokenizerImpl};
 
+use crate::chat::{ChatTemplate, IM_END, IM_START, TokenizerConfig};
+
 /// Separates documents in BPE token streams (the byte tokenizer has no special tokens).
 pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+/// The special tokens of a BPE that `moe` trains: the document separator and ChatML's
+/// turn markers.
+const BPE_SPECIAL_TOKENS: [&str; 3] = [END_OF_TEXT, IM_START, IM_END];
+
+/// The file beside `tokenizer.json` that holds the chat template.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 
 /// End-of-document tokens of other tokenizers (Llama/Mistral's, Llama 3's, Gemma's), looked
 /// for after [`END_OF_TEXT`] in an imported `tokenizer.json`.
@@ -36,6 +47,8 @@ pub struct TextTokenizer {
     inner: Tokenizer,
     token_bytes: Vec<u32>,
     end_of_text: Option<u32>,
+    /// What `tokenizer_config.json` said (empty for a tokenizer without one).
+    config: TokenizerConfig,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -88,25 +101,36 @@ fn byte_level_pipeline(model: BPE) -> Result<BytePipeline> {
 }
 
 impl TextTokenizer {
-    /// Trains a byte-level BPE with `vocab_size` tokens (including `<|endoftext|>`) on `texts`.
+    /// Trains a byte-level BPE with `vocab_size` tokens (including `<|endoftext|>` and
+    /// ChatML's `<|im_start|>` and `<|im_end|>`) on `texts`.
     pub fn train_bpe(texts: &[&str], vocab_size: usize) -> Result<Self> {
-        if vocab_size <= 257 {
+        let least = 256 + BPE_SPECIAL_TOKENS.len();
+        if vocab_size <= least {
             bail!(
-                "a BPE vocabulary needs more than 257 tokens (256 bytes + end-of-text), got {vocab_size}"
+                "a BPE vocabulary needs more than {least} tokens (256 bytes + end-of-text and the chat markers), got {vocab_size}"
             );
         }
         let mut trainer = BpeTrainerBuilder::new()
             .vocab_size(vocab_size)
             .min_frequency(2)
             .show_progress(false)
-            .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
+            .special_tokens(
+                BPE_SPECIAL_TOKENS
+                    .iter()
+                    .map(|&t| AddedToken::from(t, true))
+                    .collect(),
+            )
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build();
         let mut tokenizer = byte_level_pipeline(BPE::default())?;
         tokenizer
             .train(&mut trainer, texts.iter().copied())
             .map_err(|e| anyhow!("training the BPE tokenizer: {e}"))?;
-        Self::from_pipeline(&tokenizer)
+        let mut tokenizer = Self::from_pipeline(&tokenizer)?;
+        tokenizer.config.chat_template = Some(crate::chat::CHATML_TEMPLATE.into());
+        tokenizer.config.eos_token = Some(IM_END.into());
+        tokenizer.config.pad_token = Some(END_OF_TEXT.into());
+        Ok(tokenizer)
     }
 
     /// The byte tokenizer: 256 tokens, token id = byte value.
@@ -134,6 +158,10 @@ impl TextTokenizer {
     pub fn from_json(json: &str) -> Result<Self> {
         let inner =
             Tokenizer::from_str(json).map_err(|e| anyhow!("invalid tokenizer.json: {e}"))?;
+        Ok(Self::from_tokenizer(inner, TokenizerConfig::default()))
+    }
+
+    fn from_tokenizer(inner: Tokenizer, config: TokenizerConfig) -> Self {
         let vocab_size = inner.get_vocab_size(true);
         let special = inner.get_added_tokens_decoder();
         let token_bytes = (0..vocab_size as u32)
@@ -147,27 +175,111 @@ impl TextTokenizer {
         let end_of_text = std::iter::once(END_OF_TEXT)
             .chain(OTHER_END_TOKENS)
             .find_map(|token| inner.token_to_id(token));
-        Ok(Self {
+        Self {
             inner,
             token_bytes,
             end_of_text,
-        })
+            config,
+        }
     }
 
-    /// Loads `tokenizer.json` from `path`.
+    /// Loads `tokenizer.json` from `path`, and the `tokenizer_config.json` beside it if
+    /// there is one.
     pub fn load(path: &Path) -> Result<Self> {
         let json = std::fs::read_to_string(path)
             .with_context(|| format!("reading tokenizer {}", path.display()))?;
-        Self::from_json(&json).with_context(|| format!("loading tokenizer {}", path.display()))
+        let mut tokenizer = Self::from_json(&json)
+            .with_context(|| format!("loading tokenizer {}", path.display()))?;
+        let config_path = path.with_file_name(TOKENIZER_CONFIG_FILE);
+        if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?;
+            tokenizer.config = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", config_path.display()))?;
+        }
+        Ok(tokenizer)
     }
 
-    /// Writes `tokenizer.json` to `path`.
+    /// Writes `tokenizer.json` to `path` and `tokenizer_config.json` beside it.
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self
             .inner
             .to_string(true)
             .map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        let config_path = path.with_file_name(TOKENIZER_CONFIG_FILE);
+        let config = serde_json::to_string_pretty(&self.hugging_face_config())?;
+        std::fs::write(&config_path, config + "\n")
+            .with_context(|| format!("writing {}", config_path.display()))
+    }
+
+    /// `tokenizer_config.json` as transformers reads it: the fields read, with the
+    /// tokenizer class and the end-of-sequence token filled in when missing.
+    pub fn hugging_face_config(&self) -> TokenizerConfig {
+        let mut config = self.config.clone();
+        let token = |id: Option<u32>| id.and_then(|id| self.inner.id_to_token(id));
+        if config.eos_token.is_none() {
+            config.eos_token = token(self.end_of_text);
+        }
+        config
+            .other
+            .entry("tokenizer_class")
+            .or_insert_with(|| "PreTrainedTokenizerFast".into());
+        config
+            .other
+            .entry("clean_up_tokenization_spaces")
+            .or_insert(false.into());
+        config
+    }
+
+    /// The tokenizer's chat template, or ChatML for one that has none.
+    pub fn chat_template(&self) -> ChatTemplate {
+        self.config.template().unwrap_or_else(ChatTemplate::chatml)
+    }
+
+    /// Whether `tokenizer_config.json` brought a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.config.chat_template.is_some()
+    }
+
+    /// This tokenizer with `template` as its chat template.
+    pub fn with_chat_template(mut self, template: &ChatTemplate) -> Self {
+        self.config.chat_template = Some(template.source().into());
+        self.config.bos_token = template.bos_token().map(String::from);
+        self.config.eos_token = template.eos_token().map(String::from);
+        self
+    }
+
+    /// This tokenizer with `tokens` added as special tokens (new ids after the last), and
+    /// the tokens that were not there before.
+    pub fn with_special_tokens(&self, tokens: &[&str]) -> (Self, Vec<String>) {
+        let missing: Vec<String> = tokens
+            .iter()
+            .filter(|t| self.inner.token_to_id(t).is_none())
+            .map(|t| t.to_string())
+            .collect();
+        let mut inner = self.inner.clone();
+        let added: Vec<AddedToken> = missing
+            .iter()
+            .map(|t| AddedToken::from(t.clone(), true))
+            .collect();
+        inner.add_special_tokens(&added);
+        (Self::from_tokenizer(inner, self.config.clone()), missing)
+    }
+
+    /// The id of `token`, if it is in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The id of `token` if it is one special token (an added token such as `<|im_end|>`,
+    /// which decoding skips).
+    pub fn special_token_id(&self, token: &str) -> Option<u32> {
+        let id = self.inner.token_to_id(token)?;
+        self.inner
+            .get_added_tokens_decoder()
+            .contains_key(&id)
+            .then_some(id)
     }
 
     /// Number of token ids, special tokens included.
@@ -187,6 +299,16 @@ impl TextTokenizer {
             .encode(text, false)
             .map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with the byte offset in `text` where each starts.
+    pub fn encode_with_starts(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>)> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let starts = encoding.get_offsets().iter().map(|&(start, _)| start);
+        Ok((encoding.get_ids().to_vec(), starts.collect()))
     }
 
     /// Text of `ids`, special tokens skipped.

@@ -7,6 +7,11 @@
 //! a function of `(seed, index)` and costs O(batch) to compute, so a resumed run sees
 //! exactly the data of an uninterrupted one, whatever the corpus size.
 //!
+//! Prose is read as a stream, in windows at any offset. Conversations (chat data) are
+//! packed instead: consecutive conversations fill a window without being cut (one longer
+//! than a window is truncated), the rest of the window is padding, and each window
+//! carries a loss mask: the answers' tokens only, or every token but the padding.
+//!
 //! Evaluation: a fixed set of windows spread evenly over each validation split, the same
 //! at every evaluation, or every window of the splits.
 
@@ -17,6 +22,10 @@ use anyhow::{Result, ensure};
 use crate::mix64;
 use crate::prepared::TokenSplit;
 
+/// The token of a packed window's padding (masked out of the loss; causal attention
+/// keeps the tokens before it from seeing it).
+const PADDING: u32 = 0;
+
 /// A split and its mixture weight.
 #[derive(Debug, Clone)]
 pub struct WeightedSplit {
@@ -26,30 +35,145 @@ pub struct WeightedSplit {
     pub weight: f64,
 }
 
+/// One sequence of `seq_len + 1` tokens to train or evaluate on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    /// The tokens: inputs are `0..seq_len`, targets `1..=seq_len`.
+    pub tokens: Vec<u32>,
+    /// Whether each token counts in the loss as a target (1) or not (0); `None`: all do.
+    pub mask: Option<Vec<u32>>,
+}
+
+/// Which tokens the loss is on (`[train] loss_on`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossOn {
+    /// Every token (of chat data: every token but padding).
+    #[default]
+    All,
+    /// The answers only (assistant tokens and their end-of-turn marker); needs chat data.
+    Assistant,
+}
+
+/// A split's windows: fixed-offset windows of a prose stream, or packed conversations.
+#[derive(Debug, Clone)]
+enum Layout {
+    Stream,
+    /// `(first token, tokens)` of each window of packed conversations.
+    Packed(Vec<(u64, usize)>),
+}
+
+impl Layout {
+    /// Packs a chat split's conversations into windows of `len` tokens; prose is a stream.
+    fn of(split: &TokenSplit, len: usize) -> Self {
+        if split.chat().is_none() {
+            return Self::Stream;
+        }
+        let mut bins: Vec<(u64, usize)> = Vec::new();
+        let mut open: Option<(u64, usize)> = None;
+        for doc in 0..split.documents() {
+            let range = split.document(doc);
+            let tokens = (range.end - range.start) as usize;
+            match &mut open {
+                Some((_, used)) if *used + tokens <= len => *used += tokens,
+                _ => {
+                    bins.extend(open.take());
+                    open = Some((range.start, tokens.min(len)));
+                }
+            }
+        }
+        bins.extend(open);
+        Self::Packed(bins)
+    }
+
+    /// Windows in an epoch of training (prose: non-overlapping windows that fit at every
+    /// offset below `seq_len`).
+    fn train_windows(&self, split: &TokenSplit, seq_len: usize) -> u64 {
+        match self {
+            Self::Stream => split.len().saturating_sub(seq_len as u64) / seq_len as u64,
+            Self::Packed(bins) => bins.len() as u64,
+        }
+    }
+
+    /// Windows from the split's start, for evaluation.
+    fn eval_windows(&self, split: &TokenSplit, seq_len: usize) -> u64 {
+        match self {
+            Self::Stream => split.len().saturating_sub(1) / seq_len as u64,
+            Self::Packed(bins) => bins.len() as u64,
+        }
+    }
+
+    /// `(first token, tokens)` of window `index` (prose: from `offset`).
+    fn span(&self, index: u64, offset: u64, seq_len: usize) -> (u64, usize) {
+        match self {
+            Self::Stream => (offset + index * seq_len as u64, seq_len + 1),
+            Self::Packed(bins) => bins[index as usize],
+        }
+    }
+}
+
+/// Reads a window of `split` at `(start, len)`, padded to `seq_len + 1` tokens, with the
+/// mask `loss_on` asks for (none for prose read whole).
+fn read_window(
+    split: &TokenSplit,
+    (start, len): (u64, usize),
+    seq_len: usize,
+    loss_on: LossOn,
+) -> Window {
+    let mut tokens = split.tokens(start, len);
+    let full = seq_len + 1;
+    let mask = match (split.chat(), loss_on) {
+        (None, _) => None,
+        (Some(_), LossOn::Assistant) => split.mask(start, len),
+        (Some(_), LossOn::All) => Some(vec![1; len]),
+    };
+    let mask = mask.map(|mut mask| {
+        mask.resize(full, 0);
+        mask
+    });
+    tokens.resize(full, PADDING);
+    Window { tokens, mask }
+}
+
 /// Deterministic training batches of windows of `seq_len + 1` tokens.
 #[derive(Debug, Clone)]
 pub struct TrainWindows {
     splits: Vec<Arc<TokenSplit>>,
+    layouts: Vec<Layout>,
     /// Cumulative normalised weights; the last is 1.
     cumulative: Vec<f64>,
     seq_len: usize,
     batch_size: usize,
     seed: u64,
+    loss_on: LossOn,
 }
 
 impl TrainWindows {
-    /// Batches of `batch_size` windows from `splits`. Each split must hold at least two
-    /// windows' worth of tokens.
+    /// Batches of `batch_size` windows from `splits`, the loss on every token. Each prose
+    /// split must hold at least two windows' worth of tokens.
     pub fn new(
         splits: &[WeightedSplit],
         seq_len: usize,
         batch_size: usize,
         seed: u64,
     ) -> Result<Self> {
+        Self::with_loss_on(splits, seq_len, batch_size, seed, LossOn::All)
+    }
+
+    /// As [`TrainWindows::new`], with the loss on the tokens `loss_on` names; the answers
+    /// only need every split to be chat data.
+    pub fn with_loss_on(
+        splits: &[WeightedSplit],
+        seq_len: usize,
+        batch_size: usize,
+        seed: u64,
+        loss_on: LossOn,
+    ) -> Result<Self> {
         ensure!(!splits.is_empty(), "no training data");
         ensure!(seq_len > 0 && batch_size > 0, "empty batches");
         let total: f64 = splits.iter().map(|s| s.weight).sum();
         let mut cumulative = Vec::with_capacity(splits.len());
+        let mut layouts = Vec::with_capacity(splits.len());
         let mut sum = 0.0;
         for (i, s) in splits.iter().enumerate() {
             ensure!(
@@ -58,11 +182,17 @@ impl TrainWindows {
                 s.weight
             );
             ensure!(
-                windows_per_epoch(&s.split, seq_len) > 0,
+                loss_on == LossOn::All || s.split.chat().is_some(),
+                "source {i} is prose, with no answers to train on: the loss on answers needs chat data (`moe data prepare --format chat`)"
+            );
+            let layout = Layout::of(&s.split, seq_len + 1);
+            ensure!(
+                layout.train_windows(&s.split, seq_len) > 0,
                 "source {i}: its {} training tokens are too few for windows of {} tokens",
                 s.split.len(),
                 seq_len + 1
             );
+            layouts.push(layout);
             sum += s.weight;
             cumulative.push(sum / total);
         }
@@ -71,10 +201,12 @@ impl TrainWindows {
         }
         Ok(Self {
             splits: splits.iter().map(|s| s.split.clone()).collect(),
+            layouts,
             cumulative,
             seq_len,
             batch_size,
             seed,
+            loss_on,
         })
     }
 
@@ -94,25 +226,31 @@ impl TrainWindows {
             .min(self.splits.len() - 1)
     }
 
-    /// Where sample `g` reads: its source and the window's first token.
-    pub fn locate(&self, sample: u64) -> (usize, u64) {
+    /// Where sample `g` reads: its source, and the first token and length of its window.
+    fn place(&self, sample: u64) -> (usize, (u64, usize)) {
         let source = self.source_of(sample);
-        let split = &self.splits[source];
-        let windows = windows_per_epoch(split, self.seq_len);
+        let (split, layout) = (&self.splits[source], &self.layouts[source]);
+        let windows = layout.train_windows(split, self.seq_len);
         let epoch = sample / windows;
         let key = mix64(self.seed ^ mix64((source as u64) << 40 ^ epoch));
         let window = permute(sample % windows, windows, key);
         let offset = (epoch * 7919) % self.seq_len as u64;
-        (source, offset + window * self.seq_len as u64)
+        (source, layout.span(window, offset, self.seq_len))
+    }
+
+    /// Where sample `g` reads: its source and the window's first token.
+    pub fn locate(&self, sample: u64) -> (usize, u64) {
+        let (source, (start, _)) = self.place(sample);
+        (source, start)
     }
 
     /// The windows of batch `index`.
-    pub fn batch(&self, index: usize) -> Vec<Vec<u32>> {
+    pub fn batch(&self, index: usize) -> Vec<Window> {
         let first = (index * self.batch_size) as u64;
         (first..first + self.batch_size as u64)
             .map(|g| {
-                let (source, start) = self.locate(g);
-                self.splits[source].tokens(start, self.seq_len + 1)
+                let (source, span) = self.place(g);
+                read_window(&self.splits[source], span, self.seq_len, self.loss_on)
             })
             .collect()
     }
@@ -129,12 +267,6 @@ impl TrainWindows {
             .map(|&c| c as f64 / samples.max(1) as f64)
             .collect()
     }
-}
-
-/// Non-overlapping windows of `seq_len + 1` tokens that fit at every offset below
-/// `seq_len`.
-fn windows_per_epoch(split: &TokenSplit, seq_len: usize) -> u64 {
-    split.len().saturating_sub(seq_len as u64) / seq_len as u64
 }
 
 /// A seeded bijection of `0..n` (a four-round Feistel network on the smallest
@@ -161,47 +293,59 @@ fn permute(index: u64, n: u64, key: u64) -> u64 {
     }
 }
 
-/// Validation windows: `(split, first token)` pairs over one or more splits.
+/// Validation windows over one or more splits.
 #[derive(Debug, Clone)]
 pub struct EvalWindows {
     splits: Vec<Arc<TokenSplit>>,
-    windows: Vec<(usize, u64)>,
+    /// `(split, first token, tokens)` of each window.
+    windows: Vec<(usize, u64, usize)>,
     seq_len: usize,
+    loss_on: LossOn,
 }
 
 impl EvalWindows {
-    /// Every non-overlapping window of every split.
-    pub fn full(splits: &[Arc<TokenSplit>], seq_len: usize) -> Self {
+    /// Every window of every split (prose: non-overlapping), the loss on `loss_on`.
+    pub fn full(splits: &[Arc<TokenSplit>], seq_len: usize, loss_on: LossOn) -> Self {
         let windows = splits
             .iter()
             .enumerate()
             .flat_map(|(s, split)| {
-                (0..all_windows(split, seq_len)).map(move |w| (s, w * seq_len as u64))
+                let layout = Layout::of(split, seq_len + 1);
+                let count = layout.eval_windows(split, seq_len);
+                (0..count).map(move |w| {
+                    let (start, len) = layout.span(w, 0, seq_len);
+                    (s, start, len)
+                })
             })
             .collect();
         Self {
             splits: splits.to_vec(),
             windows,
             seq_len,
+            loss_on,
         }
     }
 
     /// About `tokens` tokens of windows, shared among the splits by weight (at least one
     /// window each), spread evenly over each split: the same windows every time.
-    pub fn fixed(splits: &[WeightedSplit], seq_len: usize, tokens: usize) -> Self {
+    pub fn fixed(splits: &[WeightedSplit], seq_len: usize, tokens: usize, loss_on: LossOn) -> Self {
         let total: f64 = splits.iter().map(|s| s.weight).sum();
         let wanted = tokens.div_ceil(seq_len) as f64;
         let mut windows = Vec::new();
         for (s, weighted) in splits.iter().enumerate() {
-            let available = all_windows(&weighted.split, seq_len);
+            let layout = Layout::of(&weighted.split, seq_len + 1);
+            let available = layout.eval_windows(&weighted.split, seq_len);
             let n = ((wanted * weighted.weight / total).round() as u64).clamp(1, available.max(1));
-            windows
-                .extend((0..n.min(available)).map(|i| (s, (i * available / n) * seq_len as u64)));
+            windows.extend((0..n.min(available)).map(|i| {
+                let (start, len) = layout.span(i * available / n, 0, seq_len);
+                (s, start, len)
+            }));
         }
         Self {
             splits: splits.iter().map(|s| s.split.clone()).collect(),
             windows,
             seq_len,
+            loss_on,
         }
     }
 
@@ -215,24 +359,31 @@ impl EvalWindows {
         self.windows.is_empty()
     }
 
-    /// Windows `range` and the bytes of text their predicted tokens stand for.
-    pub fn batch(&self, range: std::ops::Range<usize>) -> (Vec<Vec<u32>>, f64) {
+    /// Windows `range` and the bytes of text their scored tokens stand for (answers use
+    /// their split's bytes per answer token).
+    pub fn batch(&self, range: std::ops::Range<usize>) -> (Vec<Window>, f64) {
         let mut bytes = 0.0;
         let windows = self.windows[range]
             .iter()
-            .map(|&(s, start)| {
+            .map(|&(s, start, len)| {
                 let split = &self.splits[s];
-                bytes += split.bytes_per_token() * self.seq_len as f64;
-                split.tokens(start, self.seq_len + 1)
+                let window = read_window(split, (start, len), self.seq_len, self.loss_on);
+                let scored = match &window.mask {
+                    Some(mask) => mask[1..].iter().sum::<u32>() as f64,
+                    None => self.seq_len as f64,
+                };
+                let per_token = match (split.chat(), self.loss_on) {
+                    (Some(chat), LossOn::Assistant) => {
+                        chat.trained_bytes as f64 / chat.trained_tokens.max(1) as f64
+                    }
+                    _ => split.bytes_per_token(),
+                };
+                bytes += per_token * scored;
+                window
             })
             .collect();
         (windows, bytes)
     }
-}
-
-/// Non-overlapping windows of `seq_len + 1` tokens from the split's start.
-fn all_windows(split: &TokenSplit, seq_len: usize) -> u64 {
-    split.len().saturating_sub(1) / seq_len as u64
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use moe_data::{
-    DirectorySettings, EvalWindows, PrepareOptions, PreparedSet, Progress, TextTokenizer,
+    DirectorySettings, EvalWindows, LossOn, PrepareOptions, PreparedSet, Progress, TextTokenizer,
     TokenSplit, TokenizerChoice, TrainWindows, ValidationSplit, WeightedSplit, cached_directory,
     prepare,
 };
@@ -438,8 +438,12 @@ fn training_windows_are_a_seeded_function_of_the_batch_index() {
     assert_eq!(starts.len(), per_epoch);
     let (_, start) = windows.locate(5);
     let batch = windows.batch(1);
-    assert_eq!(batch[1], set.train.tokens(start, seq_len + 1));
-    assert!(batch.iter().all(|w| w.len() == seq_len + 1));
+    assert_eq!(batch[1].tokens, set.train.tokens(start, seq_len + 1));
+    assert!(
+        batch
+            .iter()
+            .all(|w| w.tokens.len() == seq_len + 1 && w.mask.is_none())
+    );
     // The next epoch reads at another offset.
     assert_ne!(windows.locate(per_epoch as u64).1 % seq_len as u64, 0);
 }
@@ -483,18 +487,23 @@ fn fixed_eval_windows_spread_over_the_split_and_full_covers_it() {
     let set = PreparedSet::open(&small_set(dir.path(), 12, 2000)).unwrap();
     let seq_len = 32;
     let all = (set.val.len() as usize - 1) / seq_len;
-    let full = EvalWindows::full(std::slice::from_ref(&set.val), seq_len);
+    let full = EvalWindows::full(std::slice::from_ref(&set.val), seq_len, LossOn::All);
     assert_eq!(full.len(), all);
     let weighted = WeightedSplit {
         split: set.val.clone(),
         weight: 1.0,
     };
-    let fixed = EvalWindows::fixed(std::slice::from_ref(&weighted), seq_len, 10 * seq_len);
+    let fixed = EvalWindows::fixed(
+        std::slice::from_ref(&weighted),
+        seq_len,
+        10 * seq_len,
+        LossOn::All,
+    );
     assert_eq!(fixed.len(), 10);
     let (windows, bytes) = fixed.batch(0..10);
-    assert_eq!(windows[0], set.val.tokens(0, seq_len + 1));
+    assert_eq!(windows[0].tokens, set.val.tokens(0, seq_len + 1));
     let last_start = (9 * all / 10 * seq_len) as u64;
-    assert_eq!(windows[9], set.val.tokens(last_start, seq_len + 1));
+    assert_eq!(windows[9].tokens, set.val.tokens(last_start, seq_len + 1));
     assert!(
         last_start > set.val.len() * 8 / 10,
         "the windows reach the end"
@@ -503,7 +512,7 @@ fn fixed_eval_windows_spread_over_the_split_and_full_covers_it() {
     assert!((bytes - expected).abs() < 1e-6, "{bytes} vs {expected}");
     assert_eq!(
         fixed.batch(0..10).0,
-        EvalWindows::fixed(&[weighted], seq_len, 10 * seq_len)
+        EvalWindows::fixed(&[weighted], seq_len, 10 * seq_len, LossOn::All)
             .batch(0..10)
             .0,
         "the same windows every time"
