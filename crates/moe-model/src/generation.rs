@@ -9,6 +9,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::backend::Backend;
 
+use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::transformer::{KvCache, Transformer};
 use moe_kernels::{self as ops, MoeBackend};
@@ -51,6 +52,10 @@ pub struct Sequence<B: Backend> {
     stop_tokens: Vec<u32>,
     window: usize,
     finish: Option<FinishReason>,
+    /// Alternatives to record with each sampled token's log-probability, if recorded.
+    logprobs: Option<usize>,
+    /// The log-probability of the token the last step sampled.
+    last_logprob: Option<TokenLogprob>,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -69,7 +74,7 @@ impl<B: Backend> Sequence<B> {
         let prompt = &prompt[prompt.len().saturating_sub(window.saturating_sub(1))..];
         let mut sequence = Self {
             cache: KvCache::new(config.n_layers),
-            sampler: Sampler::new(sampling),
+            sampler: Sampler::new(sampling, prompt),
             input: if prompt.is_empty() {
                 vec![0]
             } else {
@@ -81,9 +86,23 @@ impl<B: Backend> Sequence<B> {
             stop_tokens: stop_tokens.to_vec(),
             window,
             finish: None,
+            logprobs: None,
+            last_logprob: None,
         };
         sequence.check_length();
         sequence
+    }
+
+    /// Records the log-probability of every sampled token (a stop token included) and its
+    /// `top` most likely alternatives, for [`Sequence::take_logprob`].
+    pub fn with_logprobs(mut self, top: usize) -> Self {
+        self.logprobs = Some(top);
+        self
+    }
+
+    /// The log-probability of the token the last step sampled, once, if recorded.
+    pub fn take_logprob(&mut self) -> Option<TokenLogprob> {
+        self.last_logprob.take()
     }
 
     /// The tokens generated so far.
@@ -124,6 +143,9 @@ impl<B: Backend> Sequence<B> {
     /// Samples the next token from its logits; `None` when it is a stop token.
     fn accept(&mut self, logits: &[f32]) -> Option<u32> {
         let next = self.sampler.sample(logits) as u32;
+        if let Some(top) = self.logprobs {
+            self.last_logprob = Some(token_logprob(logits, next, top));
+        }
         if self.stop_tokens.contains(&next) {
             self.finish = Some(FinishReason::Stop);
             return None;

@@ -1,7 +1,10 @@
-//! Next-token sampling on the host: greedy, temperature, top-k and top-p.
+//! Next-token sampling on the host: penalties and biases, then greedy, temperature, top-k
+//! and top-p.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use crate::penalties::{Penalties, PenaltyState};
 
 /// How to pick the next token from logits.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,6 +17,8 @@ pub struct SamplingConfig {
     pub top_p: f64,
     /// Seed of the sampler's random generator.
     pub seed: u64,
+    /// Adjustments to the logits, applied before everything else.
+    pub penalties: Penalties,
 }
 
 impl Default for SamplingConfig {
@@ -23,26 +28,42 @@ impl Default for SamplingConfig {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            penalties: Penalties::default(),
         }
     }
 }
 
-/// A seeded sampler.
+/// A seeded sampler for one sequence: it remembers the tokens it picked, for the
+/// penalties.
 #[derive(Debug)]
 pub struct Sampler {
     config: SamplingConfig,
     rng: StdRng,
+    penalties: PenaltyState,
 }
 
 impl Sampler {
-    /// A sampler with its own random generator seeded from `config.seed`.
-    pub fn new(config: SamplingConfig) -> Self {
+    /// A sampler for a sequence that starts with `prompt`, with its own random generator
+    /// seeded from `config.seed`.
+    pub fn new(config: SamplingConfig, prompt: &[u32]) -> Self {
         let rng = StdRng::seed_from_u64(config.seed);
-        Self { config, rng }
+        let penalties = PenaltyState::new(config.penalties.clone(), prompt);
+        Self {
+            config,
+            rng,
+            penalties,
+        }
     }
 
-    /// Picks a token id from one row of logits.
+    /// Picks a token id from one row of logits (and counts it as generated).
     pub fn sample(&mut self, logits: &[f32]) -> usize {
+        let logits = self.penalties.apply(logits);
+        let token = self.pick(&logits);
+        self.penalties.record(token as u32);
+        token
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> usize {
         if self.config.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -92,4 +113,43 @@ pub fn argmax(values: &[f32]) -> usize {
             if v > best.1 { (i, v) } else { best }
         })
         .0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_follow_the_penalties() {
+        let greedy = |penalties: Penalties| SamplingConfig {
+            temperature: 0.0,
+            penalties,
+            ..Default::default()
+        };
+        let logits = [1.0f32, 3.0, 2.0];
+        // Without penalties greedy repeats itself; a frequency penalty moves it on.
+        let mut plain = Sampler::new(greedy(Penalties::default()), &[]);
+        assert_eq!([plain.sample(&logits), plain.sample(&logits)], [1, 1]);
+        let frequency = Penalties {
+            frequency: 1.5,
+            ..Default::default()
+        };
+        let mut penalised = Sampler::new(greedy(frequency), &[]);
+        assert_eq!(
+            [penalised.sample(&logits), penalised.sample(&logits)],
+            [1, 2]
+        );
+        // A repetition penalty counts the prompt.
+        let repetition = Penalties {
+            repetition: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(Sampler::new(greedy(repetition), &[1]).sample(&logits), 2);
+        // A bias of +100 forces its token.
+        let bias = Penalties {
+            logit_bias: vec![(0, 100.0)],
+            ..Default::default()
+        };
+        assert_eq!(Sampler::new(greedy(bias), &[]).sample(&logits), 0);
+    }
 }
