@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use moe_data::TokenizerKind;
+use moe_data::{LossOn, TokenizerKind};
 use moe_model::{ConfigError, ModelConfig, MoeConfig};
 use serde::{Deserialize, Serialize};
 
@@ -261,6 +261,14 @@ pub struct TrainConfig {
     /// Checkpoints kept in the run directory (older ones are deleted).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// Which tokens the loss is on: `all` (default) or `assistant`, the answers of chat
+    /// data (`moe data prepare --format chat`) only, averaged over those tokens.
+    #[serde(default, skip_serializing_if = "is_all")]
+    pub loss_on: LossOn,
+}
+
+fn is_all(loss_on: &LossOn) -> bool {
+    *loss_on == LossOn::All
 }
 
 impl TrainConfig {
@@ -417,9 +425,31 @@ impl RunConfig {
         Self::parse(&text, overrides).with_context(|| format!("in config {}", path.display()))
     }
 
+    /// Reads the config at `path` laid over `base` (a checkpoint's saved config, for a
+    /// fine-tuning run): each section `path` has replaces `base`'s, the others are kept;
+    /// then applies overrides and validates. A fine-tuning config can so hold only its
+    /// `[data]` and `[train]`, the model's shape coming from the checkpoint.
+    pub fn load_over(base: &Path, path: &Path, overrides: &[String]) -> Result<Self> {
+        let read = |path: &Path| -> Result<toml::Table> {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            let mut table: toml::Table =
+                toml::from_str(&text).with_context(|| format!("in config {}", path.display()))?;
+            router_as_table(&mut table).with_context(|| format!("in config {}", path.display()))?;
+            Ok(table)
+        };
+        let mut table = read(base)?;
+        table.extend(read(path)?);
+        Self::from_table(table, overrides)
+            .with_context(|| format!("in config {} (over {})", path.display(), base.display()))
+    }
+
     /// Parses TOML text, applies overrides and validates.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text)?;
+        Self::from_table(toml::from_str(text)?, overrides)
+    }
+
+    fn from_table(mut table: toml::Table, overrides: &[String]) -> Result<Self> {
         router_as_table(&mut table)?;
         for item in overrides {
             apply_override(&mut table, item)?;

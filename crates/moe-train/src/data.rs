@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use moe_data::{
-    DirectorySettings, EvalWindows, PreparedSet, Progress, TextTokenizer, TokenSplit,
+    DirectorySettings, EvalWindows, LossOn, PreparedSet, Progress, TextTokenizer, TokenSplit,
     TokenizerChoice, TokenizerKind, TrainWindows, ValidationSplit, WeightedSplit, cache_dir,
     default_cache_root, open_or_prepare,
 };
@@ -27,6 +27,10 @@ pub struct RunData {
     pub sets: Vec<PreparedSet>,
     /// Their weights.
     pub weights: Vec<f64>,
+    /// Special tokens the data's tokenizer added to the model's (chat data prepared with
+    /// a checkpoint's tokenizer that lacked its template's markers): a model trained on it
+    /// must grow its vocabulary to the data's.
+    pub added_tokens: Vec<String>,
 }
 
 impl RunData {
@@ -53,7 +57,11 @@ impl RunData {
                 (vec![set], vec![1.0])
             }
         };
-        let data = Self { sets, weights };
+        let mut data = Self {
+            sets,
+            weights,
+            added_tokens: Vec::new(),
+        };
         data.check(config, tokenizer)?;
         Ok(data)
     }
@@ -63,8 +71,25 @@ impl RunData {
         &self.sets[0].tokenizer
     }
 
-    fn check(&self, config: &RunConfig, tokenizer: Option<&TextTokenizer>) -> Result<()> {
+    /// The data's vocabulary (every set shares one tokenizer).
+    pub fn vocab_size(&self) -> usize {
+        self.sets[0].meta.vocab_size
+    }
+
+    fn check(&mut self, config: &RunConfig, tokenizer: Option<&TextTokenizer>) -> Result<()> {
         let first = &self.sets[0];
+        if let Some(tokenizer) = tokenizer {
+            let model = tokenizer.fingerprint()?;
+            let chat = first.meta.chat.as_ref();
+            if first.meta.tokenizer_sha256 != model {
+                ensure!(
+                    chat.and_then(|c| c.base_tokenizer_sha256.as_deref()) == Some(&model),
+                    "`{}` was tokenized with another tokenizer than the model's; prepare the data with --tokenizer set to the checkpoint's tokenizer.json",
+                    first.dir.display()
+                );
+                self.added_tokens = chat.map(|c| c.added_tokens.clone()).unwrap_or_default();
+            }
+        }
         for set in &self.sets {
             ensure!(
                 set.meta.tokenizer_sha256 == first.meta.tokenizer_sha256,
@@ -74,7 +99,7 @@ impl RunData {
                 first.dir.display()
             );
             ensure!(
-                set.meta.vocab_size <= config.model.vocab_size,
+                !self.added_tokens.is_empty() || set.meta.vocab_size <= config.model.vocab_size,
                 "prepared set `{}` has a vocabulary of {} tokens but model.vocab_size is {}",
                 set.dir.display(),
                 set.meta.vocab_size,
@@ -84,13 +109,6 @@ impl RunData {
                 !set.val.is_empty(),
                 "prepared set `{}` has no validation tokens",
                 set.dir.display()
-            );
-        }
-        if let Some(tokenizer) = tokenizer {
-            ensure!(
-                tokenizer.fingerprint()? == first.meta.tokenizer_sha256,
-                "`{}` was tokenized with another tokenizer than the model's; prepare the data with --tokenizer set to the checkpoint's tokenizer.json",
-                first.dir.display()
             );
         }
         Ok(())
@@ -110,20 +128,31 @@ impl RunData {
     /// The run's training batches (`batch_size` windows each).
     pub fn train_windows(&self, config: &RunConfig, batch_size: usize) -> Result<TrainWindows> {
         let splits = self.splits(|s| s.train.clone());
-        TrainWindows::new(&splits, config.data.seq_len, batch_size, config.train.seed)
+        let (seq_len, seed) = (config.data.seq_len, config.train.seed);
+        TrainWindows::with_loss_on(&splits, seq_len, batch_size, seed, config.train.loss_on)
             .context("reading the training split")
     }
 
     /// The fixed windows of every periodic evaluation.
     pub fn eval_windows(&self, config: &RunConfig) -> EvalWindows {
         let splits = self.splits(|s| s.val.clone());
-        EvalWindows::fixed(&splits, config.data.seq_len, config.eval_tokens())
+        let tokens = config.eval_tokens();
+        EvalWindows::fixed(&splits, config.data.seq_len, tokens, config.train.loss_on)
     }
 
-    /// Every window of the validation splits.
-    pub fn full_eval_windows(&self, seq_len: usize) -> EvalWindows {
+    /// Every window of the validation splits, scored on `loss_on` (answers need chat
+    /// data).
+    pub fn full_eval_windows(&self, seq_len: usize, loss_on: LossOn) -> Result<EvalWindows> {
+        if loss_on == LossOn::Assistant
+            && let Some(set) = self.sets.iter().find(|s| s.val.chat().is_none())
+        {
+            bail!(
+                "`{}` is prose, with no answers to score: scoring the answers needs chat data (`moe data prepare --format chat`)",
+                set.dir.display()
+            );
+        }
         let splits: Vec<_> = self.sets.iter().map(|s| s.val.clone()).collect();
-        EvalWindows::full(&splits, seq_len)
+        Ok(EvalWindows::full(&splits, seq_len, loss_on))
     }
 
     /// One line per set: its place, tokens and documents.

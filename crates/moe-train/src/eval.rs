@@ -51,10 +51,22 @@ pub fn evaluate<B: MoeBackend>(
         bytes += batch_bytes;
         let batch: LmBatch<B> = LmBatcher.batch(items, device);
         let (loss, moe) = model.token_nll(batch.inputs, batch.targets);
-        scored += loss.dims()[0];
-        nll += loss.sum().into_scalar().elem::<f64>();
+        let (batch_nll, batch_scored) = match batch.mask {
+            None => (loss.clone().sum(), loss.dims()[0]),
+            Some(mask) => {
+                let mask = mask.flatten(0, 1);
+                let count = mask.clone().sum().into_scalar().elem::<f64>() as usize;
+                ((loss * mask).sum(), count)
+            }
+        };
+        scored += batch_scored;
+        nll += batch_nll.into_scalar().elem::<f64>();
         stats.add(&moe);
     }
+    anyhow::ensure!(
+        scored > 0,
+        "the validation windows hold no token to score (chat data without answers?)"
+    );
     let val_loss = nll / scored as f64;
     Ok(EvalResult {
         val_loss,

@@ -66,9 +66,16 @@ pub fn export<B: Backend>(
                     tmp.join("config.json"),
                     json(hf_mixtral::config_json(&config.model, &config.moe, eos)?)?,
                 )?;
+                // Generation also ends at the chat template's end of turn.
+                let mut eos_tokens: Vec<u32> = eos.into_iter().collect();
+                if let Some(tokenizer) = &tokenizer {
+                    let template = tokenizer.chat_template();
+                    let end_of_turn = template.eos_token().and_then(|t| tokenizer.token_id(t));
+                    eos_tokens.extend(end_of_turn.filter(|id| !eos_tokens.contains(id)));
+                }
                 std::fs::write(
                     tmp.join("generation_config.json"),
-                    json(hf_mixtral::generation_config_json(eos))?,
+                    json(hf_mixtral::generation_config_json(&eos_tokens))?,
                 )?;
             }
         }

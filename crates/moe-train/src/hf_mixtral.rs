@@ -494,8 +494,13 @@ pub fn configs_from_json(config: &Value) -> Result<(ModelConfig, MoeConfig)> {
 }
 
 /// `generation_config.json` of the exported model.
-pub fn generation_config_json(eos_token: Option<u32>) -> Value {
-    json!({"_from_model_config": true, "eos_token_id": eos_token})
+pub fn generation_config_json(eos_tokens: &[u32]) -> Value {
+    let eos = match eos_tokens {
+        [] => Value::Null,
+        [one] => json!(one),
+        many => json!(many),
+    };
+    json!({"_from_model_config": true, "eos_token_id": eos})
 }
 
 /// Metadata of the exported `model.safetensors` (transformers expects `format: pt`).

@@ -8,7 +8,7 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
-use moe_data::{LmBatch, LmBatcher, TrainWindows};
+use moe_data::{LmBatch, LmBatcher, TrainWindows, Window};
 use moe_model::MoeOutputs;
 use moe_model::{MoeAutodiffBackend, Transformer};
 
@@ -37,7 +37,7 @@ pub(crate) struct Shard {
 
 impl Shard {
     /// This replica's sequences of micro-batch `micro` of `step`.
-    fn micro_batch(&self, step: usize, grad_accum: usize, micro: usize) -> Vec<Vec<u32>> {
+    fn micro_batch(&self, step: usize, grad_accum: usize, micro: usize) -> Vec<Window> {
         let mut items = self.batches.batch(step * grad_accum + micro);
         let per_replica = items.len() / self.replicas;
         items.truncate((self.rank + 1) * per_replica);
@@ -126,9 +126,21 @@ impl<B: MoeAutodiffBackend> Learner<B> {
         let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
         let mut counts: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
         let mut losses = Tensor::<B::InnerBackend, 1>::zeros([2], device);
-        for micro in 0..grad_accum {
-            let items = self.shard.micro_batch(step, grad_accum, micro);
-            let batch: LmBatch<B> = LmBatcher.batch(items, device);
+        let micro_batches: Vec<Vec<Window>> = (0..grad_accum)
+            .map(|micro| self.shard.micro_batch(step, grad_accum, micro))
+            .collect();
+        // Masked (chat) data: the loss is the mean over the step's scored tokens, so each
+        // micro-batch's weights are divided by the mean scored tokens per micro-batch.
+        let scored: u64 = micro_batches
+            .iter()
+            .flatten()
+            .filter_map(|w| w.mask.as_ref())
+            .map(|mask| u64::from(mask[1..].iter().sum::<u32>()))
+            .sum();
+        let per_micro = (scored as f64 / grad_accum as f64).max(1.0);
+        for items in micro_batches {
+            let mut batch: LmBatch<B> = LmBatcher.batch(items, device);
+            batch.mask = batch.mask.map(|mask| mask.div_scalar(per_micro));
             let out = forward_backward(&self.model, batch, 1.0 / grad_accum as f64, device);
             accumulator.accumulate(&self.model, out.grads);
             losses = losses + Tensor::cat(vec![out.ce.inner(), out.router.inner()], 0);
@@ -183,7 +195,7 @@ impl<B: MoeAutodiffBackend> Learner<B> {
 pub struct MicroStep<B: MoeAutodiffBackend> {
     /// Gradients of `scale * (cross-entropy + router losses)`.
     pub grads: GradientsParams,
-    /// Mean cross-entropy (nats per token), unscaled.
+    /// Cross-entropy, unscaled: the mean over the tokens, or with a mask the weighted sum.
     pub ce: Tensor<B, 1>,
     /// The weighted router losses (balancing and z-loss), unscaled.
     pub router: Tensor<B, 1>,
@@ -192,7 +204,9 @@ pub struct MicroStep<B: MoeAutodiffBackend> {
 }
 
 /// Runs `batch` forward and backward; `scale` weighs its loss (1 / micro-batches per
-/// step, so accumulated gradients are those of the whole step's mean loss).
+/// step, so accumulated gradients are those of the whole step's mean loss). A batch with
+/// a mask has the weighted sum of its token losses as cross-entropy: its weights are the
+/// mask already divided by the tokens a micro-batch scores on average.
 pub fn forward_backward<B: MoeAutodiffBackend>(
     model: &Transformer<B>,
     batch: LmBatch<B>,
@@ -200,7 +214,10 @@ pub fn forward_backward<B: MoeAutodiffBackend>(
     device: &B::Device,
 ) -> MicroStep<B> {
     let (nll, moe) = model.token_nll(batch.inputs, batch.targets);
-    let ce = nll.mean();
+    let ce = match batch.mask {
+        None => nll.mean(),
+        Some(weights) => (nll * weights.flatten(0, 1)).sum(),
+    };
     let router = model.router_loss(&moe, device);
     let loss = (ce.clone() + router.clone()) * scale;
     MicroStep {

@@ -24,7 +24,7 @@ use crate::data_parallel::{Cluster, ReplicaStart, Replicas};
 use crate::eval::{EvalResult, evaluate};
 use crate::learner::{AdamW, Interval, Learner, Shard};
 use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
-use crate::model_tensors::{load_model_tensors, model_tensors};
+use crate::model_tensors::{grow_vocabulary, load_model_tensors, model_tensors};
 use crate::optimizer::FusedAdamW;
 use crate::schedule::learning_rate;
 
@@ -166,7 +166,8 @@ impl<'a, B: MoeAutodiffBackend> Run<'a, B> {
         };
         let local = local_replicas(&config, cluster)?;
         let from = StartingPoint::find(&config, run_dir, resume, init, progress)?;
-        let data = open_data(&config, run_dir, from.model_checkpoint(), progress)?;
+        let mut config = config;
+        let data = open_data(&mut config, run_dir, from.model_checkpoint(), progress)?;
         let batches = training_batches(&config, &data, progress)?;
         let eval_windows = data.eval_windows(&config);
         let (model, optimizer, state) = initial_model::<B>(&config, &from, cluster, progress)?;
@@ -298,7 +299,9 @@ impl<'a, B: MoeAutodiffBackend> Run<'a, B> {
         let windows = match full {
             false => &self.eval_windows,
             true => {
-                full_windows = self.data.full_eval_windows(self.config.data.seq_len);
+                full_windows = self
+                    .data
+                    .full_eval_windows(self.config.data.seq_len, self.config.train.loss_on)?;
                 &full_windows
             }
         };
@@ -463,8 +466,10 @@ fn checkpoint_to_resume(
 
 /// Opens the run's data (tokenized with the tokenizer of `model_checkpoint`, the one
 /// resumed or started from, if any) and saves the config and tokenizer in `run_dir`.
+/// Data whose tokenizer added special tokens to the checkpoint's grows the run's
+/// vocabulary to match.
 fn open_data(
-    config: &RunConfig,
+    config: &mut RunConfig,
     run_dir: &Path,
     model_checkpoint: Option<&PathBuf>,
     progress: &mut dyn FnMut(&str),
@@ -474,6 +479,13 @@ fn open_data(
         None => None,
     };
     let data = RunData::open(config, model_tokenizer.as_ref(), progress)?;
+    if !data.added_tokens.is_empty() {
+        progress(&format!(
+            "the data's tokenizer adds {} to the model's",
+            data.added_tokens.join(", ")
+        ));
+        config.model.vocab_size = config.model.vocab_size.max(data.vocab_size());
+    }
     std::fs::write(run_dir.join(CONFIG_FILE), config.to_toml()?)?;
     data.tokenizer().save(&run_dir.join(TOKENIZER_FILE))?;
     Ok(data)
@@ -522,7 +534,7 @@ fn initial_model<B: MoeAutodiffBackend>(
     let mut model = Transformer::<B>::new(&config.model, &config.moe, device)?;
     model.visit(&mut DrawWeights);
     if let Some(init) = &from.init {
-        model = initial_weights(model, config, init, device)?;
+        model = initial_weights(model, config, init, device, progress)?;
         progress(&format!("initialised from {}", init.display()));
     }
     let mut optimizer = FusedAdamW::new(&config.train).init::<B>();
@@ -568,14 +580,26 @@ fn restore<B: MoeAutodiffBackend>(
 }
 
 /// `model` with the weights of the checkpoint `init`, whose `[model]` section must equal
-/// the run's (`[moe]` may differ where the parameter shapes allow, e.g. the losses).
+/// the run's (`[moe]` may differ where the parameter shapes allow, e.g. the losses),
+/// except for a larger vocabulary (the data's tokenizer added special tokens): the
+/// checkpoint's embeddings then grow to it.
 fn initial_weights<B: Backend>(
     model: Transformer<B>,
     config: &RunConfig,
     init: &Path,
     device: &B::Device,
+    progress: &mut dyn FnMut(&str),
 ) -> Result<Transformer<B>> {
-    let (source, source_config, _) = load_weights::<B>(init, device)?;
+    let (source, mut source_config, _) = load_weights::<B>(init, device)?;
+    let mut tensors = model_tensors(&source)?;
+    let (from, to) = (source_config.model.vocab_size, config.model.vocab_size);
+    if to > from {
+        grow_vocabulary(&mut tensors, to)?;
+        source_config.model.vocab_size = to;
+        progress(&format!(
+            "vocabulary grown from {from} to {to} tokens (new embeddings: the mean of the others)"
+        ));
+    }
     ensure!(
         source_config.model == config.model,
         "cannot initialise from {}: its [model] section differs from the run's; leave out \
@@ -583,7 +607,7 @@ fn initial_weights<B: Backend>(
          [train] with --set",
         init.display()
     );
-    load_model_tensors(model, model_tensors(&source)?)
+    load_model_tensors(model, tensors)
         .with_context(|| format!("initialising from {}", init.display()))
 }
 
