@@ -71,7 +71,7 @@ impl<'a> Detokenizer<'a> {
 
     /// The text held back when generation ends without a stop string (less a character
     /// cut off by the end of generation).
-    pub fn finish(self) -> Result<String> {
+    pub fn finish(&self) -> Result<String> {
         let text = self.tokenizer.decode(&self.tokens)?;
         let text = text.trim_end_matches('\u{FFFD}');
         Ok(text.get(self.sent..).unwrap_or_default().to_string())

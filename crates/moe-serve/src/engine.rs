@@ -6,16 +6,24 @@
 //! newly admitted request reads its prompt in the same pass). A finished answer frees its
 //! slot for the next queued request at once. A full queue refuses new work (the server
 //! answers 429), so overload never turns into unbounded memory or unbounded waiting.
+//!
+//! Log-probabilities are the model's own: the log-softmax of the raw logits, before
+//! temperature, penalties and biases. Echoed prompts are scored by one full forward pass
+//! over the prompt, run by the worker when it admits the request.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use moe_data::TextTokenizer;
-use moe_model::{FinishReason, MoeBackend, SamplingConfig, Sequence, Transformer, decode_step};
+use moe_model::{
+    FinishReason, MoeBackend, SamplingConfig, Sequence, TokenLogprob, Transformer, decode_step,
+    prompt_logprobs,
+};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::detokenizer::Detokenizer;
+use crate::metrics::Metrics;
 
 /// Limits of the engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,10 +53,18 @@ pub struct GenerationRequest {
     pub prompt: Vec<u32>,
     /// Most tokens to generate.
     pub max_tokens: usize,
-    /// Temperature, top-k, top-p, seed.
+    /// Temperature, top-k, top-p, seed, penalties.
     pub sampling: SamplingConfig,
     /// The answer ends before the first of these.
     pub stop: Vec<String>,
+    /// Special tokens that end the answer besides end-of-text: stop strings that are one
+    /// special token (a chat template's `<|im_end|>`), which decoded text never shows.
+    pub stop_tokens: Vec<u32>,
+    /// Send each generated token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Send the prompt back first (an `Echo` event), with its log-probabilities when
+    /// `logprobs` is set.
+    pub echo: bool,
 }
 
 /// Why an answer ended, in OpenAI's terms.
@@ -70,11 +86,26 @@ impl Finish {
     }
 }
 
-/// What the engine sends back for a request, in order: text deltas, then one `Done`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the engine sends back for a request, in order: the echo if asked for, text
+/// deltas, then one `Done`.
+#[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
+    /// The prompt is echoed.
+    Echo {
+        /// Its tokens.
+        prompt: Vec<u32>,
+        /// The log-probabilities of its tokens after the first (empty without
+        /// `logprobs`).
+        logprobs: Vec<TokenLogprob>,
+    },
     /// More of the answer.
-    Text(String),
+    Text {
+        /// The new text.
+        text: String,
+        /// The log-probabilities of the tokens sampled since the previous `Text` (when
+        /// asked for; a stop token that ends the answer included).
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The answer is complete.
     Done {
         /// Why it ended.
@@ -100,6 +131,7 @@ pub enum SubmitError {
 struct Job {
     request: GenerationRequest,
     events: UnboundedSender<GenerationEvent>,
+    queued: Instant,
 }
 
 /// A handle to the worker; cheap to clone. The worker stops when every handle is gone.
@@ -108,6 +140,7 @@ pub struct Engine {
     jobs: SyncSender<Job>,
     tokenizer: Arc<TextTokenizer>,
     context_window: usize,
+    metrics: Metrics,
 }
 
 impl Engine {
@@ -125,24 +158,35 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let (jobs, queue) = sync_channel::<Job>(options.queue_capacity.max(1));
         let worker_tokenizer = tokenizer.clone();
+        let metrics = Metrics::default();
+        let worker_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("moe-engine".into())
-            .spawn(move || serve_queue(&model, &worker_tokenizer, &device, options, queue))?;
+            .spawn(move || {
+                let tokenizer = &worker_tokenizer;
+                serve_queue(&model, tokenizer, &device, options, &worker_metrics, queue)
+            })?;
         Ok(Self {
             jobs,
             tokenizer,
             context_window,
+            metrics,
         })
     }
 
     /// The tokenizer of the served model.
-    pub fn tokenizer(&self) -> &TextTokenizer {
+    pub fn tokenizer(&self) -> &Arc<TextTokenizer> {
         &self.tokenizer
     }
 
     /// Prompt plus answer tokens the model can attend over.
     pub fn context_window(&self) -> usize {
         self.context_window
+    }
+
+    /// The engine's metrics (tokens, queue, batch, latencies).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Queues `request`; its events arrive on the returned receiver. Dropping the
@@ -152,7 +196,18 @@ impl Engine {
         request: GenerationRequest,
     ) -> Result<UnboundedReceiver<GenerationEvent>, SubmitError> {
         let (events, receiver) = unbounded_channel();
-        match self.jobs.try_send(Job { request, events }) {
+        let job = Job {
+            request,
+            events,
+            queued: Instant::now(),
+        };
+        // Counted before the worker can take it off the queue.
+        self.metrics.queue_depth.inc();
+        let sent = self.jobs.try_send(job);
+        if sent.is_err() {
+            self.metrics.queue_depth.dec();
+        }
+        match sent {
             Ok(()) => Ok(receiver),
             Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
@@ -165,8 +220,12 @@ struct Active<'t, B: MoeBackend> {
     sequence: Sequence<B>,
     detokenizer: Detokenizer<'t>,
     events: UnboundedSender<GenerationEvent>,
+    queued: Instant,
     started: Instant,
+    last_token: Option<Instant>,
     prompt_tokens: usize,
+    /// Log-probabilities not yet sent (their tokens' text is held back).
+    logprobs: Vec<TokenLogprob>,
     stopped_by_string: bool,
     /// A decoding error was reported; nothing more is sent.
     failed: bool,
@@ -180,9 +239,9 @@ fn serve_queue<B: MoeBackend>(
     tokenizer: &TextTokenizer,
     device: &B::Device,
     options: EngineOptions,
+    metrics: &Metrics,
     queue: Receiver<Job>,
 ) {
-    let stop_tokens: Vec<u32> = tokenizer.end_of_text().into_iter().collect();
     let mut active: Vec<Active<B>> = Vec::new();
     let mut open = true;
     loop {
@@ -201,28 +260,46 @@ fn serve_queue<B: MoeBackend>(
                     break;
                 }
             };
+            metrics.queue_depth.dec();
             // A client that left while queued costs nothing.
             if job.events.is_closed() {
                 continue;
             }
-            let Job { request, events } = job;
-            let sequence = Sequence::new(
+            let Job {
+                request,
+                events,
+                queued,
+            } = job;
+            metrics.prompt_tokens.inc_by(request.prompt.len() as u64);
+            if request.echo && !echo(model, &request, device, &events) {
+                continue;
+            }
+            let mut stop_tokens = request.stop_tokens.clone();
+            stop_tokens.extend(tokenizer.end_of_text());
+            let mut sequence = Sequence::new(
                 model,
                 &request.prompt,
                 request.max_tokens,
                 &stop_tokens,
                 request.sampling,
             );
+            if let Some(top) = request.logprobs {
+                sequence = sequence.with_logprobs(top);
+            }
             active.push(Active {
                 sequence,
                 detokenizer: Detokenizer::new(tokenizer, &request.stop),
                 events,
+                queued,
                 started: Instant::now(),
+                last_token: None,
                 prompt_tokens: request.prompt.len(),
+                logprobs: Vec::new(),
                 stopped_by_string: false,
                 failed: false,
             });
         }
+        metrics.batch_size.set(active.len() as i64);
         if active.is_empty() {
             return;
         }
@@ -234,14 +311,14 @@ fn serve_queue<B: MoeBackend>(
         }));
         let Ok(new_tokens) = step else {
             for answer in active.drain(..) {
-                let message = "the model panicked on this request".to_string();
-                let _ = answer.events.send(GenerationEvent::Failed(message));
+                let _ = answer.events.send(GenerationEvent::Failed(PANICKED.into()));
             }
             continue;
         };
         for (answer, token) in active.iter_mut().zip(new_tokens) {
+            answer.logprobs.extend(answer.sequence.take_logprob());
             if let Some(token) = token {
-                answer.accept(token, options.time_limit);
+                answer.accept(token, options.time_limit, metrics);
             } else if answer.events.is_closed() {
                 answer.sequence.interrupt();
             }
@@ -250,20 +327,55 @@ fn serve_queue<B: MoeBackend>(
             .into_iter()
             .partition(|answer| answer.sequence.is_finished());
         active = running;
+        metrics.batch_size.set(active.len() as i64);
         done.into_iter().for_each(Active::finish);
     }
+}
+
+const PANICKED: &str = "the model panicked on this request";
+
+/// Sends the `Echo` event of `request`, scoring its prompt when it asks for log-probs;
+/// false when the model failed (the request is then answered with `Failed`).
+fn echo<B: MoeBackend>(
+    model: &Transformer<B>,
+    request: &GenerationRequest,
+    device: &B::Device,
+    events: &UnboundedSender<GenerationEvent>,
+) -> bool {
+    let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        request.logprobs.map_or_else(Vec::new, |top| {
+            prompt_logprobs(model, &request.prompt, top, device)
+        })
+    }));
+    let event = match scored {
+        Ok(logprobs) => GenerationEvent::Echo {
+            prompt: request.prompt.clone(),
+            logprobs,
+        },
+        Err(_) => GenerationEvent::Failed(PANICKED.into()),
+    };
+    let scored = matches!(event, GenerationEvent::Echo { .. });
+    let _ = events.send(event);
+    scored
 }
 
 impl<B: MoeBackend> Active<'_, B> {
     /// Streams the text `token` completes; ends the answer on a stop string, a decoding
     /// error, the time limit or a client that left.
-    fn accept(&mut self, token: u32, time_limit: Duration) {
+    fn accept(&mut self, token: u32, time_limit: Duration, metrics: &Metrics) {
+        let now = Instant::now();
+        let latency = match self.last_token.replace(now) {
+            None => (&metrics.time_to_first_token, now - self.queued),
+            Some(last) => (&metrics.time_per_token, now - last),
+        };
+        latency.0.observe(latency.1.as_secs_f64());
+        metrics.generated_tokens.inc();
         match self.detokenizer.push(token) {
             Ok(step) => {
-                if !step.delta.is_empty() {
-                    let _ = self.events.send(GenerationEvent::Text(step.delta));
-                }
                 self.stopped_by_string = step.stopped;
+                if !step.delta.is_empty() || step.stopped {
+                    self.send_text(step.delta);
+                }
             }
             Err(error) => {
                 let _ = self.events.send(GenerationEvent::Failed(error.to_string()));
@@ -276,8 +388,18 @@ impl<B: MoeBackend> Active<'_, B> {
         }
     }
 
+    /// Sends `text` and the log-probabilities gathered since the last text, unless both
+    /// are empty.
+    fn send_text(&mut self, text: String) {
+        if text.is_empty() && self.logprobs.is_empty() {
+            return;
+        }
+        let logprobs = std::mem::take(&mut self.logprobs);
+        let _ = self.events.send(GenerationEvent::Text { text, logprobs });
+    }
+
     /// Sends the end of a finished answer: the held-back text, then `Done`.
-    fn finish(self) {
+    fn finish(mut self) {
         if self.failed {
             return;
         }
@@ -290,16 +412,16 @@ impl<B: MoeBackend> Active<'_, B> {
             FinishReason::Stop => Finish::Stop,
             FinishReason::Length | FinishReason::Interrupted => Finish::Length,
         };
-        if !self.stopped_by_string {
-            match self.detokenizer.finish() {
-                Ok(rest) if !rest.is_empty() => {
-                    let _ = self.events.send(GenerationEvent::Text(rest));
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    let _ = self.events.send(GenerationEvent::Failed(error.to_string()));
-                    return;
-                }
+        let rest = if self.stopped_by_string {
+            Ok(String::new())
+        } else {
+            self.detokenizer.finish()
+        };
+        match rest {
+            Ok(rest) => self.send_text(rest),
+            Err(error) => {
+                let _ = self.events.send(GenerationEvent::Failed(error.to_string()));
+                return;
             }
         }
         let _ = self.events.send(GenerationEvent::Done {

@@ -189,6 +189,9 @@ pub struct CallRecord {
     pub prompt_tokens: Option<u64>,
     /// Answer tokens, as the endpoint reported.
     pub completion_tokens: Option<u64>,
+    /// Why the answer ended (`stop`, `length`), as the endpoint reported.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
     /// Attempts made.
     pub attempts: usize,
     /// Why the call failed, if it did.
@@ -346,6 +349,7 @@ async fn call<'f>(
         latency_ms: 0.0,
         prompt_tokens: None,
         completion_tokens: None,
+        finish_reason: None,
         attempts: 0,
         error: None,
     };
@@ -423,7 +427,7 @@ async fn attempt<'f>(
     };
     let Some(on_text) = on_text else {
         let value: Value = response.json().await.map_err(|e| bad(e.to_string()))?;
-        record_usage(record, &value["usage"]);
+        record_report(record, &value);
         return value["choices"][0]["message"]["content"]
             .as_str()
             .map(str::to_string)
@@ -451,7 +455,7 @@ async fn attempt<'f>(
             if let Some(message) = value["error"]["message"].as_str() {
                 return Err(bad(message.to_string()));
             }
-            record_usage(record, &value["usage"]);
+            record_report(record, &value);
             if let Some(text) = value["choices"][0]["delta"]["content"].as_str() {
                 answer.push_str(text);
                 on_text(text);
@@ -473,7 +477,12 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn record_usage(record: &mut CallRecord, usage: &Value) {
+/// Records the token counts and finish reason a response body or stream chunk reports.
+fn record_report(record: &mut CallRecord, body: &Value) {
+    if let Some(finish) = body["choices"][0]["finish_reason"].as_str() {
+        record.finish_reason = Some(finish.to_string());
+    }
+    let usage = &body["usage"];
     if let Some(tokens) = usage["prompt_tokens"].as_u64() {
         record.prompt_tokens = Some(tokens);
     }

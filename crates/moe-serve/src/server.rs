@@ -1,8 +1,8 @@
 //! The HTTP server: `POST /v1/chat/completions`, `POST /v1/completions` (both plain JSON
-//! and Server-Sent Events), `GET /v1/models` and `GET /health`, with OpenAI's response
-//! and error shapes, an optional API key and graceful shutdown. Answers come from a model
-//! (the engine) or from a whole Mixture-of-Agents pipeline (chat only), behind the same
-//! API.
+//! and Server-Sent Events), `GET /v1/models`, `GET /health` and `GET /metrics`
+//! (Prometheus), with OpenAI's response and error shapes, an optional API key and graceful
+//! shutdown. Answers come from a model (the engine) or from a whole Mixture-of-Agents
+//! pipeline (chat only), behind the same API.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,33 +12,39 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use futures_util::stream::{self, Stream, StreamExt};
-use moe_model::SamplingConfig;
+use moe_data::{ChatTemplate, Message, ROLES, TextTokenizer};
+use moe_model::{Penalties, SamplingConfig, TokenLogprob};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::chat_template::ChatTemplate;
 use crate::engine::{Engine, Finish, GenerationEvent, GenerationRequest, SubmitError};
+use crate::logprobs;
+use crate::metrics::Metrics;
 use crate::moa::{self, MoaConfig};
 use crate::openai::{
-    ChatCompletionRequest, ChatMessage, CompletionRequest, Prompt, SamplingParams, Usage,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, PromptItem, SamplingParams, Usage,
     error_body,
 };
+use crate::request_fields;
 
 /// What the server says about itself and how it reads chat requests.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// The `model` field of responses and the one entry of `/v1/models`.
     pub model_id: String,
-    /// If set, every `/v1` request needs `Authorization: Bearer <key>`.
+    /// If set, every `/v1` request needs `Authorization: Bearer <key>` (`/health` and
+    /// `/metrics` stay open).
     pub api_key: Option<String>,
-    /// How chat messages become a prompt.
+    /// How chat messages become a prompt (the model's own template, normally); its stop
+    /// strings end the answer.
     pub template: ChatTemplate,
 }
 
@@ -56,6 +62,7 @@ struct AppState {
     answerer: Answerer,
     options: Arc<ServerOptions>,
     created: u64,
+    metrics: Metrics,
 }
 
 /// The application: every route, backed by `engine`.
@@ -65,25 +72,60 @@ pub fn router(engine: Engine, options: ServerOptions) -> Router {
 
 /// The application for a Mixture-of-Agents pipeline: each chat completion runs `pipeline`
 /// on the request's messages and answers with the aggregator's text. The request's
-/// `temperature` and `max_tokens` apply to the aggregator; `n` must be 1. `usage` reports
-/// the aggregator's call. `options.template` is not used.
+/// `temperature` and `max_tokens` apply to the aggregator; `n` must be 1 and `logprobs` is
+/// refused. `usage` and `finish_reason` report the aggregator's call. `options.template`
+/// is not used.
 pub fn pipeline_router(pipeline: MoaConfig, options: ServerOptions) -> Router {
     app(Answerer::Pipeline(Arc::new(pipeline)), options)
 }
 
 fn app(answerer: Answerer, options: ServerOptions) -> Router {
+    let metrics = match &answerer {
+        Answerer::Model(engine) => engine.metrics().clone(),
+        Answerer::Pipeline(_) => Metrics::default(),
+    };
     let state = AppState {
         answerer,
         options: Arc::new(options),
         created: unix_time(),
+        metrics: metrics.clone(),
     };
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(prometheus))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(metrics, count_requests))
         .with_state(state)
+}
+
+/// Counts every request by route and response status.
+async fn count_requests(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
+    const ROUTES: [&str; 5] = [
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/completions",
+    ];
+    let path = request.uri().path();
+    let endpoint = ROUTES.into_iter().find(|r| *r == path).unwrap_or("other");
+    let response = next.run(request).await;
+    metrics.count_request(endpoint, response.status().as_u16());
+    response
+}
+
+/// The metrics in the OpenMetrics text format Prometheus scrapes; open, like `/health`
+/// (scrapers usually hold no API key).
+async fn prometheus(State(state): State<AppState>) -> Response {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        state.metrics.encode(),
+    )
+        .into_response()
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets requests in flight
@@ -126,17 +168,17 @@ struct ApiError {
     status: StatusCode,
     message: String,
     kind: &'static str,
-    param: Option<&'static str>,
+    param: Option<String>,
     code: Option<&'static str>,
 }
 
 impl ApiError {
-    fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+    fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             kind: "invalid_request_error",
-            param,
+            param: param.map(str::to_string),
             code: None,
         }
     }
@@ -154,7 +196,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = error_body(&self.message, self.kind, self.param, self.code);
+        let body = error_body(&self.message, self.kind, self.param.as_deref(), self.code);
         let mut response = (self.status, Json(body)).into_response();
         if matches!(
             self.status,
@@ -176,7 +218,7 @@ async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         message: "unknown route; this server has /v1/chat/completions, /v1/completions, \
-                  /v1/models and /health"
+                  /v1/models, /health and /metrics"
             .into(),
         kind: "invalid_request_error",
         param: None,
@@ -220,11 +262,36 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     })
 }
 
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+/// Reads a request body: a JSON object with no field the endpoint refuses (it also reads
+/// the `own` fields), as the endpoint's request `T` and the sampling fields.
+fn parse_body<T: DeserializeOwned>(
+    body: &Bytes,
+    own: &[&str],
+) -> Result<(T, SamplingParams), ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
+    let Value::Object(fields) = &value else {
+        return Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
+    };
+    request_fields::check(fields, own)
+        .map_err(|refusal| ApiError::invalid(refusal.message, Some(&refusal.param)))?;
+    Ok((typed(&value)?, typed(&value)?))
+}
+
+/// `value` as a `T`; an error names the field at fault.
+fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let field = error.path().to_string();
+        let param = (field != ".").then_some(field.as_str());
+        let message = match param {
+            Some(field) => format!("invalid request body: `{field}`: {}", error.inner()),
+            None => format!("invalid request body: {}", error.inner()),
+        };
+        ApiError::invalid(message, param)
+    })
 }
 
 /// Which endpoint a response is for.
@@ -234,12 +301,30 @@ enum Endpoint {
     Completion,
 }
 
-/// A validated request, ready for the engine.
+/// A validated request, ready for the engine: one generation request per prompt, each
+/// answered `n` times.
 struct Plan {
-    request: GenerationRequest,
+    prompts: Vec<GenerationRequest>,
     n: usize,
     stream: Streaming,
 }
+
+/// What an endpoint asks of the engine beyond the shared sampling fields.
+struct Ask {
+    /// Token ids of each prompt.
+    prompts: Vec<Vec<u32>>,
+    /// `max_tokens` when the request has none; `None` means "the rest of the window".
+    default_max_tokens: Option<usize>,
+    /// Stop strings of the chat template.
+    stop: Vec<String>,
+    /// Alternatives per token, when log-probabilities are asked for.
+    logprobs: Option<usize>,
+    /// Put the prompt before the answer.
+    echo: bool,
+}
+
+/// Prompts one completions request may hold.
+const MAX_PROMPTS: usize = 16;
 
 /// Whether to answer with Server-Sent Events, and with a usage chunk.
 #[derive(Debug, Clone, Copy)]
@@ -266,14 +351,14 @@ async fn chat_completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let request: ChatCompletionRequest = parse_body(&body)?;
+    let (request, mut sampling): (ChatCompletionRequest, _) =
+        parse_body(&body, request_fields::CHAT)?;
     if request.messages.is_empty() {
         return Err(ApiError::invalid(
             "`messages` must hold at least one message",
             Some("messages"),
         ));
     }
-    const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
     if let Some(message) = request
         .messages
         .iter()
@@ -288,21 +373,61 @@ async fn chat_completions(
             Some("messages"),
         ));
     }
-    let mut sampling = request.sampling;
     sampling.max_tokens = sampling.max_tokens.or(request.max_completion_tokens);
+    let logprobs = chat_logprobs(&request)?;
     let engine = match &state.answerer {
         Answerer::Model(engine) => engine,
         Answerer::Pipeline(pipeline) => {
+            if logprobs.is_some() {
+                return Err(ApiError::invalid(
+                    "a Mixture-of-Agents pipeline gives no log-probabilities",
+                    Some("logprobs"),
+                ));
+            }
             let stream = Streaming::of(&sampling);
             let receiver = run_pipeline(pipeline, request.messages, &sampling)?;
-            return reply(&state, Endpoint::Chat, vec![receiver], stream).await;
+            let head = ResponseHead::new(&state, Endpoint::Chat, false, 1);
+            return reply(head, vec![receiver], stream).await;
         }
     };
-    let template = state.options.template;
-    let prompt = template.render(&request.messages);
-    let template_stops = template.stop_strings().iter().map(|s| s.to_string());
-    let plan = plan(engine, &prompt, sampling, None, template_stops.collect())?;
+    let template = &state.options.template;
+    let messages: Vec<Message> = request
+        .messages
+        .iter()
+        .map(|m| Message::new(&m.role, &m.content.text()))
+        .collect();
+    let prompt = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("messages")))?;
+    let ask = Ask {
+        prompts: vec![encode(engine, &prompt)?],
+        default_max_tokens: None,
+        stop: template.stop_strings(),
+        logprobs,
+        echo: false,
+    };
+    let plan = plan(engine, ask, sampling)?;
     respond(&state, engine, Endpoint::Chat, plan).await
+}
+
+/// Chat's `logprobs` and `top_logprobs`: the alternatives per token, when log-probabilities
+/// are asked for.
+fn chat_logprobs(request: &ChatCompletionRequest) -> Result<Option<usize>, ApiError> {
+    let top = request.top_logprobs;
+    if let Some(top) = top.filter(|&top| top > 20) {
+        return Err(ApiError::invalid(
+            format!("`top_logprobs` must be in 0..=20, got {top}"),
+            Some("top_logprobs"),
+        ));
+    }
+    match (request.logprobs.unwrap_or(false), top) {
+        (true, top) => Ok(Some(top.unwrap_or(0))),
+        (false, Some(_)) => Err(ApiError::invalid(
+            "`top_logprobs` needs `logprobs: true`",
+            Some("top_logprobs"),
+        )),
+        (false, None) => Ok(None),
+    }
 }
 
 /// Starts the pipeline on `conversation`; its answer arrives as generation events. A
@@ -329,7 +454,10 @@ fn run_pipeline(
     tokio::spawn(async move {
         let text_events = events.clone();
         let run = moa::run(&pipeline, &conversation, |text| {
-            let _ = text_events.send(GenerationEvent::Text(text.to_string()));
+            let _ = text_events.send(GenerationEvent::Text {
+                text: text.to_string(),
+                logprobs: Vec::new(),
+            });
         });
         let outcome = tokio::select! {
             outcome = run => outcome,
@@ -337,9 +465,13 @@ fn run_pipeline(
         };
         let aggregator = outcome.calls.last();
         let tokens = |count: Option<Option<u64>>| count.flatten().unwrap_or(0) as usize;
+        let finish = match aggregator.and_then(|c| c.finish_reason.as_deref()) {
+            Some("length") => Finish::Length,
+            _ => Finish::Stop,
+        };
         let _ = events.send(match outcome.answer {
             Ok(_) => GenerationEvent::Done {
-                finish: Finish::Stop,
+                finish,
                 prompt_tokens: tokens(aggregator.map(|c| c.prompt_tokens)),
                 completion_tokens: tokens(aggregator.map(|c| c.completion_tokens)),
             },
@@ -362,31 +494,65 @@ async fn completions(
             None,
         ));
     };
-    let request: CompletionRequest = parse_body(&body)?;
-    let prompt = match request.prompt {
-        Prompt::Text(text) => text,
-        Prompt::Batch(mut texts) if texts.len() == 1 => texts.remove(0),
-        Prompt::Batch(_) => {
-            return Err(ApiError::invalid(
-                "`prompt` must be a string or an array of exactly one string",
-                Some("prompt"),
-            ));
-        }
+    let (request, sampling): (CompletionRequest, _) =
+        parse_body(&body, request_fields::COMPLETION)?;
+    if let Some(logprobs) = request.logprobs.filter(|&n| n > 5) {
+        return Err(ApiError::invalid(
+            format!("`logprobs` must be in 0..=5, got {logprobs}"),
+            Some("logprobs"),
+        ));
+    }
+    let items = request.prompt.into_items();
+    if !(1..=MAX_PROMPTS).contains(&items.len()) {
+        return Err(ApiError::invalid(
+            format!(
+                "`prompt` must hold 1 to {MAX_PROMPTS} prompts, got {}",
+                items.len()
+            ),
+            Some("prompt"),
+        ));
+    }
+    let prompts = items
+        .into_iter()
+        .map(|item| prompt_ids(engine, item))
+        .collect::<Result<_, _>>()?;
+    let ask = Ask {
+        prompts,
+        // OpenAI's default for this endpoint.
+        default_max_tokens: Some(16),
+        stop: Vec::new(),
+        logprobs: request.logprobs,
+        echo: request.echo.unwrap_or(false),
     };
-    // OpenAI's default for this endpoint.
-    let plan = plan(engine, &prompt, request.sampling, Some(16), Vec::new())?;
+    let plan = plan(engine, ask, sampling)?;
     respond(&state, engine, Endpoint::Completion, plan).await
 }
 
-/// Validates the sampling fields and the context window; `default_max_tokens` of `None`
-/// means "the rest of the window".
-fn plan(
-    engine: &Engine,
-    prompt: &str,
-    params: SamplingParams,
-    default_max_tokens: Option<usize>,
-    mut stop: Vec<String>,
-) -> Result<Plan, ApiError> {
+fn encode(engine: &Engine, text: &str) -> Result<Vec<u32>, ApiError> {
+    engine
+        .tokenizer()
+        .encode(text)
+        .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
+}
+
+/// Token ids of one prompt; ids given as such must be in the vocabulary.
+fn prompt_ids(engine: &Engine, prompt: PromptItem) -> Result<Vec<u32>, ApiError> {
+    let ids = match prompt {
+        PromptItem::Text(text) => return encode(engine, &text),
+        PromptItem::Tokens(ids) => ids,
+    };
+    let vocab = engine.tokenizer().vocab_size();
+    if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ApiError::invalid(
+            format!("`prompt` holds token id {id}, outside the vocabulary (0..{vocab})"),
+            Some("prompt"),
+        ));
+    }
+    Ok(ids)
+}
+
+/// Validates the sampling fields and the context window of each prompt.
+fn plan(engine: &Engine, ask: Ask, params: SamplingParams) -> Result<Plan, ApiError> {
     let stream = Streaming::of(&params);
     let temperature = check_temperature(params.temperature.unwrap_or(1.0))?;
     let top_p = params.top_p.unwrap_or(1.0);
@@ -403,57 +569,112 @@ fn plan(
             Some("n"),
         ));
     }
-    let user_stops = params.stop.map(|s| s.into_vec()).unwrap_or_default();
+    let user_stops = params
+        .stop
+        .clone()
+        .map(|s| s.into_vec())
+        .unwrap_or_default();
     if user_stops.len() > 4 {
         return Err(ApiError::invalid(
             format!("`stop` holds at most 4 strings, got {}", user_stops.len()),
             Some("stop"),
         ));
     }
+    let mut stop = ask.stop;
     stop.extend(user_stops);
-    if let Some(max_tokens) = params.max_tokens {
+    let tokenizer = engine.tokenizer();
+    let stop_tokens: Vec<u32> = stop
+        .iter()
+        .filter_map(|s| tokenizer.special_token_id(s))
+        .collect();
+    // Scoring an echoed prompt needs no new token.
+    if let Some(max_tokens) = params.max_tokens.filter(|&m| !(ask.echo && m == 0)) {
         check_max_tokens(max_tokens)?;
-    }
-    let ids = engine
-        .tokenizer()
-        .encode(prompt)
-        .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))?;
-    let window = engine.context_window();
-    let room = window.saturating_sub(ids.len());
-    // An answer needs at least one token: a prompt that fills the window is too long.
-    let max_tokens = params
-        .max_tokens
-        .unwrap_or(default_max_tokens.unwrap_or(room).min(room).max(1));
-    if ids.len() + max_tokens > window {
-        return Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: format!(
-                "This model's maximum context length is {window} tokens. However, you \
-                 requested {} tokens ({} in the messages, {max_tokens} in the completion). \
-                 Please reduce the length of the messages or completion.",
-                ids.len() + max_tokens,
-                ids.len()
-            ),
-            kind: "invalid_request_error",
-            param: Some("messages"),
-            code: Some("context_length_exceeded"),
-        });
     }
     let sampling = SamplingConfig {
         temperature,
         top_k: params.top_k.unwrap_or(0),
         top_p,
         seed: params.seed.unwrap_or_else(fresh_seed),
+        penalties: penalties(&params, engine.tokenizer().vocab_size())?,
     };
-    Ok(Plan {
-        stream,
-        request: GenerationRequest {
+    let window = engine.context_window();
+    let mut prompts = Vec::with_capacity(ask.prompts.len());
+    for ids in ask.prompts {
+        let room = window.saturating_sub(ids.len());
+        // An answer needs at least one token: a prompt that fills the window is too long.
+        let max_tokens = params
+            .max_tokens
+            .unwrap_or(ask.default_max_tokens.unwrap_or(room).min(room).max(1));
+        if ids.len() + max_tokens > window {
+            return Err(ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: format!(
+                    "This model's maximum context length is {window} tokens. However, you \
+                     requested {} tokens ({} in the messages, {max_tokens} in the completion). \
+                     Please reduce the length of the messages or completion.",
+                    ids.len() + max_tokens,
+                    ids.len()
+                ),
+                kind: "invalid_request_error",
+                param: Some("messages".into()),
+                code: Some("context_length_exceeded"),
+            });
+        }
+        prompts.push(GenerationRequest {
             prompt: ids,
             max_tokens,
-            sampling,
-            stop,
-        },
-        n,
+            sampling: sampling.clone(),
+            stop: stop.clone(),
+            stop_tokens: stop_tokens.clone(),
+            logprobs: ask.logprobs,
+            echo: ask.echo,
+        });
+    }
+    Ok(Plan { prompts, n, stream })
+}
+
+/// The penalty and bias fields, checked against their ranges and the vocabulary of
+/// `vocab` ids.
+fn penalties(params: &SamplingParams, vocab: usize) -> Result<Penalties, ApiError> {
+    let within_two = |field: &str, value: Option<f64>| {
+        let value = value.unwrap_or(0.0);
+        if (-2.0..=2.0).contains(&value) {
+            return Ok(value as f32);
+        }
+        Err(ApiError::invalid(
+            format!("`{field}` must be in [-2, 2], got {value}"),
+            Some(field),
+        ))
+    };
+    let repetition = params.repetition_penalty.unwrap_or(1.0);
+    if !(repetition > 0.0 && repetition.is_finite()) {
+        return Err(ApiError::invalid(
+            format!("`repetition_penalty` must be above 0 (1 = off), got {repetition}"),
+            Some("repetition_penalty"),
+        ));
+    }
+    let mut logit_bias = Vec::new();
+    for (key, &bias) in params.logit_bias.iter().flatten() {
+        let Some(id) = key.parse::<u32>().ok().filter(|&id| (id as usize) < vocab) else {
+            return Err(ApiError::invalid(
+                format!("`logit_bias` key `{key}` is not a token id of this model (0..{vocab})"),
+                Some("logit_bias"),
+            ));
+        };
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(ApiError::invalid(
+                format!("`logit_bias` of token {id} must be in [-100, 100], got {bias}"),
+                Some("logit_bias"),
+            ));
+        }
+        logit_bias.push((id, bias as f32));
+    }
+    Ok(Penalties {
+        presence: within_two("presence_penalty", params.presence_penalty)?,
+        frequency: within_two("frequency_penalty", params.frequency_penalty)?,
+        repetition: repetition as f32,
+        logit_bias,
     })
 }
 
@@ -472,122 +693,200 @@ fn check_max_tokens(max_tokens: usize) -> Result<usize, ApiError> {
         return Ok(max_tokens);
     }
     Err(ApiError::invalid(
-        "`max_tokens` must be at least 1",
+        "`max_tokens` must be at least 1 (0 only with `echo`, to score the prompt)",
         Some("max_tokens"),
     ))
 }
 
-/// Queues the plan's `n` answers and responds with JSON or an event stream.
+/// Queues the plan's answers (`n` per prompt, in prompt order) and responds with JSON or
+/// an event stream.
 async fn respond(
     state: &AppState,
     engine: &Engine,
     endpoint: Endpoint,
     plan: Plan,
 ) -> Result<Response, ApiError> {
-    let mut receivers = Vec::with_capacity(plan.n);
-    for i in 0..plan.n {
-        let mut request = plan.request.clone();
-        request.sampling.seed = request.sampling.seed.wrapping_add(i as u64);
-        let receiver = engine.submit(request).map_err(|error| match error {
-            SubmitError::QueueFull => ApiError {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                message: "the server is busy: its request queue is full; retry shortly".into(),
-                kind: "rate_limit_error",
-                param: None,
-                code: Some("rate_limit_exceeded"),
-            },
-            SubmitError::Stopped => ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: "the generation engine has stopped".into(),
-                kind: "server_error",
-                param: None,
-                code: None,
-            },
-        })?;
-        receivers.push(receiver);
+    let logprobs = plan.prompts.iter().any(|p| p.logprobs.is_some());
+    let mut receivers = Vec::with_capacity(plan.prompts.len() * plan.n);
+    for prompt in &plan.prompts {
+        for i in 0..plan.n {
+            let mut request = prompt.clone();
+            request.sampling.seed = request.sampling.seed.wrapping_add(i as u64);
+            let receiver = engine.submit(request).map_err(|error| match error {
+                SubmitError::QueueFull => ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: "the server is busy: its request queue is full; retry shortly".into(),
+                    kind: "rate_limit_error",
+                    param: None,
+                    code: Some("rate_limit_exceeded"),
+                },
+                SubmitError::Stopped => ApiError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    message: "the generation engine has stopped".into(),
+                    kind: "server_error",
+                    param: None,
+                    code: None,
+                },
+            })?;
+            receivers.push(receiver);
+        }
     }
-    reply(state, endpoint, receivers, plan.stream).await
+    let head = ResponseHead::new(state, endpoint, logprobs, plan.n);
+    reply(head, receivers, plan.stream).await
 }
 
 /// Responds with the answers arriving on `receivers`, as JSON once all are complete or
 /// as an event stream.
 async fn reply(
-    state: &AppState,
-    endpoint: Endpoint,
+    head: ResponseHead,
     receivers: Vec<UnboundedReceiver<GenerationEvent>>,
     streaming: Streaming,
 ) -> Result<Response, ApiError> {
-    let head = ResponseHead {
-        endpoint,
-        id: response_id(endpoint),
-        created: unix_time(),
-        model: state.options.model_id.clone(),
-    };
     if streaming.stream {
         let events = event_stream(head, receivers, streaming.include_usage);
         return Ok(Sse::new(events).into_response());
     }
     let mut choices = Vec::with_capacity(receivers.len());
-    let mut usage = Usage::new(0, 0);
+    let mut usages = Vec::with_capacity(receivers.len());
     for (index, receiver) in receivers.into_iter().enumerate() {
-        let (text, finish, answer_usage) = collect(receiver).await?;
-        usage = usage.and(answer_usage);
-        choices.push(head.choice(index, &text, Some(finish)));
+        let (text, logprobs, finish, usage) = collect(&head, receiver).await?;
+        usages.push(usage);
+        choices.push(head.choice(index, &text, logprobs, Some(finish)));
     }
+    let usage = Usage::of_answers(&usages, head.n);
     Ok(Json(head.body(choices, Some(usage), false)).into_response())
 }
 
-/// Waits for a whole answer.
+/// Waits for a whole answer: its text, `logprobs`, finish reason and usage.
 async fn collect(
+    head: &ResponseHead,
     mut receiver: UnboundedReceiver<GenerationEvent>,
-) -> Result<(String, Finish, Usage), ApiError> {
-    let mut text = String::new();
+) -> Result<(String, Value, Finish, Usage), ApiError> {
+    let (mut text, mut offset) = (String::new(), 0);
+    let mut logprobs = head.logprobs(None, &[], &mut offset);
     while let Some(event) = receiver.recv().await {
-        match event {
-            GenerationEvent::Text(delta) => text.push_str(&delta),
+        let (more, more_logprobs) = match event {
+            GenerationEvent::Echo {
+                prompt,
+                logprobs: scored,
+            } => head.echo(&prompt, &scored, &mut offset),
+            GenerationEvent::Text {
+                text,
+                logprobs: scored,
+            } => {
+                let more_logprobs = head.logprobs(None, &scored, &mut offset);
+                (text, more_logprobs)
+            }
             GenerationEvent::Done {
                 finish,
                 prompt_tokens,
                 completion_tokens,
-            } => return Ok((text, finish, Usage::new(prompt_tokens, completion_tokens))),
+            } => {
+                let usage = Usage::new(prompt_tokens, completion_tokens);
+                return Ok((text, logprobs, finish, usage));
+            }
             GenerationEvent::Failed(message) => {
                 return Err(ApiError::internal(format!("generation failed: {message}")));
             }
-        }
+        };
+        text.push_str(&more);
+        logprobs::extend(&mut logprobs, more_logprobs);
     }
     Err(ApiError::internal("the generation engine stopped"))
 }
 
-/// The fields every response and chunk of one request share.
+/// The fields every response and chunk of one request share, and how to render its
+/// choices.
 struct ResponseHead {
     endpoint: Endpoint,
     id: String,
     created: u64,
     model: String,
+    /// The served model's tokenizer (none for a pipeline).
+    tokenizer: Option<Arc<TextTokenizer>>,
+    /// Whether choices carry `logprobs`.
+    logprobs: bool,
+    /// Answers per prompt.
+    n: usize,
 }
 
 impl ResponseHead {
-    /// A choice: a whole answer (`chunk = false`) or a stream delta.
-    fn choice(&self, index: usize, text: &str, finish: Option<Finish>) -> Value {
+    fn new(state: &AppState, endpoint: Endpoint, logprobs: bool, n: usize) -> Self {
+        let tokenizer = match &state.answerer {
+            Answerer::Model(engine) => Some(engine.tokenizer().clone()),
+            Answerer::Pipeline(_) => None,
+        };
+        Self {
+            endpoint,
+            id: response_id(endpoint),
+            created: unix_time(),
+            model: state.options.model_id.clone(),
+            tokenizer,
+            logprobs,
+            n,
+        }
+    }
+
+    /// The `logprobs` of `tokens` (null when not asked for), which start `offset`
+    /// characters into the choice's text; `unscored`, an echoed prompt's first token,
+    /// comes before them.
+    fn logprobs(
+        &self,
+        unscored: Option<u32>,
+        tokens: &[TokenLogprob],
+        offset: &mut usize,
+    ) -> Value {
+        let Some(tokenizer) = self.tokenizer.as_deref().filter(|_| self.logprobs) else {
+            return Value::Null;
+        };
+        match self.endpoint {
+            Endpoint::Chat => logprobs::chat(tokenizer, tokens),
+            Endpoint::Completion => {
+                let (value, end) = logprobs::completion(tokenizer, unscored, tokens, *offset);
+                *offset = end;
+                value
+            }
+        }
+    }
+
+    /// The text and `logprobs` of an echoed prompt.
+    fn echo(&self, prompt: &[u32], scored: &[TokenLogprob], offset: &mut usize) -> (String, Value) {
+        let text = self
+            .tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(prompt).ok())
+            .unwrap_or_default();
+        (text, self.logprobs(prompt.first().copied(), scored, offset))
+    }
+
+    /// A whole choice (or a completions stream chunk's choice).
+    fn choice(&self, index: usize, text: &str, logprobs: Value, finish: Option<Finish>) -> Value {
         let finish_reason = finish.map(Finish::as_str);
         match self.endpoint {
             Endpoint::Chat => json!({
                 "index": index,
                 "message": {"role": "assistant", "content": text, "refusal": null},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
             Endpoint::Completion => json!({
                 "index": index,
                 "text": text,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
         }
     }
 
     /// A stream chunk's choice; chat deltas always carry a string `content`.
-    fn delta(&self, index: usize, text: &str, finish: Option<Finish>, first: bool) -> Value {
+    fn delta(
+        &self,
+        index: usize,
+        text: &str,
+        logprobs: Value,
+        finish: Option<Finish>,
+        first: bool,
+    ) -> Value {
         match self.endpoint {
             Endpoint::Chat => {
                 let delta = if first {
@@ -598,11 +897,11 @@ impl ResponseHead {
                 json!({
                     "index": index,
                     "delta": delta,
-                    "logprobs": null,
+                    "logprobs": logprobs,
                     "finish_reason": finish.map(Finish::as_str),
                 })
             }
-            Endpoint::Completion => self.choice(index, text, finish),
+            Endpoint::Completion => self.choice(index, text, logprobs, finish),
         }
     }
 
@@ -628,18 +927,28 @@ impl ResponseHead {
     }
 }
 
+/// Per choice of a stream: its usage once done, and its text's length so far in
+/// characters (for `text_offset`).
+struct StreamProgress {
+    usage: Vec<Usage>,
+    offsets: Vec<usize>,
+}
+
 /// The Server-Sent Events of a streamed request: for chat, an opening chunk per choice
-/// with the assistant role; text chunks as they are generated (choices interleaved);
-/// a closing chunk per choice with its finish reason; with `include_usage`, a chunk
-/// with empty `choices` and the token counts; then `[DONE]`.
+/// with the assistant role; text chunks (with their `logprobs`) as they are generated
+/// (choices interleaved); a closing chunk per choice with its finish reason; with
+/// `include_usage`, a chunk with empty `choices` and the token counts; then `[DONE]`.
 fn event_stream(
     head: ResponseHead,
     receivers: Vec<UnboundedReceiver<GenerationEvent>>,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let head = Arc::new(head);
-    let usage = Arc::new(Mutex::new(Usage::new(0, 0)));
-    let n = receivers.len();
+    let count = receivers.len();
+    let progress = Arc::new(Mutex::new(StreamProgress {
+        usage: vec![Usage::new(0, 0); count],
+        offsets: vec![0; count],
+    }));
     let chunk = {
         let head = head.clone();
         move |choice: Value| {
@@ -651,8 +960,8 @@ fn event_stream(
         }
     };
     let opening: Vec<Event> = match head.endpoint {
-        Endpoint::Chat => (0..n)
-            .map(|i| chunk(head.delta(i, "", None, true)))
+        Endpoint::Chat => (0..count)
+            .map(|i| chunk(head.delta(i, "", Value::Null, None, true)))
             .collect(),
         Endpoint::Completion => Vec::new(),
     };
@@ -662,33 +971,41 @@ fn event_stream(
             .boxed()
     }));
     let body = {
-        let (head, total, chunk) = (head.clone(), usage.clone(), chunk.clone());
-        answers.map(move |(index, event)| match event {
-            GenerationEvent::Text(text) => chunk(head.delta(index, &text, None, false)),
-            GenerationEvent::Done {
-                finish,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
-                *total = total.and(Usage::new(prompt_tokens, completion_tokens));
-                chunk(head.delta(index, "", Some(finish), false))
-            }
-            GenerationEvent::Failed(message) => {
-                let error = error_body(
-                    &format!("generation failed: {message}"),
-                    "server_error",
-                    None,
-                    None,
-                );
-                Event::default().data(error.to_string())
-            }
+        let (head, progress, chunk) = (head.clone(), progress.clone(), chunk.clone());
+        answers.map(move |(index, event)| {
+            let mut progress = progress.lock().unwrap_or_else(|e| e.into_inner());
+            let offset = &mut progress.offsets[index];
+            let (text, logprobs) = match event {
+                GenerationEvent::Echo { prompt, logprobs } => head.echo(&prompt, &logprobs, offset),
+                GenerationEvent::Text { text, logprobs } => {
+                    (text, head.logprobs(None, &logprobs, offset))
+                }
+                GenerationEvent::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    progress.usage[index] = Usage::new(prompt_tokens, completion_tokens);
+                    return chunk(head.delta(index, "", Value::Null, Some(finish), false));
+                }
+                GenerationEvent::Failed(message) => {
+                    let error = error_body(
+                        &format!("generation failed: {message}"),
+                        "server_error",
+                        None,
+                        None,
+                    );
+                    return Event::default().data(error.to_string());
+                }
+            };
+            chunk(head.delta(index, &text, logprobs, None, false))
         })
     };
     let closing = stream::once(async move {
         let mut events = Vec::new();
         if include_usage {
-            let usage = *usage.lock().unwrap_or_else(|e| e.into_inner());
+            let progress = progress.lock().unwrap_or_else(|e| e.into_inner());
+            let usage = Usage::of_answers(&progress.usage, head.n);
             events
                 .push(Event::default().data(head.body(Vec::new(), Some(usage), true).to_string()));
         }

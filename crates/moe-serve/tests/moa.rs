@@ -194,7 +194,7 @@ async fn the_pipeline_serves_openai_chat_completions() {
     let options = ServerOptions {
         model_id: "moa".into(),
         api_key: Some("key".into()),
-        template: ChatTemplate::ChatMl,
+        template: ChatTemplate::chatml(),
     };
     let addr = start_app(pipeline_router(config, options)).await;
     let client = Client::with_config(
@@ -227,7 +227,8 @@ async fn the_pipeline_serves_openai_chat_completions() {
     }
     assert_eq!(streamed, direct);
 
-    // The request's max_tokens bounds the aggregator's answer.
+    // The request's max_tokens bounds the aggregator's answer; its finish reason is the
+    // aggregator's.
     let ask_json = |extra: Value| {
         let mut body = json!({"model": "m", "messages": [{"role": "user", "content": question}]});
         body.as_object_mut()
@@ -243,10 +244,10 @@ async fn the_pipeline_serves_openai_chat_completions() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    assert!(
-        body["usage"]["completion_tokens"].as_u64().unwrap() <= 2,
-        "{body}"
-    );
+    // Two bytes cannot hold the template's stop string: the aggregator stops at max_tokens,
+    // and the pipeline says so.
+    assert_eq!(body["usage"]["completion_tokens"], 2, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
     // Bad requests get their errors.
     let (status, body) = post(
         addr,
@@ -258,6 +259,18 @@ async fn the_pipeline_serves_openai_chat_completions() {
     assert_eq!(
         (status, body["error"]["param"].as_str()),
         (400, Some("n")),
+        "{body}"
+    );
+    let (status, body) = post(
+        addr,
+        "/v1/chat/completions",
+        "key",
+        ask_json(json!({"logprobs": true})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("logprobs")),
         "{body}"
     );
     let (status, body) = post(
@@ -302,7 +315,7 @@ async fn the_pipeline_serves_openai_chat_completions() {
     let options = ServerOptions {
         model_id: "moa".into(),
         api_key: None,
-        template: ChatTemplate::ChatMl,
+        template: ChatTemplate::chatml(),
     };
     let addr = start_app(pipeline_router(config, options)).await;
     let (status, body) = post(addr, "/v1/chat/completions", "", ask_json(json!({}))).await;

@@ -1,12 +1,15 @@
 //! The server over real HTTP on 127.0.0.1: the official-format client `async-openai` calls
 //! every endpoint, streaming and not; each bad input gets its status and error type; 32
 //! concurrent clients send 500 requests and each gets its own answer; a full queue answers
-//! 429 with Retry-After.
+//! 429 with Retry-After. Log-probabilities (chat, and completions with echo as evaluators
+//! use them) equal the model's own log-softmax; penalties and logit bias change greedy
+//! choices; fields we do not implement are refused by name; `/metrics` counts what
+//! happened.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::{post, start, start_model};
+use common::{post, start, start_engine, start_model};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -18,9 +21,14 @@ use async_openai::types::{
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
     ChatCompletionStreamOptions, CreateChatCompletionRequestArgs, CreateCompletionRequestArgs,
 };
+use burn::backend::Flex;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor};
 use futures_util::StreamExt;
-use moe_serve::EngineOptions;
-use serde_json::json;
+use moe_data::{IM_END, IM_START, TextTokenizer};
+use moe_model::Transformer;
+use moe_serve::{ChatTemplate, Engine, EngineOptions, ServerOptions, router};
+use serde_json::{Value, json};
 
 const KEY: &str = "test-key";
 
@@ -201,7 +209,7 @@ async fn bad_requests_get_their_status_and_error_type() {
         ),
         (
             "/v1/completions",
-            json!({"model": "m", "prompt": ["a", "b"]}).to_string(),
+            json!({"model": "m", "prompt": vec!["a"; 17]}).to_string(),
             400,
             "invalid_request_error",
             None,
@@ -367,5 +375,458 @@ async fn concurrent_clients_each_get_their_own_answer() {
         started.elapsed(),
         latencies[250],
         latencies[494]
+    );
+}
+
+/// Log-softmax rows of `model` over `ids` from position 0, `[ids.len()][vocab]`, computed
+/// directly from the model.
+fn log_softmax_rows(model: &Transformer<Flex>, ids: &[u32]) -> Vec<Vec<f32>> {
+    let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let tokens = Tensor::<Flex, 1, Int>::from_ints(ids.as_slice(), &Default::default())
+        .reshape([1, ids.len()]);
+    let logits = model.forward(tokens).logits;
+    let vocab = logits.dims()[2];
+    let rows: Vec<f32> = log_softmax(logits, 2).into_data().to_vec().unwrap();
+    rows.chunks(vocab).map(<[f32]>::to_vec).collect()
+}
+
+/// The greedy continuation of `prompt` by `model`: each new token and the log-softmax
+/// row it was picked from.
+fn greedy(model: &Transformer<Flex>, prompt: &[u32], steps: usize) -> Vec<(u32, Vec<f32>)> {
+    let mut ids = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let row = log_softmax_rows(model, &ids).pop().unwrap();
+        let next =
+            (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32;
+        ids.push(next);
+        out.push((next, row));
+    }
+    out
+}
+
+fn close(got: &Value, want: f32) -> bool {
+    (got.as_f64().unwrap() - f64::from(want)).abs() < 1e-4
+}
+
+/// The `n` largest values of `row`, largest first.
+fn top_values(row: &[f32], n: usize) -> Vec<f32> {
+    let mut sorted = row.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    sorted.truncate(n);
+    sorted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_are_the_models_own_log_softmax() {
+    let model = common::model(32, 256);
+    let prompt = "To be, or not";
+    let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    let scored = log_softmax_rows(&model, &ids);
+    let continuation = greedy(&model, &ids, 6);
+    let messages = [moe_data::Message::new("user", "Hello")];
+    let rendered = ChatTemplate::chatml().render(&messages, true).unwrap();
+    let chat_ids: Vec<u32> = rendered.bytes().map(u32::from).collect();
+    let chat_continuation = greedy(&model, &chat_ids, 5);
+    // The forward passes above initialised the (lazily initialised) weights: the engine's
+    // copy has the same.
+    let engine = Engine::start(
+        model,
+        TextTokenizer::bytes().unwrap(),
+        Default::default(),
+        EngineOptions::default(),
+    )
+    .unwrap();
+    let addr = start_engine(engine, None).await;
+
+    // Completions with echo: the prompt's tokens (the first unscored), then the answer's.
+    let request = json!({"model": "m", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                         "echo": true, "logprobs": 5});
+    let (status, _, body) = post(addr, "/v1/completions", "", &request.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert!(choice["text"].as_str().unwrap().starts_with(prompt));
+    let logprobs = &choice["logprobs"];
+    let token_logprobs = logprobs["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_logprobs.len(), ids.len() + 6, "{logprobs}");
+    assert!(token_logprobs[0].is_null() && logprobs["top_logprobs"][0].is_null());
+    for (j, &id) in ids.iter().enumerate().skip(1) {
+        let row = &scored[j - 1];
+        assert!(
+            close(&token_logprobs[j], row[id as usize]),
+            "prompt token {j}: {} vs {} in {logprobs}",
+            token_logprobs[j],
+            row[id as usize]
+        );
+        let top: Vec<f64> = logprobs["top_logprobs"][j]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        // Five tokens, fewer keys where they share a text (bytes of multi-byte characters).
+        assert!(
+            (1..=5).contains(&top.len()),
+            "{}",
+            logprobs["top_logprobs"][j]
+        );
+        let best = top.iter().copied().fold(f64::MIN, f64::max);
+        assert!(close(&json!(best), top_values(row, 1)[0]));
+    }
+    for (k, (id, row)) in continuation.iter().enumerate() {
+        assert!(
+            close(&token_logprobs[ids.len() + k], row[*id as usize]),
+            "answer token {k}"
+        );
+    }
+    let offsets: Vec<u64> = logprobs["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        &offsets[..ids.len()],
+        (0..ids.len() as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(logprobs["tokens"][0], "T");
+
+    // Prompt scoring only, with the prompt as token ids in a batch, as lm-evaluation-harness
+    // sends it; and `max_tokens: 1`, its log-likelihood request.
+    for max_tokens in [0, 1] {
+        let request = json!({"model": "m", "prompt": [ids, ids[..4]], "max_tokens": max_tokens,
+                             "temperature": 0, "echo": true, "logprobs": 1});
+        let (status, _, body) = post(addr, "/v1/completions", "", &request.to_string()).await;
+        assert_eq!(status, 200, "{body}");
+        let choices = body["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 2);
+        for (choice, len) in choices.iter().zip([ids.len(), 4]) {
+            let token_logprobs = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+            assert_eq!(token_logprobs.len(), len + max_tokens);
+            assert!(close(&token_logprobs[3], scored[2][ids[3] as usize]));
+        }
+        assert_eq!(body["usage"]["prompt_tokens"], ids.len() + 4);
+    }
+
+    // Chat: each answer token with its top alternatives, in the whole answer and streamed.
+    let chat = |stream: bool| {
+        json!({"model": "m", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5,
+               "temperature": 0, "logprobs": true, "top_logprobs": 3, "stream": stream})
+        .to_string()
+    };
+    let (status, _, body) = post(addr, "/v1/chat/completions", "", &chat(false)).await;
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(content.len(), 5, "{body}");
+    for (entry, (id, row)) in content.iter().zip(&chat_continuation) {
+        assert!(close(&entry["logprob"], row[*id as usize]), "{entry}");
+        let token = entry["token"].as_str().unwrap();
+        assert_eq!(entry["bytes"], json!(token.as_bytes()));
+        let top = entry["top_logprobs"].as_array().unwrap();
+        for (alternative, want) in top.iter().zip(top_values(row, 3)) {
+            assert!(close(&alternative["logprob"], want), "{alternative}");
+            assert!(alternative["bytes"].is_array());
+        }
+        assert_eq!(top.len(), 3);
+    }
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat(true))
+        .send()
+        .await
+        .unwrap();
+    let events = response.text().await.unwrap();
+    let mut streamed = Vec::new();
+    for data in events.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if let Ok(chunk) = serde_json::from_str::<Value>(data)
+            && let Some(entries) = chunk["choices"][0]["logprobs"]["content"].as_array()
+        {
+            streamed.extend(entries.iter().cloned());
+        }
+    }
+    assert_eq!(&streamed, content);
+}
+
+/// A greedy completion of `prompt` with the extra fields of `extra`; the text.
+async fn greedy_text(addr: SocketAddr, max_tokens: usize, extra: Value) -> String {
+    let mut request = json!({"model": "m", "prompt": "To be", "max_tokens": max_tokens,
+                             "temperature": 0});
+    request
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let (status, _, body) = post(addr, "/v1/completions", "", &request.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    body["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// How often the most frequent character of `text` appears.
+fn most_repeats(text: &str) -> usize {
+    let mut counts = std::collections::HashMap::new();
+    text.chars()
+        .for_each(|c| *counts.entry(c).or_insert(0) += 1);
+    counts.into_values().max().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penalties_and_logit_bias_change_the_greedy_choice() {
+    let addr = start(EngineOptions::default(), None).await;
+    // Only ASCII answers, so that each character is one token.
+    let ascii: serde_json::Map<String, Value> =
+        (128..256).map(|id| (id.to_string(), json!(-100))).collect();
+    let with_ascii = |mut extra: Value| {
+        let bias = extra["logit_bias"].as_object().cloned().unwrap_or_default();
+        let mut all = ascii.clone();
+        all.extend(bias);
+        extra["logit_bias"] = Value::Object(all);
+        extra
+    };
+    // +100 forces a token.
+    let forced = greedy_text(addr, 8, with_ascii(json!({"logit_bias": {"65": 100}}))).await;
+    assert_eq!(forced, "A".repeat(8));
+    // A frequency penalty of 2 per use wears the +100 down after about 50 uses.
+    let worn = greedy_text(
+        addr,
+        120,
+        with_ascii(json!({"logit_bias": {"65": 100}, "frequency_penalty": 2})),
+    )
+    .await;
+    assert!(
+        worn.starts_with(&"A".repeat(30)) && worn != "A".repeat(120),
+        "{worn}"
+    );
+    // Each penalty changes what greedy decoding repeats.
+    let plain = greedy_text(addr, 60, with_ascii(json!({}))).await;
+    let frequency = greedy_text(addr, 60, with_ascii(json!({"frequency_penalty": 2}))).await;
+    assert!(
+        most_repeats(&frequency) < most_repeats(&plain),
+        "{plain:?} vs {frequency:?}"
+    );
+    for penalty in [
+        json!({"presence_penalty": 2}),
+        json!({"repetition_penalty": 2}),
+    ] {
+        let penalised = greedy_text(addr, 60, with_ascii(penalty.clone())).await;
+        assert_ne!(penalised, plain, "{penalty}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_we_do_not_implement_are_refused_by_name() {
+    let addr = start(EngineOptions::default(), None).await;
+    let chat = |field: &str, value: Value| {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 1});
+        body[field] = value;
+        ("/v1/chat/completions", body)
+    };
+    let completion = |field: &str, value: Value| {
+        let mut body = json!({"model": "m", "prompt": "hi", "max_tokens": 1});
+        body[field] = value;
+        ("/v1/completions", body)
+    };
+    let refused = [
+        chat(
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        chat("tool_choice", json!("auto")),
+        chat("functions", json!([{"name": "f"}])),
+        chat("function_call", json!("auto")),
+        chat("response_format", json!({"type": "json_object"})),
+        chat("parallel_tool_calls", json!(true)),
+        chat("modalities", json!(["text", "audio"])),
+        chat("audio", json!({"voice": "alloy"})),
+        chat("prediction", json!({"type": "content", "content": "x"})),
+        chat("web_search_options", json!({})),
+        chat("reasoning_effort", json!("high")),
+        chat("made_up_field", json!(1)),
+        chat("echo", json!(true)),
+        completion("suffix", json!("end")),
+        completion("best_of", json!(3)),
+        completion("top_logprobs", json!(2)),
+        // Bad values of fields we do read name the field.
+        chat("temperature", json!("hot")),
+        chat("top_logprobs", json!(2)),
+        chat("presence_penalty", json!(3)),
+        chat("frequency_penalty", json!(-2.5)),
+        chat("repetition_penalty", json!(0)),
+        chat("logit_bias", json!({"x": 1})),
+        chat("logit_bias", json!({"256": 1})),
+        chat("logit_bias", json!({"65": 101})),
+        completion("logprobs", json!(6)),
+        completion("max_tokens", json!(0)),
+        completion("prompt", json!([1, 256])),
+        completion("prompt", json!([[1], ["a"]])),
+        completion("prompt", json!([])),
+    ];
+    for (path, body) in refused {
+        let (status, _, error) = post(addr, path, "", &body.to_string()).await;
+        let param = error["error"]["param"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(status, 400, "{body}: {error}");
+        assert_eq!(error["error"]["type"], "invalid_request_error");
+        assert!(
+            body.get(&param).is_some() && error["error"]["message"].as_str().unwrap().len() > 10,
+            "{body}: {error}"
+        );
+    }
+    let (status, _, error) = post(
+        addr,
+        "/v1/chat/completions",
+        "",
+        &chat("made_up_field", json!(1)).1.to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, error["error"]["message"].as_str()),
+        (
+            400,
+            Some("Unrecognized request argument supplied: made_up_field")
+        )
+    );
+    // Neutral values and metadata are accepted.
+    let mut neutral = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1, "tools": [], "tool_choice": "none", "functions": null,
+        "response_format": {"type": "text"}, "parallel_tool_calls": null, "user": "u",
+        "metadata": {"k": "v"}, "store": false, "service_tier": "auto", "audio": null});
+    let (status, _, body) = post(addr, "/v1/chat/completions", "", &neutral.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    neutral = json!({"model": "m", "prompt": "hi", "max_tokens": 1, "suffix": null,
+                     "best_of": 1, "user": "u"});
+    let (status, _, body) = post(addr, "/v1/completions", "", &neutral.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The value of the sample `name` (with its labels, as written) in Prometheus text.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_tokens_and_latencies() {
+    let addr = start(EngineOptions::default(), Some(KEY)).await;
+    let completion = json!({"model": "m", "prompt": "To be", "max_tokens": 3, "temperature": 0});
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 4, "temperature": 0});
+    let mut usage = (0, 0);
+    for (path, body) in [
+        ("/v1/completions", &completion),
+        ("/v1/completions", &completion),
+        ("/v1/chat/completions", &chat),
+    ] {
+        let (status, _, body) = post(addr, path, KEY, &body.to_string()).await;
+        assert_eq!(status, 200, "{body}");
+        usage.0 += body["usage"]["prompt_tokens"].as_u64().unwrap();
+        usage.1 += body["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    let (status, _, _) = post(addr, "/v1/completions", KEY, "{}").await;
+    assert_eq!(status, 400);
+    // Open without the API key, as scrapers have none.
+    let response = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let metrics = response.text().await.unwrap();
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let value = line.rsplit_once(' ').map(|(_, v)| v.parse::<f64>());
+        assert!(matches!(value, Some(Ok(_))), "unparsable line {line:?}");
+    }
+    let requests = |endpoint: &str, status: u16| {
+        sample(
+            &metrics,
+            &format!("moe_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}}"),
+        )
+    };
+    assert_eq!(requests("/v1/completions", 200), 2.0);
+    assert_eq!(requests("/v1/chat/completions", 200), 1.0);
+    assert_eq!(requests("/v1/completions", 400), 1.0);
+    assert_eq!(sample(&metrics, "moe_prompt_tokens_total"), usage.0 as f64);
+    assert_eq!(
+        sample(&metrics, "moe_generated_tokens_total"),
+        usage.1 as f64
+    );
+    assert_eq!(
+        sample(&metrics, "moe_time_to_first_token_seconds_count"),
+        3.0
+    );
+    assert_eq!(
+        sample(&metrics, "moe_time_per_token_seconds_count"),
+        (usage.1 - 3) as f64
+    );
+    assert_eq!(sample(&metrics, "moe_queue_depth"), 0.0);
+    assert_eq!(sample(&metrics, "moe_batch_size"), 0.0);
+}
+
+/// Chat prompts are the served template's rendering, its markers one token each, and the
+/// template's end-of-turn token ends the answer (decoded text never shows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_template_renders_prompts_and_its_end_of_turn_token_stops_answers() {
+    let (tokenizer, _) = TextTokenizer::bytes()
+        .unwrap()
+        .with_special_tokens(&[IM_START, IM_END]);
+    let im_end = tokenizer.token_id(IM_END).unwrap();
+    let serve = |template: ChatTemplate| {
+        let engine = Engine::start(
+            common::model_over(258, 32, 256),
+            tokenizer.clone(),
+            Default::default(),
+            EngineOptions::default(),
+        )
+        .unwrap();
+        let options = ServerOptions {
+            model_id: "tiny-moe".into(),
+            api_key: None,
+            template,
+        };
+        common::start_app(router(engine, options))
+    };
+    let chat = |bias: Value| {
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+               "max_tokens": 5, "temperature": 0, "logit_bias": bias})
+        .to_string()
+    };
+
+    let chatml = serve(ChatTemplate::chatml()).await;
+    let forced = json!({ im_end.to_string(): 100 });
+    let (status, _, body) = post(chatml, "/v1/chat/completions", "", &chat(forced)).await;
+    assert_eq!(status, 200, "{body}");
+    // <|im_start|> user \n h i <|im_end|> \n <|im_start|> assistant \n: 1 + 7 + 1 + 1 + 1 + 10.
+    assert_eq!(body["usage"]["prompt_tokens"], 21, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 0, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["choices"][0]["message"]["content"], "");
+
+    let plain = serve(ChatTemplate::plain()).await;
+    let (status, _, body) = post(plain, "/v1/chat/completions", "", &chat(json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["usage"]["prompt_tokens"],
+        "user: hi\n\nassistant:".len()
+    );
+
+    // A template that refuses the conversation is the request's fault.
+    let strict = ChatTemplate::new(
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message comes first') }}{% endif %}",
+        None,
+        None,
+    );
+    let strict = serve(strict).await;
+    let (status, _, body) = post(strict, "/v1/chat/completions", "", &chat(json!({}))).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("a system message comes first"),
+        "{message}"
     );
 }

@@ -11,10 +11,23 @@ use moe_data::TextTokenizer;
 use moe_model::{Gate, ModelConfig, MoeConfig, Transformer};
 use moe_serve::{ChatTemplate, Engine, EngineOptions, ServerOptions, router, serve};
 
-/// A small random model over bytes, `d_model` wide, attending over `window` tokens.
+/// A small random model over bytes, `d_model` wide, attending over `window` tokens,
+/// served by an engine.
 pub fn engine(options: EngineOptions, d_model: usize, window: usize) -> Engine {
+    let device = Default::default();
+    let model = model(d_model, window);
+    Engine::start(model, TextTokenizer::bytes().unwrap(), device, options).unwrap()
+}
+
+/// A small random model over bytes, `d_model` wide, attending over `window` tokens.
+pub fn model(d_model: usize, window: usize) -> Transformer<Flex> {
+    model_over(256, d_model, window)
+}
+
+/// A small random model over `vocab` ids, `d_model` wide, attending over `window` tokens.
+pub fn model_over(vocab: usize, d_model: usize, window: usize) -> Transformer<Flex> {
     let model = ModelConfig {
-        vocab_size: 256,
+        vocab_size: vocab,
         d_model,
         n_layers: 2,
         n_heads: 4,
@@ -42,14 +55,22 @@ pub fn engine(options: EngineOptions, d_model: usize, window: usize) -> Engine {
         z_loss_weight: 0.0,
         bias_update_rate: 0.0,
     };
-    let device = Default::default();
-    let model = Transformer::<Flex>::new(&model, &moe, &device).unwrap();
-    Engine::start(model, TextTokenizer::bytes().unwrap(), device, options).unwrap()
+    Transformer::<Flex>::new(&model, &moe, &Default::default()).unwrap()
 }
 
 /// Serves a fresh engine on an ephemeral port; the server stops with the runtime.
 pub async fn start(options: EngineOptions, api_key: Option<&str>) -> SocketAddr {
     start_model(options, api_key, 32, 256).await
+}
+
+/// Serves `engine` on an ephemeral port.
+pub async fn start_engine(engine: Engine, api_key: Option<&str>) -> SocketAddr {
+    let server = ServerOptions {
+        model_id: "tiny-moe".into(),
+        api_key: api_key.map(str::to_string),
+        template: ChatTemplate::chatml(),
+    };
+    start_app(router(engine, server)).await
 }
 
 /// Serves a fresh `engine(options, d_model, window)` on an ephemeral port.
@@ -59,12 +80,7 @@ pub async fn start_model(
     d_model: usize,
     window: usize,
 ) -> SocketAddr {
-    let server = ServerOptions {
-        model_id: "tiny-moe".into(),
-        api_key: api_key.map(str::to_string),
-        template: ChatTemplate::ChatMl,
-    };
-    start_app(router(engine(options, d_model, window), server)).await
+    start_engine(engine(options, d_model, window), api_key).await
 }
 
 /// Serves `app` on an ephemeral port; the server stops with the runtime.
