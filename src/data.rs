@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_data::{
-    Meta, PrepareOptions, PreparedSet, Progress, TokenizerChoice, ValidationSplit, prepare,
+    Meta, Overlong, PrepareOptions, PreparedSet, Progress, TokenizerChoice, ValidationSplit,
+    prepare,
 };
 
 /// `moe data`.
@@ -17,7 +18,8 @@ pub struct DataArgs {
 
 #[derive(clap::Subcommand, Debug)]
 enum DataCommand {
-    /// Tokenize text, JSON lines or parquet once into memory-mapped token shards.
+    /// Tokenize text, JSON lines or parquet (or conversations, `--format chat`) once into
+    /// memory-mapped token shards.
     Prepare(PrepareArgs),
     /// Print what a prepared set holds.
     Inspect(InspectArgs),
@@ -33,6 +35,18 @@ struct PrepareArgs {
     /// The directory to create (must not exist).
     #[arg(long)]
     out: PathBuf,
+    /// What the inputs hold: `text` (documents), or `chat`: JSON lines of OpenAI
+    /// `messages` (system / user / assistant, optional `"train": false` per message),
+    /// rendered with the tokenizer's chat template, with a loss mask on the answers.
+    #[arg(long, default_value = "text", value_parser = ["text", "chat"])]
+    format: String,
+    /// Chat: conversations longer than this many tokens are truncated or dropped
+    /// (see --overlong); set it to the training window (data.seq_len + 1).
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<usize>,
+    /// Chat: what happens to a conversation over --max-tokens: `drop` or `truncate`.
+    #[arg(long, default_value = "drop", value_parser = parse_overlong)]
+    overlong: Overlong,
     /// The JSON field or parquet column that holds the text.
     #[arg(long, default_value = "text")]
     text_field: String,
@@ -85,7 +99,10 @@ pub fn run(args: DataArgs) -> Result<()> {
 fn run_prepare(args: PrepareArgs) -> Result<()> {
     let mut options = PrepareOptions::new(args.inputs, args.out);
     options.text_field = args.text_field;
-    options.stdin_jsonl = args.stdin_jsonl;
+    options.stdin_jsonl = args.stdin_jsonl || args.format == "chat";
+    options.chat = args.format == "chat";
+    options.max_tokens = args.max_tokens;
+    options.overlong = args.overlong;
     options.tokenizer = match (args.tokenizer, args.byte_tokenizer, args.vocab_size) {
         (Some(file), _, _) => TokenizerChoice::File(file),
         (None, true, _) => TokenizerChoice::Bytes,
@@ -149,6 +166,10 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_overlong(name: &str) -> Result<Overlong, String> {
+    name.parse()
+}
+
 fn run_inspect(args: InspectArgs) -> Result<()> {
     let set = PreparedSet::open(&args.dir)?;
     if args.json {
@@ -184,6 +205,21 @@ fn print_summary(dir: &str, meta: &Meta) {
             split.bytes_per_token(),
             split.shards.len()
         );
+    }
+    if let Some(chat) = &meta.chat {
+        let added = match chat.added_tokens.is_empty() {
+            true => "none".to_string(),
+            false => chat.added_tokens.join(" "),
+        };
+        println!("chat          conversations, loss on the answers; special tokens added: {added}");
+    }
+    for (name, split) in [("train", &meta.train), ("val", &meta.val)] {
+        if let Some(chat) = &split.chat {
+            println!(
+                "{name:<6}        {} answer tokens; {} conversations truncated, {} dropped (over --max-tokens)",
+                chat.trained_tokens, chat.truncated, chat.dropped
+            );
+        }
     }
     for source in &meta.sources {
         println!(

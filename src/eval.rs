@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use moe_data::LossOn;
 use moe_model::MoeAutodiffBackend;
 use moe_train::{RunData, evaluate, load_model};
 
@@ -23,9 +24,21 @@ pub(crate) struct EvalArgs {
     /// Evaluate only this many validation batches.
     #[arg(long)]
     batches: Option<usize>,
+    /// Which tokens are scored: `all`, or `assistant` (the answers of chat data)
+    /// [default: assistant when every set is chat data, else all].
+    #[arg(long, value_parser = parse_loss_on)]
+    loss_on: Option<LossOn>,
     /// Compute backend.
     #[arg(long, value_enum, default_value = "flex")]
     backend: BackendKind,
+}
+
+fn parse_loss_on(name: &str) -> Result<LossOn, String> {
+    match name {
+        "all" => Ok(LossOn::All),
+        "assistant" => Ok(LossOn::Assistant),
+        other => Err(format!("`{other}`: expected all or assistant")),
+    }
 }
 
 /// Runs `moe eval` on the backend its flags name.
@@ -49,7 +62,18 @@ impl BackendJob for EvalArgs {
         let data = RunData::open(&config, Some(&loaded.tokenizer), &mut |line| {
             eprintln!("{line}")
         })?;
-        let windows = data.full_eval_windows(config.data.seq_len);
+        anyhow::ensure!(
+            data.added_tokens.is_empty(),
+            "the data's tokenizer adds {} to this model's, which cannot score them: \
+             evaluate a model fine-tuned on such data (`moe train --init`)",
+            data.added_tokens.join(", ")
+        );
+        let chat = data.sets.iter().all(|set| set.val.chat().is_some());
+        let loss_on = self.loss_on.unwrap_or(match chat {
+            true => LossOn::Assistant,
+            false => LossOn::All,
+        });
+        let windows = data.full_eval_windows(config.data.seq_len, loss_on)?;
         let result = evaluate(
             &loaded.model,
             &windows,
@@ -60,6 +84,7 @@ impl BackendJob for EvalArgs {
         if self.json {
             let json = serde_json::json!({
                 "checkpoint": loaded.checkpoint,
+                "loss_on": loss_on,
                 "val_loss": result.val_loss,
                 "bpb": result.bpb,
                 "perplexity": result.perplexity,
@@ -70,6 +95,9 @@ impl BackendJob for EvalArgs {
             println!("{json}");
         } else {
             println!("checkpoint  {}", loaded.checkpoint.display());
+            if loss_on == LossOn::Assistant {
+                println!("scored      the answers ({} tokens)", result.tokens);
+            }
             println!("val_loss    {:.4}", result.val_loss);
             println!("bpb         {:.4}", result.bpb);
             println!("perplexity  {:.2}", result.perplexity);

@@ -64,6 +64,7 @@ impl BackendJob for GenerateArgs {
             top_k: self.top_k,
             top_p: self.top_p,
             seed: self.seed,
+            ..SamplingConfig::default()
         };
         let mut out = std::io::stdout();
         write!(out, "{}", self.prompt)?;

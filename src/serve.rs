@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use moe_data::ChatTemplate;
 use moe_model::MoeAutodiffBackend;
 use moe_train::load_model;
 
@@ -18,9 +19,11 @@ pub(crate) struct ServeArgs {
     checkpoint: PathBuf,
     #[command(flatten)]
     http: HttpArgs,
-    /// Chat prompt format: chatml or plain.
-    #[arg(long, default_value = "chatml")]
-    template: moe_serve::ChatTemplate,
+    /// Chat template: `chatml`, `plain` (`role: text` paragraphs, for a model trained on
+    /// prose only) or a Jinja file [default: the checkpoint's own, from its
+    /// tokenizer_config.json; ChatML for a checkpoint without one].
+    #[arg(long, value_name = "NAME|FILE")]
+    template: Option<String>,
     /// Requests that may wait for a free slot; more get 429.
     #[arg(long, default_value_t = 64)]
     queue: usize,
@@ -110,6 +113,22 @@ impl BackendJob for ServeArgs {
             max_batch: self.max_batch,
             time_limit: std::time::Duration::from_secs_f64(self.max_time_secs),
         };
+        let template = match self.template.as_deref() {
+            None => loaded.tokenizer.chat_template(),
+            Some("chatml") => ChatTemplate::chatml(),
+            Some("plain") => ChatTemplate::plain(),
+            Some(path) => {
+                let source = std::fs::read_to_string(path)
+                    .with_context(|| format!("--template: reading the Jinja file `{path}`"))?;
+                let own = loaded.tokenizer.chat_template();
+                let tokens = |t: Option<&str>| t.map(String::from);
+                ChatTemplate::new(&source, tokens(own.bos_token()), tokens(own.eos_token()))
+            }
+        };
+        // A template that cannot render a conversation is refused now, not per request.
+        template
+            .render(&[moe_data::Message::new("user", "hi")], true)
+            .context("--template")?;
         let engine = moe_serve::Engine::start(loaded.model, loaded.tokenizer, device, options)
             .context("starting the generation thread")?;
         let app = moe_serve::router(
@@ -117,7 +136,7 @@ impl BackendJob for ServeArgs {
             moe_serve::ServerOptions {
                 model_id: model_id.clone(),
                 api_key: self.http.api_key.clone(),
-                template: self.template,
+                template,
             },
         );
         let what = format!("{model_id} ({})", loaded.checkpoint.display());
@@ -147,7 +166,7 @@ fn serve_moa(args: MoaServeArgs) -> Result<()> {
     let options = moe_serve::ServerOptions {
         model_id,
         api_key: args.http.api_key.clone(),
-        template: moe_serve::ChatTemplate::ChatMl,
+        template: ChatTemplate::chatml(),
     };
     serve_http(
         moe_serve::pipeline_router(config, options),

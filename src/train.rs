@@ -22,10 +22,13 @@ pub(crate) struct OrchestratorArgs {
 #[derive(clap::Args, Debug)]
 pub(crate) struct TrainArgs {
     /// Run config (TOML) [default: configs/tiny.toml, or the --init checkpoint's config].
+    /// With --init, its sections replace the checkpoint's config's, so a fine-tuning
+    /// config may hold only [data] and [train].
     #[arg(long)]
     config: Option<PathBuf>,
     /// Start a new run from this checkpoint's weights and tokenizer (fine-tuning; imported
-    /// or upcycled models). Its [model] section must match the run config's.
+    /// or upcycled models). Its [model] section must match the run config's, except for
+    /// the vocabulary, which grows when the data's tokenizer added special tokens.
     #[arg(long, value_name = "CKPT")]
     init: Option<PathBuf>,
     /// Run directory [default: checkpoints/<config name>, or checkpoints/<init name>-finetune].
@@ -183,7 +186,12 @@ impl TrainArgs {
             overrides.push(format!("train.expert_devices={}", list.replicas()));
         }
         let (config_path, default_name) = match (&self.config, &self.init) {
-            (Some(path), _) => (path.clone(), file_name(path)?),
+            (Some(path), Some(init)) => {
+                let base = resolve_checkpoint(init)?.join(CONFIG_FILE);
+                let config = RunConfig::load_over(&base, path, &overrides)?;
+                return Ok((config, file_name(path)?));
+            }
+            (Some(path), None) => (path.clone(), file_name(path)?),
             (None, Some(init)) => {
                 let checkpoint = resolve_checkpoint(init)?;
                 let name = format!("{}-finetune", file_name(init)?);

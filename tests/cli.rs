@@ -842,3 +842,28 @@ fn data_prepare_from_stdin_and_files_then_inspect_train_and_eval_on_it() {
         stderr(&out)
     );
 }
+
+#[test]
+fn data_prepare_chat_names_bad_records_and_misplaced_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = serde_json::json!({"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]});
+    let bad = serde_json::json!({"messages": [{"role": "narrator", "content": "..."}]});
+    let input = dir.path().join("chats.jsonl");
+    std::fs::write(&input, format!("{good}\n{good}\n{bad}\n")).unwrap();
+    let input = input.display().to_string();
+    let out_dir = dir.path().join("out").display().to_string();
+    let prepare = |extra: &[&str]| {
+        let mut args = vec!["data", "prepare", "--byte-tokenizer", "--input", &input];
+        args.extend_from_slice(&["--out", &out_dir]);
+        args.extend_from_slice(extra);
+        moe(&args)
+    };
+    let out = prepare(&["--format", "chat"]);
+    assert_fails_naming(&out, "chats.jsonl:3");
+    assert_fails_naming(&out, "unknown role `narrator`");
+    assert_fails_naming(&prepare(&["--max-tokens", "10"]), "--max-tokens");
+    assert!(!dir.path().join("out").exists(), "nothing is left behind");
+}
