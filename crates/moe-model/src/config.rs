@@ -206,6 +206,95 @@ impl ModelConfig {
         }
         Ok(())
     }
+
+    /// The number of parameters of a model of this shape with the MoE layers of `moe`
+    /// (embedding, LM head unless tied, attention, norms, routers with their bias,
+    /// experts, shared experts, dense feed-forwards), computed without overflow: a shape
+    /// whose product does not fit in 64 bits is an error naming its field, so absurd
+    /// configs are refused before anything is allocated.
+    pub fn parameter_count(&self, moe: &MoeConfig) -> Result<u64, ConfigError> {
+        let (d, f) = (self.d_model, moe.expert_ffn_dim);
+        let width = ("model.d_model", d);
+        let embedding = product(&[("model.vocab_size", self.vocab_size), width])?;
+        let head_dim = d.checked_div(self.n_heads).unwrap_or(0);
+        let kv_width = product(&[
+            ("model.n_kv_heads", self.kv_heads()),
+            ("model.d_model", head_dim),
+        ])?;
+        let block = sum(
+            "model.d_model",
+            &[
+                product(&[width, width, ("model.d_model", 2)])?,
+                product(&[width, ("model.n_kv_heads", 2)])?
+                    .checked_mul(kv_width)
+                    .ok_or_else(|| overflow("model.n_kv_heads"))?,
+                product(&[width, ("model.d_model", 2)])?,
+            ],
+        )?;
+        let experts = ("moe.n_experts", moe.n_experts);
+        let expert = [width, ("moe.expert_ffn_dim", f), ("moe.expert_ffn_dim", 3)];
+        let moe_ffn = sum(
+            "moe.n_experts",
+            &[
+                product(&[width, experts])?,
+                moe.n_experts as u64,
+                product(&[&expert[..], &[experts]].concat())?,
+                product(
+                    &[
+                        &expert[..],
+                        &[("moe.n_shared_experts", moe.n_shared_experts)],
+                    ]
+                    .concat(),
+                )?,
+            ],
+        )?;
+        let dense_ffn = product(&[
+            width,
+            ("model.dense_ffn_dim", self.dense_ffn_dim),
+            ("model.dense_ffn_dim", 3),
+        ])?;
+        let n_moe = (self.n_layers.saturating_sub(self.n_dense_layers))
+            .div_ceil(self.moe_layer_interval.max(1));
+        let layers = |count: usize, size: u64| {
+            size.checked_mul(count as u64)
+                .ok_or_else(|| overflow("model.n_layers"))
+        };
+        sum(
+            "model.n_layers",
+            &[
+                embedding,
+                if self.tie_embeddings { 0 } else { embedding },
+                d as u64,
+                layers(self.n_layers, block)?,
+                layers(n_moe, moe_ffn)?,
+                layers(self.n_layers - n_moe, dense_ffn)?,
+            ],
+        )
+    }
+}
+
+/// The product of `factors` (field, value); an overflow names the largest factor's field.
+fn product(factors: &[(&str, usize)]) -> Result<u64, ConfigError> {
+    factors
+        .iter()
+        .try_fold(1u64, |acc, &(_, value)| acc.checked_mul(value as u64))
+        .ok_or_else(|| {
+            let largest = factors.iter().max_by_key(|(_, value)| *value);
+            overflow(largest.map_or("model", |(field, _)| field))
+        })
+}
+
+/// The error of a size that does not fit in 64 bits, naming `field`.
+fn overflow(field: &str) -> ConfigError {
+    ConfigError::new(field, "is too large: the model's size overflows 64 bits")
+}
+
+/// `terms` added without overflow; an overflow names `field`.
+fn sum(field: &str, terms: &[u64]) -> Result<u64, ConfigError> {
+    terms
+        .iter()
+        .try_fold(0u64, |acc, &t| acc.checked_add(t))
+        .ok_or_else(|| overflow(field))
 }
 
 impl MoeConfig {

@@ -106,6 +106,8 @@ impl<B: Backend> Transformer<B> {
     ) -> Result<Self, ConfigError> {
         model.validate()?;
         moe.validate()?;
+        // Refuses shapes whose sizes overflow before anything is allocated.
+        model.parameter_count(moe)?;
         let d = model.d_model;
         let std = model.init_std;
         // GPT-2 style: projections writing into the residual stream start smaller.

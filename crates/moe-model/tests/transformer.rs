@@ -6,6 +6,7 @@ mod common;
 use std::ops::ControlFlow;
 
 use burn::backend::Flex;
+use burn::module::Module;
 use burn::tensor::{Int, Tensor};
 use common::*;
 
@@ -225,6 +226,42 @@ fn invalid_configs_are_rejected_by_name() {
     assert_eq!(err.field, "model.d_model");
     let err = Transformer::<B>::new(&config(), &moe_config(4, 5, 8), &device).unwrap_err();
     assert_eq!(err.field, "moe.top_k");
+    // Sizes that overflow 64 bits are refused by field before any allocation.
+    let huge = ModelConfig {
+        d_model: 1 << 62,
+        n_heads: 2,
+        n_kv_heads: None,
+        ..config()
+    };
+    let err = Transformer::<B>::new(&huge, &moe_config(4, 2, 8), &device).unwrap_err();
+    assert_eq!(err.field, "model.d_model");
+}
+
+#[test]
+fn parameter_count_matches_the_built_model() {
+    let device: burn::tensor::Device<B> = Default::default();
+    for (model, shared) in [
+        (config(), 0),
+        (
+            ModelConfig {
+                tie_embeddings: true,
+                moe_layer_interval: 2,
+                n_dense_layers: 0,
+                ..config()
+            },
+            1,
+        ),
+    ] {
+        let moe = moe_model::MoeConfig {
+            n_shared_experts: shared,
+            ..moe_config(4, 2, 8)
+        };
+        let built = Transformer::<B>::new(&model, &moe, &device).unwrap();
+        assert_eq!(
+            model.parameter_count(&moe).unwrap(),
+            built.num_params() as u64
+        );
+    }
 }
 
 #[test]
