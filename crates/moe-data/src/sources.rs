@@ -238,7 +238,7 @@ fn read_text(
     each: &mut dyn FnMut(Piece) -> Result<()>,
 ) -> Result<()> {
     let mut buf = Vec::new();
-    let (mut eof, mut first) = (false, true);
+    let (mut eof, mut first, mut offset) = (false, true, 0);
     loop {
         while !eof && buf.len() < 2 * PIECE_BYTES {
             let want = (2 * PIECE_BYTES - buf.len()) as u64;
@@ -259,6 +259,14 @@ fn read_text(
         };
         let rest = buf.split_off(cut);
         let last = eof && rest.is_empty();
+        if let Some(reason) = binary_content(&buf, offset) {
+            bail!(
+                "{} is not a text file ({reason}); remove it from the data, or convert it to \
+                 UTF-8 text",
+                path.display()
+            );
+        }
+        offset += buf.len();
         let text = lossy(&buf, &mut counts.invalid_utf8);
         buf = rest;
         each(Piece {
@@ -276,6 +284,15 @@ fn read_text(
         counts.documents += 1;
     }
     Ok(())
+}
+
+/// Why the bytes of a text file's piece starting at byte `offset` are binary data rather
+/// than text, if they are: a NUL byte, which text in UTF-8 (or Latin-1) never holds and
+/// binary formats nearly always do (git's test for binary files too). Invalid UTF-8
+/// alone is not refused: such text is read with replacement characters, counted.
+fn binary_content(piece: &[u8], offset: usize) -> Option<String> {
+    let nul = piece.iter().position(|&b| b == 0)?;
+    Some(format!("a NUL byte at offset {}", offset + nul))
 }
 
 /// Where to end a piece of `buf` (longer than [`PIECE_BYTES`]): after the first newline

@@ -227,6 +227,16 @@ fn invalid_utf8_is_replaced_and_counted() {
         all_documents(&set),
         sorted(&["clean", "good \u{FFFD} text \u{FFFD}"])
     );
+
+    // A NUL byte marks binary data: the file is refused by name, not trained on.
+    std::fs::write(dir.path().join("c.txt"), b"looks like text\0\x01\x02").unwrap();
+    let again = dir.path().join("again");
+    let err = prepare(&options(vec![dir.path().into()], again), &mut |_| {}).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("c.txt") && err.contains("NUL byte at offset 15"),
+        "{err}"
+    );
 }
 
 #[test]
