@@ -12,6 +12,9 @@ use moe_model::Transformer;
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
+use crate::integrity::{NonFinite, check_finite, verify_checkpoint, write_manifest};
+use crate::memory::MemoryEstimate;
+use crate::model_tensors::model_tensors;
 
 /// Files of a checkpoint directory.
 pub const MODEL_FILE: &str = "model";
@@ -73,14 +76,23 @@ pub fn save_checkpoint<B: Backend, M: Module<B>, R: burn::record::Record<B>>(
         std::fs::write(tmp.join(CONFIG_FILE), config.to_toml()?)?;
         tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-        Ok(())
+        write_manifest(tmp)
     })?;
     let all = list_checkpoints(run_dir)?;
     for old in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(old)
-            .with_context(|| format!("removing old checkpoint {}", old.display()))?;
+        prune(old)?;
     }
     Ok(dest)
+}
+
+/// Deletes the checkpoint `dir`: renamed out of the `step-*` names first, so a reader
+/// listing the run's checkpoints never picks one that is half deleted.
+fn prune(dir: &Path) -> Result<()> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let doomed = dir.with_file_name(format!(".pruned-{name}"));
+    std::fs::rename(dir, &doomed)
+        .and_then(|()| std::fs::remove_dir_all(&doomed))
+        .with_context(|| format!("removing old checkpoint {}", dir.display()))
 }
 
 /// Complete checkpoints of a run directory, oldest first.
@@ -139,14 +151,21 @@ pub struct LoadedModel<B: Backend> {
 }
 
 /// Loads the model of `path` (a checkpoint or a run directory) onto `device`.
-pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
-    let (model, config, checkpoint) = load_weights(path, device)?;
-    let tokenizer = load_tokenizer(&checkpoint)?;
+pub fn load_model<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+    nonfinite: NonFinite,
+) -> Result<LoadedModel<B>> {
+    let loaded = read_checkpoint(path, device, nonfinite)?;
+    let tokenizer = match loaded.tokenizer {
+        Some(tokenizer) => tokenizer,
+        None => load_tokenizer(&loaded.checkpoint)?,
+    };
     Ok(LoadedModel {
-        model,
-        config,
+        model: loaded.model,
+        config: loaded.config,
         tokenizer,
-        checkpoint,
+        checkpoint: loaded.checkpoint,
     })
 }
 
@@ -156,15 +175,15 @@ pub fn load_source<B: Backend>(
     path: &Path,
     out: &Path,
     device: &B::Device,
+    nonfinite: NonFinite,
 ) -> Result<(Transformer<B>, RunConfig, Option<TextTokenizer>)> {
     ensure!(
         !out.exists(),
         "{} already exists; choose another --out (nothing was overwritten)",
         out.display()
     );
-    let (model, config, checkpoint) = load_weights::<B>(path, device)?;
-    let tokenizer = read_tokenizer(&checkpoint)?;
-    Ok((model, config, tokenizer))
+    let loaded = read_checkpoint::<B>(path, device, nonfinite)?;
+    Ok((loaded.model, loaded.config, loaded.tokenizer))
 }
 
 /// The tokenizer of the checkpoint directory `checkpoint`; an error says what to do if it
@@ -192,13 +211,73 @@ pub fn read_tokenizer(dir: &Path) -> Result<Option<TextTokenizer>> {
 pub fn load_weights<B: Backend>(
     path: &Path,
     device: &B::Device,
+    nonfinite: NonFinite,
 ) -> Result<(Transformer<B>, RunConfig, PathBuf)> {
-    let checkpoint = resolve_checkpoint(path)?;
+    let loaded = read_checkpoint::<B>(path, device, nonfinite)?;
+    Ok((loaded.model, loaded.config, loaded.checkpoint))
+}
+
+/// Everything read from one checkpoint.
+struct ReadCheckpoint<B: Backend> {
+    model: Transformer<B>,
+    config: RunConfig,
+    tokenizer: Option<TextTokenizer>,
+    checkpoint: PathBuf,
+}
+
+/// Reads the checkpoint `path` names (itself, or a run directory's newest). A run that
+/// is training there may prune the checkpoint while it is read: the newest is then
+/// resolved and read again.
+fn read_checkpoint<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+    nonfinite: NonFinite,
+) -> Result<ReadCheckpoint<B>> {
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        let checkpoint = resolve_checkpoint(path)?;
+        let read = read_resolved(&checkpoint, device, nonfinite);
+        let pruned = read.is_err() && checkpoint != path && !checkpoint.exists();
+        if !pruned {
+            return read.map(|(model, config, tokenizer)| ReadCheckpoint {
+                model,
+                config,
+                tokenizer,
+                checkpoint,
+            });
+        }
+        if attempt == ATTEMPTS {
+            bail!(
+                "checkpoint {} was removed while it was read ({ATTEMPTS} times in a row: the \
+                 run training in {} prunes its checkpoints faster than they load); read a \
+                 checkpoint that stays, or raise train.keep_checkpoints",
+                checkpoint.display(),
+                path.display()
+            );
+        }
+        attempt += 1;
+    }
+}
+
+/// The verified model, config and tokenizer of the checkpoint directory `checkpoint`.
+fn read_resolved<B: Backend>(
+    checkpoint: &Path,
+    device: &B::Device,
+    nonfinite: NonFinite,
+) -> Result<(Transformer<B>, RunConfig, Option<TextTokenizer>)> {
+    verify_checkpoint(checkpoint)?;
     let config = RunConfig::parse_saved(&checkpoint.join(CONFIG_FILE))?;
+    // The new model, the record read into it, and the finite check's host copy.
+    MemoryEstimate::weights(&config, 3)?.ensure_fits(false, |_| {})?;
     let model = Transformer::new(&config.model, &config.moe, device)?
         .load_file(checkpoint.join(MODEL_FILE), &recorder(), device)
         .with_context(|| format!("loading model weights from {}", checkpoint.display()))?;
-    Ok((model, config, checkpoint))
+    if nonfinite == NonFinite::Refuse {
+        check_finite(&model_tensors(&model)?, nonfinite, checkpoint)?;
+    }
+    let tokenizer = read_tokenizer(checkpoint)?;
+    Ok((model, config, tokenizer))
 }
 
 /// Writes `model` as a fresh checkpoint directory `dir` (step 0, no optimiser state), for
@@ -224,7 +303,7 @@ pub fn save_model_checkpoint<B: Backend>(
             elapsed_secs: 0.0,
         };
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-        Ok(())
+        write_manifest(tmp)
     })
 }
 

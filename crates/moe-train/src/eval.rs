@@ -39,6 +39,10 @@ pub fn evaluate<B: MoeBackend>(
     if windows.is_empty() {
         anyhow::bail!("the validation split is too short for one window");
     }
+    anyhow::ensure!(
+        max_batches != Some(0) && batch_size > 0,
+        "an evaluation needs at least one batch of at least one window"
+    );
     let n_batches = windows
         .len()
         .div_ceil(batch_size)

@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 
 use crate::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, load_source, write_new_dir};
 use crate::hf_mixtral;
+use crate::integrity::NonFinite;
 use crate::model_tensors::model_tensors;
 use crate::safetensors_file::write_file;
 
@@ -28,14 +29,15 @@ pub enum ExportFormat {
 
 /// Exports the checkpoint `checkpoint` (or a run directory's latest) to the new directory
 /// `out`, built under a temporary name and renamed into place; an existing `out` is never
-/// touched.
+/// touched. Non-finite weights are refused unless `nonfinite` allows them.
 pub fn export<B: Backend>(
     checkpoint: &Path,
     format: ExportFormat,
     out: &Path,
     device: &B::Device,
+    nonfinite: NonFinite,
 ) -> Result<()> {
-    let (model, config, tokenizer) = load_source::<B>(checkpoint, out, device)?;
+    let (model, config, tokenizer) = load_source::<B>(checkpoint, out, device, nonfinite)?;
     if format == ExportFormat::Hf
         && let Some(feature) = hf_mixtral::unsupported_feature(&config.model, &config.moe)
     {

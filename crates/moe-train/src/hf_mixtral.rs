@@ -361,8 +361,9 @@ pub struct MixtralConfig {
     pub tie_word_embeddings: Option<bool>,
     /// Default: 0.02.
     pub initializer_range: Option<f64>,
-    /// Default: 8.
-    pub num_local_experts: Option<usize>,
+    /// Experts per layer. Required: transformers' default (8) seldom matches a small
+    /// model, and a wrong count would only show as a tensor-shape mismatch.
+    pub num_local_experts: usize,
     /// Default: 2.
     pub num_experts_per_tok: Option<usize>,
     /// Default: 0.
@@ -466,7 +467,7 @@ impl MixtralConfig {
     fn moe_config(&self) -> MoeConfig {
         let top_k = self.num_experts_per_tok.unwrap_or(2);
         MoeConfig {
-            n_experts: self.num_local_experts.unwrap_or(8),
+            n_experts: self.num_local_experts,
             top_k,
             expert_ffn_dim: self.intermediate_size,
             router: Gate::SoftmaxTopk { renormalize: true },

@@ -12,6 +12,8 @@ use moe_model::Transformer;
 use crate::checkpoint::{CONFIG_FILE, read_tokenizer, save_model_checkpoint};
 use crate::config::RunConfig;
 use crate::hf_mixtral;
+use crate::integrity::{NonFinite, check_finite};
+use crate::memory::MemoryEstimate;
 use crate::model_tensors::load_model_tensors;
 use crate::safetensors_file::read_model_dir;
 
@@ -27,17 +29,29 @@ pub struct Imported<B: Backend> {
 }
 
 /// Reads the model of `dir`: our `safetensors` export if it holds a `config.toml`, else a
-/// Hugging Face Mixtral (`config.json`).
-pub fn read_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<Imported<B>> {
-    let (config, tensors) = if dir.join(CONFIG_FILE).is_file() {
-        let config = RunConfig::parse_saved(&dir.join(CONFIG_FILE))?;
-        (config, read_model_dir(dir)?)
+/// Hugging Face Mixtral (`config.json`). Its size is checked against the machine's memory
+/// before the weights are read, and non-finite weights are refused unless `nonfinite`
+/// allows them.
+pub fn read_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    nonfinite: NonFinite,
+) -> Result<Imported<B>> {
+    let ours = dir.join(CONFIG_FILE).is_file();
+    let config = if ours {
+        RunConfig::parse_saved(&dir.join(CONFIG_FILE))?
     } else {
-        let json = hf_mixtral::read_config(dir)?;
-        let (model, moe) = hf_mixtral::configs_from_json(&json)?;
-        let tensors = hf_mixtral::from_mixtral(read_model_dir(dir)?, &model, &moe)
-            .with_context(|| format!("reading the Mixtral weights of {}", dir.display()))?;
-        (RunConfig::for_model(model, moe), tensors)
+        let (model, moe) = hf_mixtral::configs_from_json(&hf_mixtral::read_config(dir)?)?;
+        RunConfig::for_model(model, moe)
+    };
+    // The file's bytes, their f32 tensors and the model.
+    MemoryEstimate::weights(&config, 3)?.ensure_fits(false, |_| {})?;
+    let tensors = read_model_dir(dir)?;
+    check_finite(&tensors, nonfinite, dir)?;
+    let tensors = match ours {
+        true => tensors,
+        false => hf_mixtral::from_mixtral(tensors, &config.model, &config.moe)
+            .with_context(|| format!("reading the Mixtral weights of {}", dir.display()))?,
     };
     let model = Transformer::new(&config.model, &config.moe, device)?;
     let model = load_model_tensors(model, tensors)
@@ -52,8 +66,13 @@ pub fn read_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<Imported
 
 /// Imports `from` as the new checkpoint directory `out`; returns whether it had a
 /// tokenizer (a checkpoint without one can be scored from token ids but not on text).
-pub fn import<B: Backend>(from: &Path, out: &Path, device: &B::Device) -> Result<bool> {
-    let imported = read_model::<B>(from, device)?;
+pub fn import<B: Backend>(
+    from: &Path,
+    out: &Path,
+    device: &B::Device,
+    nonfinite: NonFinite,
+) -> Result<bool> {
+    let imported = read_model::<B>(from, device, nonfinite)?;
     save_model_checkpoint(
         out,
         &imported.model,

@@ -22,10 +22,12 @@ use crate::config::RunConfig;
 use crate::data::{RunData, with_absolute_data_paths};
 use crate::data_parallel::{Cluster, ReplicaStart, Replicas};
 use crate::eval::{EvalResult, evaluate};
+use crate::integrity::{NonFinite, check_finite, verify_checkpoint};
 use crate::learner::{AdamW, Interval, Learner, Shard};
 use crate::logger::{MetricRecord, MetricsLogger, TrainRecord};
 use crate::model_tensors::{grow_vocabulary, load_model_tensors, model_tensors};
 use crate::optimizer::FusedAdamW;
+use crate::run_lock::RunLock;
 use crate::schedule::learning_rate;
 
 /// What a finished run reports.
@@ -90,7 +92,14 @@ pub fn train<B: MoeAutodiffBackend>(
         init,
         cluster,
     };
-    let mut run = Run::<B>::start(start, &mut progress)?;
+    let lock = RunLock::acquire(run_dir)?;
+    let mut run = match Run::<B>::start(start, &mut progress) {
+        Ok(run) => run,
+        Err(error) => {
+            lock.remove_if_created();
+            return Err(error);
+        }
+    };
     while !run.is_done() {
         run = run.step()?;
     }
@@ -409,7 +418,7 @@ struct StartingPoint {
 }
 
 impl StartingPoint {
-    /// Creates `run_dir` and finds the checkpoint to resume (the newest there, with
+    /// Finds the checkpoint to resume (the newest intact one in `run_dir`, with
     /// `resume`, if its config allows) or to start from (`init`, for a new run).
     fn find(
         config: &RunConfig,
@@ -418,8 +427,6 @@ impl StartingPoint {
         init: Option<&Path>,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
         let resume = checkpoint_to_resume(run_dir, resume, progress)?;
         if let Some(ckpt) = &resume {
             check_resumable(config, &ckpt.join(CONFIG_FILE))?;
@@ -438,7 +445,8 @@ impl StartingPoint {
     }
 }
 
-/// The checkpoint a run continues from: the newest in `run_dir` with `resume`. Without
+/// The checkpoint a run continues from: with `resume`, the newest in `run_dir` whose
+/// files match their manifest (damaged newer ones are skipped, saying why). Without
 /// `resume`, a directory that already holds checkpoints is refused.
 fn checkpoint_to_resume(
     run_dir: &Path,
@@ -447,7 +455,19 @@ fn checkpoint_to_resume(
 ) -> Result<Option<PathBuf>> {
     let existing = list_checkpoints(run_dir)?;
     match (resume, existing.last()) {
-        (true, Some(last)) => Ok(Some(last.clone())),
+        (true, Some(_)) => {
+            for checkpoint in existing.iter().rev() {
+                match verify_checkpoint(checkpoint) {
+                    Ok(()) => return Ok(Some(checkpoint.clone())),
+                    Err(error) => progress(&format!("{error:#}; skipping it")),
+                }
+            }
+            bail!(
+                "no intact checkpoint in {} to resume (each is named above with what is \
+                 damaged); start a new run with another --out",
+                run_dir.display()
+            )
+        }
         (true, None) => {
             progress(&format!(
                 "no checkpoint in {} yet: starting a new run",
@@ -573,6 +593,7 @@ fn restore<B: MoeAutodiffBackend>(
     let model = model
         .load_file(ckpt.join(checkpoint::MODEL_FILE), &recorder(), device)
         .with_context(|| format!("loading model from {}", ckpt.display()))?;
+    check_finite(&model_tensors(&model)?, NonFinite::Refuse, ckpt)?;
     let record = recorder()
         .load(ckpt.join(OPTIMIZER_FILE), device)
         .with_context(|| format!("loading optimizer state from {}", ckpt.display()))?;
@@ -590,7 +611,7 @@ fn initial_weights<B: Backend>(
     device: &B::Device,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Transformer<B>> {
-    let (source, mut source_config, _) = load_weights::<B>(init, device)?;
+    let (source, mut source_config, _) = load_weights::<B>(init, device, NonFinite::Refuse)?;
     let mut tensors = model_tensors(&source)?;
     let (from, to) = (source_config.model.vocab_size, config.model.vocab_size);
     if to > from {

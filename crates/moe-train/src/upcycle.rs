@@ -17,6 +17,8 @@ use moe_model::{Gate, Transformer};
 
 use crate::checkpoint::{load_source, save_model_checkpoint};
 use crate::config::RunConfig;
+use crate::integrity::NonFinite;
+use crate::memory::MemoryEstimate;
 use crate::model_tensors::{load_model_tensors, model_tensors, take};
 use crate::safetensors_file::HostTensor;
 
@@ -82,6 +84,8 @@ pub fn upcycle<B: Backend>(
     device: &B::Device,
 ) -> Result<(Transformer<B>, RunConfig)> {
     let config = upcycled_config(dense_config, options)?;
+    // The new model, its host copy and the stacked dense weights.
+    MemoryEstimate::weights(&config, 3)?.ensure_fits(false, |_| {})?;
     let (d, f, e) = (
         config.model.d_model,
         config.model.dense_ffn_dim,
@@ -123,7 +127,7 @@ pub fn upcycle_checkpoint<B: Backend>(
     options: &UpcycleOptions,
     device: &B::Device,
 ) -> Result<()> {
-    let (dense, dense_config, tokenizer) = load_source::<B>(from, out, device)?;
+    let (dense, dense_config, tokenizer) = load_source::<B>(from, out, device, NonFinite::Refuse)?;
     let (model, config) = upcycle(&dense, &dense_config, options, device)?;
     save_model_checkpoint(out, &model, &config, tokenizer.as_ref())
 }

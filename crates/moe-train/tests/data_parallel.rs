@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use burn::backend::{Autodiff, Flex};
 use burn::collective::ReduceOperation;
 use burn::tensor::Tensor;
+use moe_train::NonFinite;
 use moe_train::data_parallel::{Cluster, Peer, reset};
 use moe_train::model_tensors;
 use moe_train::{RunConfig, load_model, train};
@@ -99,7 +100,12 @@ fn two_replicas_follow_the_trajectory_of_one_with_twice_the_batch() {
     assert!(a[5].1 < a[0].1, "the loss falls: {a:?}");
 
     let load = |dir: &Path| {
-        model_tensors(&load_model::<Flex>(dir, &Default::default()).unwrap().model).unwrap()
+        model_tensors(
+            &load_model::<Flex>(dir, &Default::default(), NonFinite::Refuse)
+                .unwrap()
+                .model,
+        )
+        .unwrap()
     };
     let (x, y) = (load(&single), load(&parallel));
     assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());

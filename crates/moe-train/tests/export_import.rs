@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use common::{logits, max_abs_diff};
 use moe_model::{Gate, ModelConfig, MoeConfig, Transformer};
+use moe_train::NonFinite;
 use moe_train::hf_mixtral;
 use moe_train::model_tensors;
 use moe_train::safetensors_file::{HostTensor, NamedTensors, read_file, write_file};
@@ -47,9 +48,16 @@ fn expected() -> (Vec<i64>, [usize; 2], Vec<f32>) {
 fn import_of_a_transformers_checkpoint_reproduces_its_logits() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("imported");
-    let had_tokenizer = import::<B>(&fixture(), &checkpoint, &Default::default()).unwrap();
+    let had_tokenizer = import::<B>(
+        &fixture(),
+        &checkpoint,
+        &Default::default(),
+        NonFinite::Refuse,
+    )
+    .unwrap();
     assert!(!had_tokenizer, "the fixture has no tokenizer");
-    let (model, config, _) = load_weights::<B>(&checkpoint, &Default::default()).unwrap();
+    let (model, config, _) =
+        load_weights::<B>(&checkpoint, &Default::default(), NonFinite::Refuse).unwrap();
     assert_eq!(config.model.kv_heads(), 2);
     assert_eq!((config.moe.n_experts, config.moe.top_k), (4, 2));
 
@@ -63,12 +71,19 @@ fn hf_export_writes_back_the_transformers_tensors_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("imported");
     let exported = dir.path().join("hf");
-    import::<B>(&fixture(), &checkpoint, &Default::default()).unwrap();
+    import::<B>(
+        &fixture(),
+        &checkpoint,
+        &Default::default(),
+        NonFinite::Refuse,
+    )
+    .unwrap();
     export::<B>(
         &checkpoint,
         ExportFormat::Hf,
         &exported,
         &Default::default(),
+        NonFinite::Refuse,
     )
     .unwrap();
 
@@ -82,8 +97,8 @@ fn hf_export_writes_back_the_transformers_tensors_bit_for_bit() {
         assert_eq!(&written[name], tensor, "{name}");
     }
     // The exported config describes the same model.
-    let reimported = read_model::<B>(&exported, &Default::default()).unwrap();
-    let source = read_model::<B>(&fixture(), &Default::default()).unwrap();
+    let reimported = read_model::<B>(&exported, &Default::default(), NonFinite::Refuse).unwrap();
+    let source = read_model::<B>(&fixture(), &Default::default(), NonFinite::Refuse).unwrap();
     assert_eq!(reimported.config.model, source.config.model);
     assert_eq!(reimported.config.moe, source.config.moe);
     let config: serde_json::Value =
@@ -133,7 +148,7 @@ fn fused_expert_layout_imports_to_the_same_logits() {
     )
     .unwrap();
 
-    let model = read_model::<B>(&fused_dir, &Default::default())
+    let model = read_model::<B>(&fused_dir, &Default::default(), NonFinite::Refuse)
         .unwrap()
         .model;
     let (ids, shape, expected) = expected();
@@ -180,7 +195,8 @@ fn saved_model(dir: &Path, config: &RunConfig) -> (PathBuf, Transformer<B>) {
     let model = Transformer::<B>::new(&config.model, &config.moe, &Default::default()).unwrap();
     let checkpoint = dir.join("checkpoint");
     save_model_checkpoint(&checkpoint, &model, config, None).unwrap();
-    let (model, _, _) = load_weights::<B>(&checkpoint, &Default::default()).unwrap();
+    let (model, _, _) =
+        load_weights::<B>(&checkpoint, &Default::default(), NonFinite::Refuse).unwrap();
     (checkpoint, model)
 }
 
@@ -199,10 +215,18 @@ fn both_formats_round_trip_bit_identical_parameters_and_logits() {
         let dir = tempfile::tempdir().unwrap();
         let (checkpoint, model) = saved_model(dir.path(), &config);
         let exported = dir.path().join("export");
-        export::<B>(&checkpoint, format, &exported, &Default::default()).unwrap();
+        export::<B>(
+            &checkpoint,
+            format,
+            &exported,
+            &Default::default(),
+            NonFinite::Refuse,
+        )
+        .unwrap();
         let back = dir.path().join("back");
-        import::<B>(&exported, &back, &Default::default()).unwrap();
-        let (restored, restored_config, _) = load_weights::<B>(&back, &Default::default()).unwrap();
+        import::<B>(&exported, &back, &Default::default(), NonFinite::Refuse).unwrap();
+        let (restored, restored_config, _) =
+            load_weights::<B>(&back, &Default::default(), NonFinite::Refuse).unwrap();
         assert_eq!(restored_config.model, config.model, "{format:?}");
         assert_eq!(
             model_tensors(&restored).unwrap(),
@@ -240,9 +264,15 @@ fn hf_export_refuses_what_mixtral_cannot_compute() {
         let dir = tempfile::tempdir().unwrap();
         let (checkpoint, _) = saved_model(dir.path(), &config);
         let out = dir.path().join("hf");
-        let error = export::<B>(&checkpoint, ExportFormat::Hf, &out, &Default::default())
-            .unwrap_err()
-            .to_string();
+        let error = export::<B>(
+            &checkpoint,
+            ExportFormat::Hf,
+            &out,
+            &Default::default(),
+            NonFinite::Refuse,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains(feature), "{error}");
         assert!(!out.exists(), "nothing written for {feature}");
     }
@@ -261,7 +291,7 @@ fn broken_checkpoints_give_errors_that_name_the_problem() {
         let out = from.with_extension("out");
         let error = format!(
             "{:#}",
-            import::<B>(from, &out, &Default::default()).unwrap_err()
+            import::<B>(from, &out, &Default::default(), NonFinite::Refuse).unwrap_err()
         );
         assert!(!out.exists());
         error
@@ -319,10 +349,30 @@ fn broken_checkpoints_give_errors_that_name_the_problem() {
     assert!(error_of(&windowed).contains("sliding_window"));
     let taken = dir.path().join("taken");
     std::fs::create_dir_all(&taken).unwrap();
-    let error = import::<B>(&fixture(), &taken, &Default::default())
+    let error = import::<B>(&fixture(), &taken, &Default::default(), NonFinite::Refuse)
         .unwrap_err()
         .to_string();
     assert!(error.contains("already exists"), "{error}");
+
+    // A NaN weight: refused by name unless allowed.
+    let mut tensors = read_file(&fixture().join("model.safetensors")).unwrap();
+    tensors.get_mut("model.norm.weight").unwrap().data[3] = f32::NAN;
+    let nan = copy("nan");
+    write_file(&nan.join("model.safetensors"), &tensors, Default::default()).unwrap();
+    let error = error_of(&nan);
+    assert!(
+        error.contains("`model.norm.weight`") && error.contains("--allow-nonfinite"),
+        "{error}"
+    );
+    let out = dir.path().join("nan.allowed");
+    import::<B>(&nan, &out, &Default::default(), NonFinite::Allow).unwrap();
+    // The imported checkpoint holds it too (under our name): refused on load.
+    let error = format!(
+        "{:#}",
+        load_weights::<B>(&out, &Default::default(), NonFinite::Refuse).unwrap_err()
+    );
+    assert!(error.contains("`norm.gamma`"), "{error}");
+    load_weights::<B>(&out, &Default::default(), NonFinite::Allow).unwrap();
 }
 
 #[test]
@@ -337,10 +387,12 @@ fn config_json_errors_name_the_missing_or_bad_key() {
     };
     assert!(hf_mixtral::configs_from_json(&fixture).is_ok());
 
-    let missing = error_of(&|c| {
-        c.remove("hidden_size");
-    });
-    assert!(missing.contains("`hidden_size`"), "{missing}");
+    for key in ["hidden_size", "num_local_experts"] {
+        let missing = error_of(&|c| {
+            c.remove(key);
+        });
+        assert!(missing.contains(&format!("`{key}`")), "{missing}");
+    }
     let negative = error_of(&|c| {
         c.insert("num_local_experts".into(), (-4).into());
     });
@@ -413,6 +465,7 @@ fn candle_transformers_mixtral_computes_our_logits_from_the_hf_export() {
             ExportFormat::Hf,
             &exported,
             &Default::default(),
+            NonFinite::Refuse,
         )
         .unwrap();
 

@@ -15,6 +15,7 @@ use moe_data::{
     prepare,
 };
 use moe_model::{ModelConfig, MoeConfig, Transformer};
+use moe_train::NonFinite;
 use moe_train::data_parallel::Cluster;
 use moe_train::{
     ExportFormat, MetricRecord, RunConfig, export, forward_backward, import, load_model, train,
@@ -140,7 +141,7 @@ fn base_checkpoint(dir: &Path) -> PathBuf {
 fn fine_tuning_grows_the_vocabulary_and_learns_the_answers() {
     let dir = tempfile::tempdir().unwrap();
     let base = base_checkpoint(dir.path());
-    let base_model = load_model::<Flex>(&base, &Default::default()).unwrap();
+    let base_model = load_model::<Flex>(&base, &Default::default(), NonFinite::Refuse).unwrap();
     assert!(base_model.tokenizer.token_id(IM_START).is_none());
 
     let input = dir.path().join("chat.jsonl");
@@ -177,7 +178,7 @@ fn fine_tuning_grows_the_vocabulary_and_learns_the_answers() {
         "{lines:#?}"
     );
 
-    let tuned = load_model::<Flex>(&run, &Default::default()).unwrap();
+    let tuned = load_model::<Flex>(&run, &Default::default(), NonFinite::Refuse).unwrap();
     assert_eq!(tuned.config.model.vocab_size, 258);
     assert_eq!(tuned.tokenizer.token_id(IM_END), Some(257));
     assert!(run.join("tokenizer_config.json").is_file());
@@ -196,7 +197,14 @@ fn fine_tuning_grows_the_vocabulary_and_learns_the_answers() {
 
     // The grown model leaves with its template and comes back identical.
     let hf = dir.path().join("hf");
-    export::<Flex>(&run, ExportFormat::Hf, &hf, &Default::default()).unwrap();
+    export::<Flex>(
+        &run,
+        ExportFormat::Hf,
+        &hf,
+        &Default::default(),
+        NonFinite::Refuse,
+    )
+    .unwrap();
     let hf_config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap())
             .unwrap();
@@ -215,8 +223,8 @@ fn fine_tuning_grows_the_vocabulary_and_learns_the_answers() {
         "generation ends at the end of a turn (bytes have no end-of-text)"
     );
     let back = dir.path().join("back");
-    import::<Flex>(&hf, &back, &Default::default()).unwrap();
-    let imported = load_model::<Flex>(&back, &Default::default()).unwrap();
+    import::<Flex>(&hf, &back, &Default::default(), NonFinite::Refuse).unwrap();
+    let imported = load_model::<Flex>(&back, &Default::default(), NonFinite::Refuse).unwrap();
     assert_eq!(imported.config.model.vocab_size, 258);
     assert!(imported.tokenizer.has_chat_template());
     let ids =

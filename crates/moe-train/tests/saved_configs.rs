@@ -9,6 +9,7 @@ use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::max_abs_diff;
 use moe_model::Gate;
+use moe_train::NonFinite;
 use moe_train::RunConfig;
 use moe_train::load_model;
 
@@ -141,7 +142,7 @@ fn legacy_checkpoint() -> PathBuf {
 
 /// The logits of the last two positions of the fixture's prompt.
 fn last_logits(checkpoint: &Path) -> (Gate, Vec<f32>) {
-    let loaded = load_model::<Flex>(checkpoint, &Default::default()).unwrap();
+    let loaded = load_model::<Flex>(checkpoint, &Default::default(), NonFinite::Refuse).unwrap();
     let ids: Vec<i64> = "To be, or not to be, that is the"
         .bytes()
         .map(i64::from)

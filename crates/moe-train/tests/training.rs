@@ -6,13 +6,15 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
+use burn::module::Module;
 use moe_data::{PrepareOptions, TokenizerChoice, ValidationSplit, prepare};
 use moe_train::MetricRecord;
+use moe_train::NonFinite;
 use moe_train::SourceConfig;
 use moe_train::data_parallel::Cluster;
 use moe_train::model_tensors;
 use moe_train::{LayerLoad, coefficient_of_variation, max_violation};
-use moe_train::{RunConfig, load_model, train};
+use moe_train::{MemoryEstimate, RunConfig, RunLock, load_model, train, verify_checkpoint};
 
 type B = Autodiff<Flex>;
 
@@ -111,7 +113,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     assert!(evals[2].2 > fixed, "the whole split is larger");
     assert_eq!(outcome.final_eval.tokens, evals[2].2);
 
-    let loaded = load_model::<Flex>(&run, &Default::default()).unwrap();
+    let loaded = load_model::<Flex>(&run, &Default::default(), NonFinite::Refuse).unwrap();
     assert!(loaded.checkpoint.ends_with("step-00000040"));
     assert_eq!(loaded.config, config);
 
@@ -121,7 +123,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_checkpoint() {
     std::fs::write(&model_file, &bytes[..bytes.len() / 2]).unwrap();
     let err = format!(
         "{:#}",
-        load_model::<Flex>(&loaded.checkpoint, &Default::default())
+        load_model::<Flex>(&loaded.checkpoint, &Default::default(), NonFinite::Refuse)
             .err()
             .unwrap()
     );
@@ -208,6 +210,128 @@ fn resume_matches_the_uninterrupted_run() {
     assert!(err.to_string().contains("[moe]"), "{err}");
 }
 
+/// A run directory is held by one process; a damaged newest checkpoint is refused by
+/// readers and skipped by --resume, which falls back to the newest intact one.
+#[test]
+fn runs_are_locked_and_resume_past_a_damaged_checkpoint() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&dataset(dir.path()));
+    let config = |steps: usize| {
+        let overrides = [
+            format!("train.steps={steps}"),
+            "train.checkpoint_every=4".into(),
+        ];
+        RunConfig::parse(&text, &overrides).unwrap()
+    };
+    let run = dir.path().join("run");
+    train::<B>(&config(8), &run, false, None, &Cluster::default(), |_| {}).unwrap();
+
+    // Another process's lock (another handle here) refuses a second run at once.
+    let lock = RunLock::acquire(&run).unwrap();
+    let err = train::<B>(&config(12), &run, true, None, &Cluster::default(), |_| {});
+    let err = format!("{:#}", err.unwrap_err());
+    let pid = std::process::id().to_string();
+    assert!(err.contains("in use") && err.contains(&pid), "{err}");
+    drop(lock);
+
+    // One flipped byte in the newest checkpoint: named by readers.
+    let newest = run.join("checkpoints/step-00000008");
+    let model_file = newest.join("model.mpk");
+    let mut bytes = std::fs::read(&model_file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&model_file, &bytes).unwrap();
+    let err = load_model::<Flex>(&run, &Default::default(), NonFinite::Refuse).err();
+    let err = format!("{:#}", err.unwrap());
+    assert!(
+        err.contains("damaged") && err.contains("model.mpk"),
+        "{err}"
+    );
+
+    // --resume skips it, says so, and trains on from step 4.
+    let mut lines = Vec::new();
+    let outcome = train::<B>(&config(12), &run, true, None, &Cluster::default(), |l| {
+        lines.push(l.to_string())
+    })
+    .unwrap();
+    assert_eq!(outcome.steps, 12);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("step-00000008") && l.contains("skipping")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("resumed from") && l.contains("step-00000004")),
+        "{lines:?}"
+    );
+    let steps: Vec<usize> = common::train_losses(&run).iter().map(|r| r.0).collect();
+    assert_eq!(steps, [5, 10, 12], "metrics.jsonl went back to step 4 too");
+    load_model::<Flex>(&run, &Default::default(), NonFinite::Refuse).unwrap();
+
+    // A truncated file is named with its size.
+    let newest = run.join("checkpoints/step-00000012");
+    let optimizer_file = newest.join("optimizer.mpk");
+    let bytes = std::fs::read(&optimizer_file).unwrap();
+    std::fs::write(&optimizer_file, &bytes[..bytes.len() / 3]).unwrap();
+    let err = format!("{:#}", verify_checkpoint(&newest).unwrap_err());
+    assert!(
+        err.contains("optimizer.mpk") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+/// A run that cannot start (here: a binary file among the texts) leaves no run
+/// directory behind, and names the file.
+#[test]
+fn a_run_that_fails_to_start_leaves_no_directory() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    std::fs::write(data.join("image.txt"), b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR").unwrap();
+    let config = RunConfig::parse(&config_text(&data), &[]).unwrap();
+    let run = dir.path().join("run");
+    let err = train::<B>(&config, &run, false, None, &Cluster::default(), |_| {});
+    let err = format!("{:#}", err.unwrap_err());
+    assert!(
+        err.contains("image.txt") && err.contains("NUL byte at offset 8"),
+        "{err}"
+    );
+    assert!(!run.exists(), "the failed run's directory was removed");
+}
+
+/// The memory estimate of a config counts every parameter four times (weights,
+/// gradients, AdamW's moments) plus activations, and refuses a limit it exceeds.
+#[test]
+fn a_config_larger_than_the_memory_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = RunConfig::parse(&config_text(&dataset(dir.path())), &[]).unwrap();
+    let estimate = MemoryEstimate::training(&config).unwrap();
+    let model =
+        moe_model::Transformer::<Flex>::new(&config.model, &config.moe, &Default::default())
+            .unwrap();
+    assert_eq!(estimate.parameters, model.num_params() as u64);
+    assert!(estimate.bytes > 16 * estimate.parameters);
+    estimate.ensure_within(estimate.bytes, "the limit").unwrap();
+    let err = estimate
+        .ensure_within(estimate.bytes - 1, "the limit")
+        .unwrap_err();
+    assert!(err.to_string().contains("training needs about"), "{err}");
+
+    // A billion-token vocabulary is refused by the estimate, before any allocation.
+    let mut huge = config.clone();
+    huge.model.vocab_size = 1_000_000_000;
+    let estimate = MemoryEstimate::training(&huge).unwrap();
+    assert!(estimate.ensure_within(1 << 40, "1 TiB").is_err());
+    // Shapes whose sizes overflow are named, not a panic.
+    huge.model.d_model = 1 << 62;
+    let err = MemoryEstimate::training(&huge).unwrap_err();
+    assert!(err.to_string().contains("model.d_model"), "{err}");
+}
+
 /// Experts spread over two devices (two handles of the CPU here) train exactly as on one,
 /// and a placed run resumes where it stopped (its optimiser state is found again).
 #[test]
@@ -264,7 +388,12 @@ fn expert_placement_trains_like_one_device_and_resumes() {
     }
     // Checkpoints hold the stacked weights: they load on one device like any other.
     let load = |dir: &Path| {
-        model_tensors(&load_model::<Flex>(dir, &Default::default()).unwrap().model).unwrap()
+        model_tensors(
+            &load_model::<Flex>(dir, &Default::default(), NonFinite::Refuse)
+                .unwrap()
+                .model,
+        )
+        .unwrap()
     };
     let expected = load(&one_device);
     for other in [&placed, &interrupted] {

@@ -11,6 +11,7 @@ use burn::backend::{Autodiff, Flex};
 use common::max_abs_diff;
 use moe_data::TextTokenizer;
 use moe_model::{Gate, Transformer};
+use moe_train::NonFinite;
 use moe_train::data_parallel::Cluster;
 use moe_train::model_tensors;
 use moe_train::save_model_checkpoint;
@@ -129,8 +130,10 @@ fn upcycled_model_computes_the_dense_models_logits() {
         let up_dir = dir.path().join(format!("up-{i}"));
         upcycle_checkpoint::<B>(&dense_dir, &up_dir, &options, &Default::default()).unwrap();
 
-        let (dense, _, _) = load_weights::<B>(&dense_dir, &Default::default()).unwrap();
-        let (up, up_config, _) = load_weights::<B>(&up_dir, &Default::default()).unwrap();
+        let (dense, _, _) =
+            load_weights::<B>(&dense_dir, &Default::default(), NonFinite::Refuse).unwrap();
+        let (up, up_config, _) =
+            load_weights::<B>(&up_dir, &Default::default(), NonFinite::Refuse).unwrap();
         assert_eq!(
             up_config.model.n_moe_layers(),
             2,

@@ -24,6 +24,7 @@ pub use grid::{Grid, GridRun, SummaryOptions};
 pub use summary::RunSummary;
 
 use crate::data_parallel::Cluster;
+use crate::run_lock::RunLock;
 use crate::trainer::{Diverged, train};
 
 /// The file that marks a run as done.
@@ -64,7 +65,8 @@ pub fn run_study(
     trainer: &RunTrainer,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Vec<RunSummary>> {
-    std::fs::create_dir_all(study).with_context(|| format!("creating {}", study.display()))?;
+    // One study process per directory (each run also locks its own).
+    let _lock = RunLock::acquire(study)?;
     let results: Vec<Mutex<Option<Result<RunSummary>>>> =
         grid.runs.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
