@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use moe_model::MoeAutodiffBackend;
+use moe_train::MemoryEstimate;
 use moe_train::ablation::{self, Grid, GridRun};
 
 use crate::backend::{BackendJob, BackendKind};
@@ -38,6 +39,14 @@ impl BackendJob for AblateArgs {
     fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<()> {
         anyhow::ensure!(self.jobs > 0, "--jobs must be at least 1");
         let grid = Grid::load(&self.grid)?;
+        // The largest run, `jobs` of them at a time, must fit before any starts.
+        for run in &grid.runs {
+            let mut estimate = MemoryEstimate::training(&run.config)?;
+            estimate.bytes = estimate.bytes.saturating_mul(self.jobs as u64);
+            estimate
+                .ensure_fits(false, |_| {})
+                .with_context(|| format!("run `{}` of the grid", run.variant))?;
+        }
         let study = match &self.out {
             Some(out) => out.clone(),
             None => PathBuf::from("checkpoints/ablations")

@@ -6,11 +6,12 @@ use anyhow::Result;
 use burn::backend::Flex;
 use moe_train::{ExportFormat, UpcycleOptions, export, import, upcycle_checkpoint};
 
+use crate::checkpoint_arg::{CheckpointArg, nonfinite};
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct ExportArgs {
-    /// A checkpoint directory, or a run directory (its latest checkpoint).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[command(flatten)]
+    source: CheckpointArg,
     /// `safetensors`: our parameter names; `hf`: a directory transformers loads as
     /// MixtralForCausalLM.
     #[arg(long, value_enum)]
@@ -39,6 +40,10 @@ pub(crate) struct ImportArgs {
     /// The checkpoint directory to create (must not exist).
     #[arg(long)]
     out: PathBuf,
+    /// Import weights holding NaN or infinite values (refused by default, naming the
+    /// tensor).
+    #[arg(long)]
+    allow_nonfinite: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -65,17 +70,29 @@ pub(crate) fn export_checkpoint(args: ExportArgs) -> Result<()> {
         FormatArg::Safetensors => ExportFormat::Safetensors,
         FormatArg::Hf => ExportFormat::Hf,
     };
-    export::<Flex>(&args.checkpoint, format, &args.out, &Default::default())?;
+    let source = &args.source;
+    export::<Flex>(
+        &source.checkpoint,
+        format,
+        &args.out,
+        &Default::default(),
+        source.nonfinite(),
+    )?;
     eprintln!(
         "exported {} to {}",
-        args.checkpoint.display(),
+        source.checkpoint.display(),
         args.out.display()
     );
     Ok(())
 }
 
 pub(crate) fn import_checkpoint(args: ImportArgs) -> Result<()> {
-    let has_tokenizer = import::<Flex>(&args.from, &args.out, &Default::default())?;
+    let has_tokenizer = import::<Flex>(
+        &args.from,
+        &args.out,
+        &Default::default(),
+        nonfinite(args.allow_nonfinite),
+    )?;
     eprintln!(
         "imported {} as checkpoint {}",
         args.from.display(),

@@ -5,15 +5,15 @@ use std::path::PathBuf;
 use anyhow::Result;
 use moe_data::LossOn;
 use moe_model::MoeAutodiffBackend;
-use moe_train::{RunData, evaluate, load_model};
+use moe_train::{RunData, evaluate};
 
 use crate::backend::{BackendJob, BackendKind, run_on};
+use crate::checkpoint_arg::CheckpointArg;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct EvalArgs {
-    /// A checkpoint directory, or a run directory (its latest checkpoint).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[command(flatten)]
+    source: CheckpointArg,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -50,7 +50,11 @@ impl BackendJob for EvalArgs {
     type Output = ();
 
     fn run<B: MoeAutodiffBackend>(self, device: B::Device) -> Result<()> {
-        let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        anyhow::ensure!(
+            self.batches != Some(0),
+            "--batches must be at least 1 (leave it out to score the whole split)"
+        );
+        let loaded = self.source.load::<B::InnerBackend>(&device)?;
         let mut config = loaded.config.clone();
         if let Some(dir) = &self.data {
             config.data.prepared = Some(dir.clone());

@@ -1,20 +1,18 @@
 //! `moe generate`: text from a checkpoint, printed as it is sampled.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::Result;
 use moe_model::ops::run_compute;
 use moe_model::{MoeAutodiffBackend, SamplingConfig, generate};
-use moe_train::load_model;
 
 use crate::backend::{BackendJob, BackendKind, run_on};
+use crate::checkpoint_arg::CheckpointArg;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct GenerateArgs {
-    /// A checkpoint directory, or a run directory (its latest checkpoint).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[command(flatten)]
+    source: CheckpointArg,
     /// Text to continue.
     #[arg(long, default_value = "")]
     prompt: String,
@@ -55,7 +53,7 @@ impl BackendJob for GenerateArgs {
             self.top_p > 0.0 && self.top_p <= 1.0,
             "--top-p must be in (0, 1]"
         );
-        let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        let loaded = self.source.load::<B::InnerBackend>(&device)?;
         let tokenizer = &loaded.tokenizer;
         let prompt = tokenizer.encode(&self.prompt)?;
         let stop: Vec<u32> = tokenizer.end_of_text().into_iter().collect();

@@ -5,6 +5,7 @@ mod ablate;
 mod allocator;
 mod backend;
 mod bench;
+mod checkpoint_arg;
 mod convert;
 mod data;
 mod eval;

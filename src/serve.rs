@@ -7,16 +7,15 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use moe_data::ChatTemplate;
 use moe_model::MoeAutodiffBackend;
-use moe_train::load_model;
 
 use crate::backend::{BackendJob, BackendKind, run_on};
+use crate::checkpoint_arg::CheckpointArg;
 use crate::file_name;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// A checkpoint directory, or a run directory (its latest checkpoint).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[command(flatten)]
+    source: CheckpointArg,
     #[command(flatten)]
     http: HttpArgs,
     /// Chat template: `chatml`, `plain` (`role: text` paragraphs, for a model trained on
@@ -103,10 +102,10 @@ impl BackendJob for ServeArgs {
         );
         anyhow::ensure!(self.queue > 0, "--queue must be at least 1");
         anyhow::ensure!(self.max_batch > 0, "--max-batch must be at least 1");
-        let loaded = load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        let loaded = self.source.load::<B::InnerBackend>(&device)?;
         let model_id = match self.http.model_id.clone() {
             Some(id) => id,
-            None => file_name(&self.checkpoint)?,
+            None => file_name(&self.source.checkpoint)?,
         };
         let options = moe_serve::EngineOptions {
             queue_capacity: self.queue,

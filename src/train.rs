@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use moe_model::MoeAutodiffBackend;
 use moe_model::ops::run_compute;
 use moe_train::data_parallel::{Cluster, Nodes};
-use moe_train::{CONFIG_FILE, RunConfig, resolve_checkpoint, train};
+use moe_train::{CONFIG_FILE, MemoryEstimate, RunConfig, resolve_checkpoint, train};
 
 use crate::backend::{BackendKind, DeviceList, DevicesJob, run_on_devices};
 use crate::file_name;
@@ -63,9 +63,14 @@ pub(crate) struct TrainArgs {
     /// host:port where the other machines reach this one (the port is bound here).
     #[arg(long, value_name = "HOST:PORT", requires = "nodes")]
     node_address: Option<String>,
-    /// Continue from the run directory's latest checkpoint.
+    /// Continue from the run directory's newest intact checkpoint (with the run's own
+    /// config.toml when --config is left out).
     #[arg(long)]
     resume: bool,
+    /// Train even when the memory estimate exceeds this machine's available memory
+    /// (the run is then refused with the estimate named).
+    #[arg(long)]
+    force: bool,
     /// Override a config value: --set section.key=value (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
@@ -137,10 +142,9 @@ impl DevicesJob for TrainJob {
                 "resuming a run whose experts are placed over several wgpu devices moves optimiser state between devices, which burn 0.21's wgpu backend cannot; resume with --expert-devices 1 and a new --out, or on cuda"
             );
         }
+        MemoryEstimate::training(&config)?.ensure_fits(args.force, |w| eprintln!("{w}"))?;
         let nodes = args.nodes();
-        let run_dir = args
-            .out
-            .unwrap_or_else(|| PathBuf::from("checkpoints").join(default_name));
+        let run_dir = args.out.unwrap_or_else(|| default_run_dir(&default_name));
         eprintln!("run directory: {}", run_dir.display());
         let init = args.init.as_deref();
         let cluster = Cluster { devices, nodes };
@@ -200,11 +204,21 @@ impl TrainArgs {
             (None, None) => {
                 let path = PathBuf::from("configs/tiny.toml");
                 let name = file_name(&path)?;
-                (path, name)
+                // Resuming: the run's own config, as saved when it started.
+                let run_dir = self.out.clone().unwrap_or_else(|| default_run_dir(&name));
+                match run_dir.join(CONFIG_FILE) {
+                    saved if self.resume && saved.is_file() => (saved, name),
+                    _ => (path, name),
+                }
             }
         };
         Ok((RunConfig::load(&config_path, &overrides)?, default_name))
     }
+}
+
+/// The run directory of a run named `name` when --out is left out.
+fn default_run_dir(name: &str) -> PathBuf {
+    PathBuf::from("checkpoints").join(name)
 }
 
 pub(crate) fn run_orchestrator(args: OrchestratorArgs) -> Result<()> {

@@ -151,6 +151,14 @@ fn train_then_eval_and_generate() {
     let out = moe(&["train", "--config", &config, "--out", &run_str]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--resume"), "{}", stderr(&out));
+    // --resume without --config continues with the run's own config, from anywhere.
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["train", "--resume", "--out", &run_str, "--steps", "14"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "resume failed: {}", stderr(&out));
+    assert!(stderr(&out).contains("step     14/14"), "{}", stderr(&out));
 
     // Export: Mixtral cannot hold the dense first layer; our safetensors format can, and
     // importing it back evaluates to the same loss.
@@ -492,8 +500,12 @@ fn trains_on_two_machines_through_the_orchestrator() {
         );
     }
     let weights = |run: &Path| {
-        let loaded =
-            moe_train::load_model::<burn::backend::Flex>(run, &Default::default()).unwrap();
+        let loaded = moe_train::load_model::<burn::backend::Flex>(
+            run,
+            &Default::default(),
+            moe_train::NonFinite::Refuse,
+        )
+        .unwrap();
         moe_train::model_tensors(&loaded.model).unwrap()
     };
     let (a, b) = (weights(&runs[0]), weights(&runs[1]));
@@ -529,6 +541,28 @@ fn errors_name_the_problem() {
 
     let out = moe(&["eval", "--checkpoint", dir.path().to_str().unwrap()]);
     assert_fails_naming(&out, "neither a checkpoint");
+    let out = moe(&["eval", "--checkpoint", "x", "--batches", "0"]);
+    assert_fails_naming(&out, "--batches must be at least 1");
+
+    // Sizes beyond the machine, or beyond 64 bits, are refused before anything is
+    // allocated or created.
+    let huge = dir.path().join("huge");
+    for (set, expected) in [
+        ("model.vocab_size=1000000000", "training needs about"),
+        ("model.d_model=4611686018427387904", "model.d_model"),
+    ] {
+        let out = moe(&[
+            "train",
+            "--config",
+            &config,
+            "--set",
+            set,
+            "--out",
+            huge.to_str().unwrap(),
+        ]);
+        assert_fails_naming(&out, expected);
+        assert!(!huge.exists(), "{set}: no run directory left");
+    }
 
     let out = moe(&["train", "--backend", "tpu"]);
     assert!(!out.status.success());
@@ -558,6 +592,47 @@ fn errors_name_the_problem() {
     assert!(stderr(&out).contains("--prompt"), "{}", stderr(&out));
     let out = moe(&["moa", "serve", "--config", "configs/no-such-moa.toml"]);
     assert_fails_naming(&out, "no-such-moa.toml");
+}
+
+/// A second `moe train` on a run directory another one holds is refused at once, naming
+/// the holder; a holder killed with SIGKILL leaves no stale lock.
+#[test]
+fn a_run_directory_has_one_trainer_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let run = dir.path().join("run");
+    let run_str = run.display().to_string();
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--config", &config, "--out", &run_str];
+        args.extend_from_slice(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let mut first = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(train(&["--steps", "100000"]))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = run.join(".lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::fs::read_to_string(&lock).is_ok_and(|pid| pid.trim() == first.id().to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first run never locked"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let second = moe(&train(&["--resume"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_fails_naming(&second, &format!("in use by process {}", first.id()));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let third = moe(&train(&["--resume", "--steps", "2"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(third.status.success(), "after SIGKILL: {}", stderr(&third));
 }
 
 #[test]
@@ -596,6 +671,20 @@ fn upcycle_a_dense_run_then_fine_tune_it() {
         "{}",
         stderr(&out)
     );
+    let huge = path("huge");
+    let out = moe(&[
+        "upcycle",
+        "--from",
+        &dense,
+        "--experts",
+        "100000000",
+        "--top-k",
+        "2",
+        "--out",
+        &huge,
+    ]);
+    assert_fails_naming(&out, "the model needs about");
+    assert!(!Path::new(&huge).exists());
 
     // The checkpoint's own config; --set changes the rest.
     let out = moe(&[
