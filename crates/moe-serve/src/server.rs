@@ -169,7 +169,7 @@ struct ApiError {
     message: String,
     kind: &'static str,
     param: Option<String>,
-    code: Option<&'static str>,
+    code: Option<String>,
 }
 
 impl ApiError {
@@ -192,12 +192,26 @@ impl ApiError {
             code: None,
         }
     }
+
+    /// An answer that failed: the model (or a pipeline) failed with `message`.
+    fn generation_failed(message: &str) -> Self {
+        Self::internal(format!("generation failed: {message}"))
+    }
+
+    /// The JSON body.
+    fn body(&self) -> Value {
+        error_body(
+            &self.message,
+            self.kind,
+            self.param.as_deref(),
+            self.code.as_deref(),
+        )
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = error_body(&self.message, self.kind, self.param.as_deref(), self.code);
-        let mut response = (self.status, Json(body)).into_response();
+        let mut response = (self.status, Json(self.body())).into_response();
         if matches!(
             self.status,
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
@@ -222,7 +236,7 @@ async fn not_found() -> ApiError {
             .into(),
         kind: "invalid_request_error",
         param: None,
-        code: Some("unknown_url"),
+        code: Some("unknown_url".into()),
     }
 }
 
@@ -258,7 +272,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         message: "incorrect or missing API key (send `Authorization: Bearer <key>`)".into(),
         kind: "invalid_request_error",
         param: None,
-        code: Some("invalid_api_key"),
+        code: Some("invalid_api_key".into()),
     })
 }
 
@@ -618,7 +632,7 @@ fn plan(engine: &Engine, ask: Ask, params: SamplingParams) -> Result<Plan, ApiEr
                 ),
                 kind: "invalid_request_error",
                 param: Some("messages".into()),
-                code: Some("context_length_exceeded"),
+                code: Some("context_length_exceeded".into()),
             });
         }
         prompts.push(GenerationRequest {
@@ -718,7 +732,7 @@ async fn respond(
                     message: "the server is busy: its request queue is full; retry shortly".into(),
                     kind: "rate_limit_error",
                     param: None,
-                    code: Some("rate_limit_exceeded"),
+                    code: Some("rate_limit_exceeded".into()),
                 },
                 SubmitError::Stopped => ApiError {
                     status: StatusCode::SERVICE_UNAVAILABLE,
@@ -785,9 +799,7 @@ async fn collect(
                 let usage = Usage::new(prompt_tokens, completion_tokens);
                 return Ok((text, logprobs, finish, usage));
             }
-            GenerationEvent::Failed(message) => {
-                return Err(ApiError::internal(format!("generation failed: {message}")));
-            }
+            GenerationEvent::Failed(message) => return Err(ApiError::generation_failed(&message)),
         };
         text.push_str(&more);
         logprobs::extend(&mut logprobs, more_logprobs);
@@ -989,13 +1001,8 @@ fn event_stream(
                     return chunk(head.delta(index, "", Value::Null, Some(finish), false));
                 }
                 GenerationEvent::Failed(message) => {
-                    let error = error_body(
-                        &format!("generation failed: {message}"),
-                        "server_error",
-                        None,
-                        None,
-                    );
-                    return Event::default().data(error.to_string());
+                    let error = ApiError::generation_failed(&message);
+                    return Event::default().data(error.body().to_string());
                 }
             };
             chunk(head.delta(index, &text, logprobs, None, false))
