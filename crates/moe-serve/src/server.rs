@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
@@ -64,6 +64,9 @@ struct AppState {
     created: u64,
     metrics: Metrics,
 }
+
+/// The largest request body read: 2 MiB (axum's default).
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// The application: every route, backed by `engine`.
 pub fn router(engine: Engine, options: ServerOptions) -> Router {
@@ -224,6 +227,49 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A request body of at most [`MAX_BODY_BYTES`]. A longer one gets 413, once the rest of
+/// it has been read and dropped (up to [`MAX_DRAINED_BYTES`] in all): a client still
+/// sending when the server answers and closes the connection sees a broken pipe, not
+/// the answer.
+struct RequestBody(Bytes);
+
+/// The most bytes of an oversized body read (and dropped) before answering 413.
+const MAX_DRAINED_BYTES: usize = 64 * 1024 * 1024;
+
+impl<S: Send + Sync> FromRequest<S> for RequestBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        let mut chunks = request.into_body().into_data_stream();
+        let (mut body, mut length) = (Vec::new(), 0usize);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::invalid(format!("reading the request body: {e}"), None))?;
+            length = length.saturating_add(chunk.len());
+            if length <= MAX_BODY_BYTES {
+                body.extend_from_slice(&chunk);
+            } else if length <= MAX_DRAINED_BYTES {
+                body = Vec::new();
+            } else {
+                break;
+            }
+        }
+        if length <= MAX_BODY_BYTES {
+            return Ok(Self(body.into()));
+        }
+        Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "the request body is larger than this server's limit of {} MiB ({MAX_BODY_BYTES} bytes)",
+                MAX_BODY_BYTES >> 20
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large".into()),
+        })
+    }
+}
+
 async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -362,7 +408,7 @@ impl Streaming {
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let (request, mut sampling): (ChatCompletionRequest, _) =
@@ -498,7 +544,7 @@ fn run_pipeline(
 async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let Answerer::Model(engine) = &state.answerer else {

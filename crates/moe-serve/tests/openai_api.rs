@@ -830,3 +830,18 @@ async fn the_chat_template_renders_prompts_and_its_end_of_turn_token_stops_answe
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_gets_a_json_413_naming_the_limit() {
+    let addr = start(EngineOptions::default(), Some(KEY)).await;
+    let content = "x".repeat(10 << 20);
+    let huge = json!({"model": "m", "messages": [{"role": "user", "content": content}]});
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let (status, _, body) = post(addr, path, KEY, &huge.to_string()).await;
+        assert_eq!(status, 413, "{path}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("2 MiB"), "{message}");
+    }
+}
