@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
@@ -100,21 +100,28 @@ fn app(answerer: Answerer, options: ServerOptions) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(metrics, count_requests))
         .with_state(state)
 }
 
+/// Every route and the method it answers (GET routes answer HEAD too).
+const ROUTES: [(&str, &str); 5] = [
+    ("/health", "GET"),
+    ("/metrics", "GET"),
+    ("/v1/models", "GET"),
+    ("/v1/chat/completions", "POST"),
+    ("/v1/completions", "POST"),
+];
+
 /// Counts every request by route and response status.
 async fn count_requests(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
-    const ROUTES: [&str; 5] = [
-        "/health",
-        "/metrics",
-        "/v1/models",
-        "/v1/chat/completions",
-        "/v1/completions",
-    ];
     let path = request.uri().path();
-    let endpoint = ROUTES.into_iter().find(|r| *r == path).unwrap_or("other");
+    let endpoint = ROUTES
+        .into_iter()
+        .map(|(route, _)| route)
+        .find(|r| *r == path)
+        .unwrap_or("other");
     let response = next.run(request).await;
     metrics.count_request(endpoint, response.status().as_u16());
     response
@@ -283,6 +290,22 @@ async fn not_found() -> ApiError {
         kind: "invalid_request_error",
         param: None,
         code: Some("unknown_url".into()),
+    }
+}
+
+/// A route asked with a method it does not answer; axum adds the `Allow` header.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    let allowed = ROUTES
+        .into_iter()
+        .find(|(route, _)| *route == path)
+        .map_or("other methods", |(_, method)| method);
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("{path} does not answer {method}; it answers {allowed}"),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed".into()),
     }
 }
 

@@ -831,6 +831,27 @@ async fn the_chat_template_renders_prompts_and_its_end_of_turn_token_stops_answe
     );
 }
 
+/// The status, `Allow` header and JSON body of a `method` request to `path`, with
+/// `Authorization: authorization` when given.
+async fn send(
+    addr: SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, Option<String>, Value) {
+    let mut request = reqwest::Client::new().request(method, format!("http://{addr}{path}"));
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let allow = response
+        .headers()
+        .get("allow")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, allow, response.json().await.unwrap_or(Value::Null))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_gets_a_json_413_naming_the_limit() {
     let addr = start(EngineOptions::default(), Some(KEY)).await;
@@ -843,5 +864,27 @@ async fn an_oversized_body_gets_a_json_413_naming_the_limit() {
         assert_eq!(body["error"]["code"], "request_too_large", "{body}");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains("2 MiB"), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_gets_a_json_405_naming_the_allowed_one() {
+    let addr = start(EngineOptions::default(), Some(KEY)).await;
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, "/v1/chat/completions", "POST"),
+        (reqwest::Method::DELETE, "/v1/completions", "POST"),
+        (reqwest::Method::POST, "/v1/models", "GET"),
+        (reqwest::Method::PUT, "/health", "GET"),
+    ] {
+        let (status, allow, body) = send(addr, method.clone(), path, None).await;
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert!(allow.unwrap().contains(allowed), "{method} {path}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(method.as_str()) && message.contains(allowed),
+            "{message}"
+        );
     }
 }
