@@ -332,7 +332,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     if given == Some(key.as_str()) {
         return Ok(());
     }
@@ -343,6 +343,15 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         param: None,
         code: Some("invalid_api_key".into()),
     })
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header value; the scheme is
+/// case-insensitive (RFC 7235) and whitespace around either part is ignored.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(|c: char| c.is_ascii_whitespace())?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim_start())
 }
 
 /// Reads a request body: a JSON object with no field the endpoint refuses (it also reads

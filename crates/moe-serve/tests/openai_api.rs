@@ -888,3 +888,33 @@ async fn a_wrong_method_gets_a_json_405_naming_the_allowed_one() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let addr = start(EngineOptions::default(), Some(KEY)).await;
+    let models = |authorization| send(addr, reqwest::Method::GET, "/v1/models", authorization);
+    for accepted in [
+        "Bearer test-key",
+        "bearer test-key",
+        "BEARER test-key",
+        "  bEaReR   test-key  ",
+        "Bearer\ttest-key",
+    ] {
+        let (status, _, body) = models(Some(accepted)).await;
+        assert_eq!(status, 200, "{accepted:?}: {body}");
+    }
+    for refused in [
+        "Bearer other",
+        "Bearer test-key-2",
+        "Basic test-key",
+        "Bearertest-key",
+        "test-key",
+        "Bearer",
+    ] {
+        let (status, _, body) = models(Some(refused)).await;
+        assert_eq!(status, 401, "{refused:?}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+    }
+    let (status, _, _) = models(None).await;
+    assert_eq!(status, 401);
+}
