@@ -41,11 +41,28 @@ pub struct ServerOptions {
     /// The `model` field of responses and the one entry of `/v1/models`.
     pub model_id: String,
     /// If set, every `/v1` request needs `Authorization: Bearer <key>` (`/health` and
-    /// `/metrics` stay open).
+    /// `/metrics` stay open). Check it with [`check_api_key`] first.
     pub api_key: Option<String>,
     /// How chat messages become a prompt (the model's own template, normally); its stop
     /// strings end the answer.
     pub template: ChatTemplate,
+}
+
+/// Checks a key for [`ServerOptions::api_key`] before serving with it: an empty key, or
+/// one that no `Authorization` header can carry (surrounding whitespace, control or
+/// non-ASCII characters), would refuse every request.
+pub fn check_api_key(key: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !key.trim().is_empty(),
+        "the API key is empty, so every request would be refused; give a key, or none to \
+         serve without one"
+    );
+    anyhow::ensure!(
+        key.trim() == key && key.bytes().all(|b| b.is_ascii_graphic() || b == b' '),
+        "the API key has whitespace at an end or characters other than visible ASCII and \
+         spaces, which no `Authorization` header can carry, so every request would be refused"
+    );
+    Ok(())
 }
 
 /// Where answers come from.

@@ -918,3 +918,16 @@ async fn the_bearer_scheme_is_case_insensitive() {
     let (status, _, _) = models(None).await;
     assert_eq!(status, 401);
 }
+
+#[test]
+fn api_keys_no_request_could_send_are_refused_before_serving() {
+    let empty = moe_serve::check_api_key("").unwrap_err().to_string();
+    assert!(empty.contains("empty"), "{empty}");
+    for bad in ["  ", " key", "key\n", "kéy", "a\u{1}b"] {
+        let error = moe_serve::check_api_key(bad).unwrap_err().to_string();
+        assert!(error.contains("API key"), "{bad:?}: {error}");
+    }
+    for good in ["test-key", "sk-abc_123", "two words"] {
+        moe_serve::check_api_key(good).unwrap();
+    }
+}
