@@ -24,6 +24,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::detokenizer::Detokenizer;
 use crate::metrics::Metrics;
+use crate::moa::Refused;
 
 /// Limits of the engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -115,8 +116,11 @@ pub enum GenerationEvent {
         /// Tokens generated.
         completion_tokens: usize,
     },
-    /// The model failed (a decoding error); the answer is incomplete.
+    /// The model failed (a decoding error), or a pipeline did; the answer is incomplete.
     Failed(String),
+    /// A Mixture-of-Agents pipeline's agents refused the request (HTTP 400): the request
+    /// must change. The engine never sends this.
+    Refused(Refused),
 }
 
 /// Why a request was not queued.

@@ -28,7 +28,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use crate::engine::{Engine, Finish, GenerationEvent, GenerationRequest, SubmitError};
 use crate::logprobs;
 use crate::metrics::Metrics;
-use crate::moa::{self, MoaConfig};
+use crate::moa::{self, MoaConfig, Refused};
 use crate::openai::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, PromptItem, SamplingParams, Usage,
     error_body,
@@ -233,6 +233,19 @@ impl ApiError {
             self.param.as_deref(),
             self.code.as_deref(),
         )
+    }
+}
+
+/// A pipeline's agents refused the request: a 400 with their words and code.
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: refused.message,
+            kind: "invalid_request_error",
+            param: None,
+            code: refused.code,
+        }
     }
 }
 
@@ -584,7 +597,10 @@ fn run_pipeline(
                 prompt_tokens: tokens(aggregator.map(|c| c.prompt_tokens)),
                 completion_tokens: tokens(aggregator.map(|c| c.completion_tokens)),
             },
-            Err(error) => GenerationEvent::Failed(format!("{error:#}")),
+            Err(error) => match error.downcast::<Refused>() {
+                Ok(refused) => GenerationEvent::Refused(refused),
+                Err(error) => GenerationEvent::Failed(format!("{error:#}")),
+            },
         });
     });
     Ok(receiver)
@@ -895,6 +911,7 @@ async fn collect(
                 return Ok((text, logprobs, finish, usage));
             }
             GenerationEvent::Failed(message) => return Err(ApiError::generation_failed(&message)),
+            GenerationEvent::Refused(refused) => return Err(refused.into()),
         };
         text.push_str(&more);
         logprobs::extend(&mut logprobs, more_logprobs);
@@ -1098,6 +1115,9 @@ fn event_stream(
                 GenerationEvent::Failed(message) => {
                     let error = ApiError::generation_failed(&message);
                     return Event::default().data(error.body().to_string());
+                }
+                GenerationEvent::Refused(refused) => {
+                    return Event::default().data(ApiError::from(refused).body().to_string());
                 }
             };
             chunk(head.delta(index, &text, logprobs, None, false))
