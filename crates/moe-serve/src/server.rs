@@ -522,7 +522,7 @@ async fn chat_completions(
         .render(&messages, true)
         .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("messages")))?;
     let ask = Ask {
-        prompts: vec![encode(engine, &prompt)?],
+        prompts: vec![encode(engine, &prompt, sampling.max_tokens)?],
         default_max_tokens: None,
         stop: template.stop_strings(),
         logprobs,
@@ -639,7 +639,7 @@ async fn completions(
     }
     let prompts = items
         .into_iter()
-        .map(|item| prompt_ids(engine, item))
+        .map(|item| prompt_ids(engine, item, sampling.max_tokens))
         .collect::<Result<_, _>>()?;
     let ask = Ask {
         prompts,
@@ -653,17 +653,29 @@ async fn completions(
     respond(&state, engine, Endpoint::Completion, plan).await
 }
 
-fn encode(engine: &Engine, text: &str) -> Result<Vec<u32>, ApiError> {
+/// Tokenizes a prompt to be answered with `max_tokens` (at least 1 when unset). A prompt
+/// too long for the context window whatever it tokenizes to is refused without
+/// tokenizing it: tokenizing megabytes takes memory the allocator keeps.
+fn encode(engine: &Engine, text: &str, max_tokens: Option<usize>) -> Result<Vec<u32>, ApiError> {
+    let window = engine.context_window();
+    let (at_least, max_tokens) = (engine.min_tokens(text), max_tokens.unwrap_or(1));
+    if at_least.saturating_add(max_tokens) > window {
+        return Err(context_length_exceeded(window, at_least, max_tokens, true));
+    }
     engine
         .tokenizer()
         .encode(text)
         .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
 }
 
-/// Token ids of one prompt; ids given as such must be in the vocabulary.
-fn prompt_ids(engine: &Engine, prompt: PromptItem) -> Result<Vec<u32>, ApiError> {
+/// Token ids of one prompt (see [`encode`]); ids given as such must be in the vocabulary.
+fn prompt_ids(
+    engine: &Engine,
+    prompt: PromptItem,
+    max_tokens: Option<usize>,
+) -> Result<Vec<u32>, ApiError> {
     let ids = match prompt {
-        PromptItem::Text(text) => return encode(engine, &text),
+        PromptItem::Text(text) => return encode(engine, &text, max_tokens),
         PromptItem::Tokens(ids) => ids,
     };
     let vocab = engine.tokenizer().vocab_size();
@@ -731,20 +743,13 @@ fn plan(engine: &Engine, ask: Ask, params: SamplingParams) -> Result<Plan, ApiEr
         let max_tokens = params
             .max_tokens
             .unwrap_or(ask.default_max_tokens.unwrap_or(room).min(room).max(1));
-        if ids.len() + max_tokens > window {
-            return Err(ApiError {
-                status: StatusCode::BAD_REQUEST,
-                message: format!(
-                    "This model's maximum context length is {window} tokens. However, you \
-                     requested {} tokens ({} in the messages, {max_tokens} in the completion). \
-                     Please reduce the length of the messages or completion.",
-                    ids.len() + max_tokens,
-                    ids.len()
-                ),
-                kind: "invalid_request_error",
-                param: Some("messages".into()),
-                code: Some("context_length_exceeded".into()),
-            });
+        if ids.len().saturating_add(max_tokens) > window {
+            return Err(context_length_exceeded(
+                window,
+                ids.len(),
+                max_tokens,
+                false,
+            ));
         }
         prompts.push(GenerationRequest {
             prompt: ids,
@@ -757,6 +762,29 @@ fn plan(engine: &Engine, ask: Ask, params: SamplingParams) -> Result<Plan, ApiEr
         });
     }
     Ok(Plan { prompts, n, stream })
+}
+
+/// The 400 for a prompt of `prompt` tokens (at least that many, when `bounded`) to be
+/// answered with `max_tokens` more, beyond the context `window`: OpenAI's words.
+fn context_length_exceeded(
+    window: usize,
+    prompt: usize,
+    max_tokens: usize,
+    bounded: bool,
+) -> ApiError {
+    let at_least = if bounded { "at least " } else { "" };
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!(
+            "This model's maximum context length is {window} tokens. However, you requested \
+             {at_least}{} tokens ({at_least}{prompt} in the messages, {max_tokens} in the \
+             completion). Please reduce the length of the messages or completion.",
+            prompt.saturating_add(max_tokens),
+        ),
+        kind: "invalid_request_error",
+        param: Some("messages".into()),
+        code: Some("context_length_exceeded".into()),
+    }
 }
 
 /// The penalty and bias fields, checked against their ranges and the vocabulary of

@@ -4,7 +4,9 @@
 //! 429 with Retry-After. Log-probabilities (chat, and completions with echo as evaluators
 //! use them) equal the model's own log-softmax; penalties and logit bias change greedy
 //! choices; fields we do not implement are refused by name; `/metrics` counts what
-//! happened.
+//! happened. Oversized bodies (413) and wrong methods (405) get JSON errors too, the
+//! bearer scheme is case-insensitive, and a prompt far beyond the context window is
+//! refused before it is tokenized.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -930,4 +932,53 @@ fn api_keys_no_request_could_send_are_refused_before_serving() {
     for good in ["test-key", "sk-abc_123", "two words"] {
         moe_serve::check_api_key(good).unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_far_beyond_the_window_is_refused_before_tokenizing() {
+    // A 256-token window over bytes: no token stands for more than 3 bytes (a lone byte
+    // of a multi-byte character decodes to U+FFFD), so 1.9 MB is at least 633,334 tokens.
+    let addr = start(EngineOptions::default(), None).await;
+    let huge = "word ".repeat(380_000);
+    // ChatML adds `<|im_start|>user\n`, `<|im_end|>\n` and `<|im_start|>assistant\n`.
+    let chat_bytes = huge.len() + 50;
+    let requests = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": huge}]}),
+            chat_bytes.div_ceil(3),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": huge, "max_tokens": 4}),
+            huge.len().div_ceil(3),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": ["short", huge], "echo": true, "max_tokens": 0}),
+            huge.len().div_ceil(3),
+        ),
+    ];
+    for (path, request, tokens) in requests {
+        let (status, _, body) = post(addr, path, "", &request.to_string()).await;
+        assert_eq!(status, 400, "{path}: {}", body["error"]);
+        assert_eq!(body["error"]["code"], "context_length_exceeded");
+        assert_eq!(body["error"]["param"], "messages");
+        let message = body["error"]["message"].as_str().unwrap();
+        // "at least": the bound refused it; the tokenizer would have counted exactly.
+        assert!(
+            message.contains("maximum context length is 256 tokens")
+                && message.contains(&format!("(at least {tokens} in the messages")),
+            "{message}"
+        );
+    }
+    // Just over the window but within the bound: tokenized and counted exactly.
+    let over = json!({"model": "m", "prompt": "x".repeat(300), "max_tokens": 1});
+    let (status, _, body) = post(addr, "/v1/completions", "", &over.to_string()).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("requested 301 tokens (300 in the messages"),
+        "{message}"
+    );
 }
