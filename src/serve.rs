@@ -51,8 +51,14 @@ pub(crate) struct HttpArgs {
     #[arg(long)]
     model_id: Option<String>,
     /// Require `Authorization: Bearer KEY` on /v1 requests.
-    #[arg(long)]
+    #[arg(long, value_parser = api_key)]
     api_key: Option<String>,
+}
+
+/// Reads `--api-key`, refusing a key that would refuse every request (an empty one).
+fn api_key(key: &str) -> Result<String> {
+    moe_serve::check_api_key(key)?;
+    Ok(key.to_string())
 }
 
 #[derive(clap::Args, Debug)]

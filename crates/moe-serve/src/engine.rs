@@ -24,6 +24,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::detokenizer::Detokenizer;
 use crate::metrics::Metrics;
+use crate::moa::Refused;
+use crate::token_bound;
 
 /// Limits of the engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -115,8 +117,11 @@ pub enum GenerationEvent {
         /// Tokens generated.
         completion_tokens: usize,
     },
-    /// The model failed (a decoding error); the answer is incomplete.
+    /// The model failed (a decoding error), or a pipeline did; the answer is incomplete.
     Failed(String),
+    /// A Mixture-of-Agents pipeline's agents refused the request (HTTP 400): the request
+    /// must change. The engine never sends this.
+    Refused(Refused),
 }
 
 /// Why a request was not queued.
@@ -140,6 +145,8 @@ pub struct Engine {
     jobs: SyncSender<Job>,
     tokenizer: Arc<TextTokenizer>,
     context_window: usize,
+    /// The most bytes one token stands for, if bounded (see [`token_bound`]).
+    longest_token: Option<usize>,
     metrics: Metrics,
 }
 
@@ -155,6 +162,7 @@ impl Engine {
         Transformer<B>: Send + 'static,
     {
         let context_window = model.model_config().max_seq_len;
+        let longest_token = token_bound::longest_token_bytes(&tokenizer);
         let tokenizer = Arc::new(tokenizer);
         let (jobs, queue) = sync_channel::<Job>(options.queue_capacity.max(1));
         let worker_tokenizer = tokenizer.clone();
@@ -170,6 +178,7 @@ impl Engine {
             jobs,
             tokenizer,
             context_window,
+            longest_token,
             metrics,
         })
     }
@@ -182,6 +191,12 @@ impl Engine {
     /// Prompt plus answer tokens the model can attend over.
     pub fn context_window(&self) -> usize {
         self.context_window
+    }
+
+    /// The fewest tokens `text` can tokenize to, known without tokenizing it (0 when the
+    /// tokenizer allows no bound).
+    pub(crate) fn min_tokens(&self, text: &str) -> usize {
+        token_bound::min_tokens(text, self.longest_token)
     }
 
     /// The engine's metrics (tokens, queue, batch, latencies).

@@ -10,10 +10,11 @@ pub mod moa;
 pub mod openai;
 mod request_fields;
 mod server;
+mod token_bound;
 
 pub use engine::{Engine, EngineOptions};
 pub use metrics::Metrics;
 pub use moa::{MoaConfig, MoaOutcome};
 /// The chat template of [`ServerOptions`] (the model's own, from its tokenizer).
 pub use moe_data::ChatTemplate;
-pub use server::{ServerOptions, pipeline_router, router, serve, shutdown_signal};
+pub use server::{ServerOptions, check_api_key, pipeline_router, router, serve, shutdown_signal};

@@ -8,9 +8,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
+use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -202,11 +203,33 @@ pub struct CallRecord {
 /// either way, to see what went wrong).
 #[derive(Debug)]
 pub struct MoaOutcome {
-    /// The aggregator's answer.
+    /// The aggregator's answer; a [`Refused`] error when agents refused the request.
     pub answer: Result<String>,
     /// Every call in order of layer.
     pub calls: Vec<CallRecord>,
 }
+
+/// Why a pipeline failed when the agents at fault refused the request itself with HTTP
+/// 400 (a prompt longer than their context window, say): the same request would fail
+/// again, so a server passes the refusal on as a 400. [`MoaOutcome::answer`]'s error is
+/// one of these (see `anyhow::Error::downcast_ref`) when every failure that stopped the
+/// pipeline was such a refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Which agents refused, and what they said.
+    pub message: String,
+    /// The refusing agents' error `code` (`context_length_exceeded`, say), if they gave
+    /// one and agree on it.
+    pub code: Option<String>,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// The system message that carries `references` (previous-layer answers).
 pub fn with_references(
@@ -255,23 +278,27 @@ async fn run_layers(
         }))
         .await;
         let mut answers = Vec::new();
+        let mut failures = Vec::new();
         for (answer, record) in results {
+            match answer {
+                Ok(answer) => answers.push(answer),
+                Err(failure) => failures.push((record.agent.clone(), failure)),
+            }
             calls.push(record);
-            answers.extend(answer);
         }
         if answers.len() < config.min_references {
-            let failures: Vec<String> = calls
+            let named: Vec<String> = failures
                 .iter()
-                .filter(|c| c.layer == layer_number)
-                .filter_map(|c| c.error.as_ref().map(|e| format!("{}: {e}", c.agent)))
+                .map(|(agent, failure)| failure.blame(&format!("proposer `{agent}`")))
                 .collect();
-            bail!(
+            let message = format!(
                 "layer {layer_number}: {} of {} proposers answered, fewer than min_references = {} ({})",
                 answers.len(),
                 layer.proposers.len(),
                 config.min_references,
-                failures.join("; ")
+                named.join("; ")
             );
+            return Err(failed(message, failures.iter().map(|(_, f)| f)));
         }
         references = answers;
     }
@@ -287,15 +314,24 @@ async fn run_layers(
         Some(&mut on_text),
     )
     .await;
-    calls.push(record.clone());
-    match answer {
-        Some(answer) => Ok(answer),
-        None => bail!(
-            "the aggregator `{}` failed: {}",
-            record.agent,
-            record.error.unwrap_or_default()
-        ),
+    calls.push(record);
+    answer.map_err(|failure| {
+        let message = failure.blame(&format!("the aggregator `{}`", agent.label()));
+        failed(message, [&failure])
+    })
+}
+
+/// The pipeline's error for `failures`: [`Refused`] when every one is a refusal.
+fn failed<'a>(message: String, failures: impl IntoIterator<Item = &'a Failure>) -> anyhow::Error {
+    let failures: Vec<&Failure> = failures.into_iter().collect();
+    if failures.is_empty() || !failures.iter().all(|f| f.refused) {
+        return anyhow!(message);
     }
+    let code = failures[0]
+        .code
+        .clone()
+        .filter(|code| failures.iter().all(|f| f.code.as_ref() == Some(code)));
+    Refused { message, code }.into()
 }
 
 /// What `agent` is sent: a system message with its own prompt and the references (if any),
@@ -328,9 +364,26 @@ fn messages(
 }
 
 /// A failed attempt, and whether trying again may help.
+#[derive(Default)]
 struct Failure {
     message: String,
     retryable: bool,
+    /// The agent refused the request with HTTP 400: the request, not the agent, is at
+    /// fault.
+    refused: bool,
+    /// The agent's error `code`, if it gave one.
+    code: Option<String>,
+}
+
+impl Failure {
+    /// That `who` refused the request or failed, and why.
+    fn blame(&self, who: &str) -> String {
+        let what = match self.refused {
+            true => "refused the request",
+            false => "failed",
+        };
+        format!("{who} {what}: {}", self.message)
+    }
 }
 
 /// Calls `agent` with retries; streams the answer into `on_text` when given.
@@ -341,7 +394,7 @@ async fn call<'f>(
     layer: usize,
     messages: Vec<Value>,
     mut on_text: Option<&mut (dyn FnMut(&str) + Send + 'f)>,
-) -> (Option<String>, CallRecord) {
+) -> (Result<String, Failure>, CallRecord) {
     let started = Instant::now();
     let mut record = CallRecord {
         agent: agent.label().to_string(),
@@ -359,16 +412,16 @@ async fn call<'f>(
         let attempt = attempt(http, agent, &messages, on_text.as_deref_mut(), &mut record);
         let timeout = Duration::from_secs_f64(config.timeout_secs);
         let failure = match tokio::time::timeout(timeout, attempt).await {
-            Ok(Ok(answer)) => break Some(answer),
+            Ok(Ok(answer)) => break Ok(answer),
             Ok(Err(failure)) => failure,
             Err(_) => Failure {
                 message: format!("no answer within {} s", config.timeout_secs),
-                retryable: false,
+                ..Failure::default()
             },
         };
         if !failure.retryable || record.attempts > config.retries {
-            record.error = Some(failure.message);
-            break None;
+            record.error = Some(failure.message.clone());
+            break Err(failure);
         }
         tokio::time::sleep(backoff).await;
         backoff *= 2;
@@ -408,22 +461,25 @@ async fn attempt<'f>(
     let response = request.send().await.map_err(|e| Failure {
         message: format!("{url}: {}", with_causes(&e)),
         retryable: true,
+        ..Failure::default()
     })?;
     let status = response.status();
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or(text);
+        let error = serde_json::from_str::<Value>(&text)
+            .map(|body| body["error"].clone())
+            .unwrap_or_default();
+        let message = error["message"].as_str().unwrap_or(&text);
         return Err(Failure {
             message: format!("HTTP {status}: {message}"),
-            retryable: status.as_u16() == 429 || status.is_server_error(),
+            retryable: status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
+            refused: status == StatusCode::BAD_REQUEST,
+            code: error["code"].as_str().map(str::to_string),
         });
     }
     let bad = |e: String| Failure {
         message: format!("{url}: {e}"),
-        retryable: false,
+        ..Failure::default()
     };
     let Some(on_text) = on_text else {
         let value: Value = response.json().await.map_err(|e| bad(e.to_string()))?;
@@ -440,6 +496,7 @@ async fn attempt<'f>(
         let chunk = chunk.map_err(|e| Failure {
             message: format!("{url}: the stream broke: {}", with_causes(&e)),
             retryable: answer.is_empty(),
+            ..Failure::default()
         })?;
         pending.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = pending.find('\n') {

@@ -12,8 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
@@ -28,7 +28,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use crate::engine::{Engine, Finish, GenerationEvent, GenerationRequest, SubmitError};
 use crate::logprobs;
 use crate::metrics::Metrics;
-use crate::moa::{self, MoaConfig};
+use crate::moa::{self, MoaConfig, Refused};
 use crate::openai::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, PromptItem, SamplingParams, Usage,
     error_body,
@@ -41,11 +41,28 @@ pub struct ServerOptions {
     /// The `model` field of responses and the one entry of `/v1/models`.
     pub model_id: String,
     /// If set, every `/v1` request needs `Authorization: Bearer <key>` (`/health` and
-    /// `/metrics` stay open).
+    /// `/metrics` stay open). Check it with [`check_api_key`] first.
     pub api_key: Option<String>,
     /// How chat messages become a prompt (the model's own template, normally); its stop
     /// strings end the answer.
     pub template: ChatTemplate,
+}
+
+/// Checks a key for [`ServerOptions::api_key`] before serving with it: an empty key, or
+/// one that no `Authorization` header can carry (surrounding whitespace, control or
+/// non-ASCII characters), would refuse every request.
+pub fn check_api_key(key: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !key.trim().is_empty(),
+        "the API key is empty, so every request would be refused; give a key, or none to \
+         serve without one"
+    );
+    anyhow::ensure!(
+        key.trim() == key && key.bytes().all(|b| b.is_ascii_graphic() || b == b' '),
+        "the API key has whitespace at an end or characters other than visible ASCII and \
+         spaces, which no `Authorization` header can carry, so every request would be refused"
+    );
+    Ok(())
 }
 
 /// Where answers come from.
@@ -64,6 +81,9 @@ struct AppState {
     created: u64,
     metrics: Metrics,
 }
+
+/// The largest request body read: 2 MiB (axum's default).
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// The application: every route, backed by `engine`.
 pub fn router(engine: Engine, options: ServerOptions) -> Router {
@@ -97,21 +117,28 @@ fn app(answerer: Answerer, options: ServerOptions) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(metrics, count_requests))
         .with_state(state)
 }
 
+/// Every route and the method it answers (GET routes answer HEAD too).
+const ROUTES: [(&str, &str); 5] = [
+    ("/health", "GET"),
+    ("/metrics", "GET"),
+    ("/v1/models", "GET"),
+    ("/v1/chat/completions", "POST"),
+    ("/v1/completions", "POST"),
+];
+
 /// Counts every request by route and response status.
 async fn count_requests(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
-    const ROUTES: [&str; 5] = [
-        "/health",
-        "/metrics",
-        "/v1/models",
-        "/v1/chat/completions",
-        "/v1/completions",
-    ];
     let path = request.uri().path();
-    let endpoint = ROUTES.into_iter().find(|r| *r == path).unwrap_or("other");
+    let endpoint = ROUTES
+        .into_iter()
+        .map(|(route, _)| route)
+        .find(|r| *r == path)
+        .unwrap_or("other");
     let response = next.run(request).await;
     metrics.count_request(endpoint, response.status().as_u16());
     response
@@ -169,7 +196,7 @@ struct ApiError {
     message: String,
     kind: &'static str,
     param: Option<String>,
-    code: Option<&'static str>,
+    code: Option<String>,
 }
 
 impl ApiError {
@@ -192,12 +219,39 @@ impl ApiError {
             code: None,
         }
     }
+
+    /// An answer that failed: the model (or a pipeline) failed with `message`.
+    fn generation_failed(message: &str) -> Self {
+        Self::internal(format!("generation failed: {message}"))
+    }
+
+    /// The JSON body.
+    fn body(&self) -> Value {
+        error_body(
+            &self.message,
+            self.kind,
+            self.param.as_deref(),
+            self.code.as_deref(),
+        )
+    }
+}
+
+/// A pipeline's agents refused the request: a 400 with their words and code.
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: refused.message,
+            kind: "invalid_request_error",
+            param: None,
+            code: refused.code,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = error_body(&self.message, self.kind, self.param.as_deref(), self.code);
-        let mut response = (self.status, Json(body)).into_response();
+        let mut response = (self.status, Json(self.body())).into_response();
         if matches!(
             self.status,
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
@@ -207,6 +261,49 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+/// A request body of at most [`MAX_BODY_BYTES`]. A longer one gets 413, once the rest of
+/// it has been read and dropped (up to [`MAX_DRAINED_BYTES`] in all): a client still
+/// sending when the server answers and closes the connection sees a broken pipe, not
+/// the answer.
+struct RequestBody(Bytes);
+
+/// The most bytes of an oversized body read (and dropped) before answering 413.
+const MAX_DRAINED_BYTES: usize = 64 * 1024 * 1024;
+
+impl<S: Send + Sync> FromRequest<S> for RequestBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        let mut chunks = request.into_body().into_data_stream();
+        let (mut body, mut length) = (Vec::new(), 0usize);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::invalid(format!("reading the request body: {e}"), None))?;
+            length = length.saturating_add(chunk.len());
+            if length <= MAX_BODY_BYTES {
+                body.extend_from_slice(&chunk);
+            } else if length <= MAX_DRAINED_BYTES {
+                body = Vec::new();
+            } else {
+                break;
+            }
+        }
+        if length <= MAX_BODY_BYTES {
+            return Ok(Self(body.into()));
+        }
+        Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "the request body is larger than this server's limit of {} MiB ({MAX_BODY_BYTES} bytes)",
+                MAX_BODY_BYTES >> 20
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large".into()),
+        })
     }
 }
 
@@ -222,7 +319,23 @@ async fn not_found() -> ApiError {
             .into(),
         kind: "invalid_request_error",
         param: None,
-        code: Some("unknown_url"),
+        code: Some("unknown_url".into()),
+    }
+}
+
+/// A route asked with a method it does not answer; axum adds the `Allow` header.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    let allowed = ROUTES
+        .into_iter()
+        .find(|(route, _)| *route == path)
+        .map_or("other methods", |(_, method)| method);
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("{path} does not answer {method}; it answers {allowed}"),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed".into()),
     }
 }
 
@@ -249,7 +362,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     if given == Some(key.as_str()) {
         return Ok(());
     }
@@ -258,8 +371,17 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         message: "incorrect or missing API key (send `Authorization: Bearer <key>`)".into(),
         kind: "invalid_request_error",
         param: None,
-        code: Some("invalid_api_key"),
+        code: Some("invalid_api_key".into()),
     })
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header value; the scheme is
+/// case-insensitive (RFC 7235) and whitespace around either part is ignored.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(|c: char| c.is_ascii_whitespace())?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim_start())
 }
 
 /// Reads a request body: a JSON object with no field the endpoint refuses (it also reads
@@ -348,7 +470,7 @@ impl Streaming {
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let (request, mut sampling): (ChatCompletionRequest, _) =
@@ -400,7 +522,7 @@ async fn chat_completions(
         .render(&messages, true)
         .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("messages")))?;
     let ask = Ask {
-        prompts: vec![encode(engine, &prompt)?],
+        prompts: vec![encode(engine, &prompt, sampling.max_tokens)?],
         default_max_tokens: None,
         stop: template.stop_strings(),
         logprobs,
@@ -475,7 +597,10 @@ fn run_pipeline(
                 prompt_tokens: tokens(aggregator.map(|c| c.prompt_tokens)),
                 completion_tokens: tokens(aggregator.map(|c| c.completion_tokens)),
             },
-            Err(error) => GenerationEvent::Failed(format!("{error:#}")),
+            Err(error) => match error.downcast::<Refused>() {
+                Ok(refused) => GenerationEvent::Refused(refused),
+                Err(error) => GenerationEvent::Failed(format!("{error:#}")),
+            },
         });
     });
     Ok(receiver)
@@ -484,7 +609,7 @@ fn run_pipeline(
 async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let Answerer::Model(engine) = &state.answerer else {
@@ -514,7 +639,7 @@ async fn completions(
     }
     let prompts = items
         .into_iter()
-        .map(|item| prompt_ids(engine, item))
+        .map(|item| prompt_ids(engine, item, sampling.max_tokens))
         .collect::<Result<_, _>>()?;
     let ask = Ask {
         prompts,
@@ -528,17 +653,29 @@ async fn completions(
     respond(&state, engine, Endpoint::Completion, plan).await
 }
 
-fn encode(engine: &Engine, text: &str) -> Result<Vec<u32>, ApiError> {
+/// Tokenizes a prompt to be answered with `max_tokens` (at least 1 when unset). A prompt
+/// too long for the context window whatever it tokenizes to is refused without
+/// tokenizing it: tokenizing megabytes takes memory the allocator keeps.
+fn encode(engine: &Engine, text: &str, max_tokens: Option<usize>) -> Result<Vec<u32>, ApiError> {
+    let window = engine.context_window();
+    let (at_least, max_tokens) = (engine.min_tokens(text), max_tokens.unwrap_or(1));
+    if at_least.saturating_add(max_tokens) > window {
+        return Err(context_length_exceeded(window, at_least, max_tokens, true));
+    }
     engine
         .tokenizer()
         .encode(text)
         .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
 }
 
-/// Token ids of one prompt; ids given as such must be in the vocabulary.
-fn prompt_ids(engine: &Engine, prompt: PromptItem) -> Result<Vec<u32>, ApiError> {
+/// Token ids of one prompt (see [`encode`]); ids given as such must be in the vocabulary.
+fn prompt_ids(
+    engine: &Engine,
+    prompt: PromptItem,
+    max_tokens: Option<usize>,
+) -> Result<Vec<u32>, ApiError> {
     let ids = match prompt {
-        PromptItem::Text(text) => return encode(engine, &text),
+        PromptItem::Text(text) => return encode(engine, &text, max_tokens),
         PromptItem::Tokens(ids) => ids,
     };
     let vocab = engine.tokenizer().vocab_size();
@@ -606,20 +743,13 @@ fn plan(engine: &Engine, ask: Ask, params: SamplingParams) -> Result<Plan, ApiEr
         let max_tokens = params
             .max_tokens
             .unwrap_or(ask.default_max_tokens.unwrap_or(room).min(room).max(1));
-        if ids.len() + max_tokens > window {
-            return Err(ApiError {
-                status: StatusCode::BAD_REQUEST,
-                message: format!(
-                    "This model's maximum context length is {window} tokens. However, you \
-                     requested {} tokens ({} in the messages, {max_tokens} in the completion). \
-                     Please reduce the length of the messages or completion.",
-                    ids.len() + max_tokens,
-                    ids.len()
-                ),
-                kind: "invalid_request_error",
-                param: Some("messages".into()),
-                code: Some("context_length_exceeded"),
-            });
+        if ids.len().saturating_add(max_tokens) > window {
+            return Err(context_length_exceeded(
+                window,
+                ids.len(),
+                max_tokens,
+                false,
+            ));
         }
         prompts.push(GenerationRequest {
             prompt: ids,
@@ -632,6 +762,29 @@ fn plan(engine: &Engine, ask: Ask, params: SamplingParams) -> Result<Plan, ApiEr
         });
     }
     Ok(Plan { prompts, n, stream })
+}
+
+/// The 400 for a prompt of `prompt` tokens (at least that many, when `bounded`) to be
+/// answered with `max_tokens` more, beyond the context `window`: OpenAI's words.
+fn context_length_exceeded(
+    window: usize,
+    prompt: usize,
+    max_tokens: usize,
+    bounded: bool,
+) -> ApiError {
+    let at_least = if bounded { "at least " } else { "" };
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!(
+            "This model's maximum context length is {window} tokens. However, you requested \
+             {at_least}{} tokens ({at_least}{prompt} in the messages, {max_tokens} in the \
+             completion). Please reduce the length of the messages or completion.",
+            prompt.saturating_add(max_tokens),
+        ),
+        kind: "invalid_request_error",
+        param: Some("messages".into()),
+        code: Some("context_length_exceeded".into()),
+    }
 }
 
 /// The penalty and bias fields, checked against their ranges and the vocabulary of
@@ -718,7 +871,7 @@ async fn respond(
                     message: "the server is busy: its request queue is full; retry shortly".into(),
                     kind: "rate_limit_error",
                     param: None,
-                    code: Some("rate_limit_exceeded"),
+                    code: Some("rate_limit_exceeded".into()),
                 },
                 SubmitError::Stopped => ApiError {
                     status: StatusCode::SERVICE_UNAVAILABLE,
@@ -785,9 +938,8 @@ async fn collect(
                 let usage = Usage::new(prompt_tokens, completion_tokens);
                 return Ok((text, logprobs, finish, usage));
             }
-            GenerationEvent::Failed(message) => {
-                return Err(ApiError::internal(format!("generation failed: {message}")));
-            }
+            GenerationEvent::Failed(message) => return Err(ApiError::generation_failed(&message)),
+            GenerationEvent::Refused(refused) => return Err(refused.into()),
         };
         text.push_str(&more);
         logprobs::extend(&mut logprobs, more_logprobs);
@@ -989,13 +1141,11 @@ fn event_stream(
                     return chunk(head.delta(index, "", Value::Null, Some(finish), false));
                 }
                 GenerationEvent::Failed(message) => {
-                    let error = error_body(
-                        &format!("generation failed: {message}"),
-                        "server_error",
-                        None,
-                        None,
-                    );
-                    return Event::default().data(error.to_string());
+                    let error = ApiError::generation_failed(&message);
+                    return Event::default().data(error.body().to_string());
+                }
+                GenerationEvent::Refused(refused) => {
+                    return Event::default().data(ApiError::from(refused).body().to_string());
                 }
             };
             chunk(head.delta(index, &text, logprobs, None, false))

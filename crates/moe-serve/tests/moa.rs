@@ -327,6 +327,76 @@ async fn the_pipeline_serves_openai_chat_completions() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_400_is_passed_on_as_a_400_naming_the_agent() {
+    let wide = start_model(EngineOptions::default(), None, 32, 1024).await;
+    // A 16-token window: too small for any prompt of this pipeline.
+    let narrow = start_model(EngineOptions::default(), None, 32, 16).await;
+    let dead = dead_address().await;
+    let serve = |layers: Vec<Vec<Agent>>, aggregator: Agent| {
+        let options = ServerOptions {
+            model_id: "moa".into(),
+            api_key: None,
+            template: ChatTemplate::chatml(),
+        };
+        start_app(pipeline_router(pipeline(layers, aggregator, 1), options))
+    };
+    let question =
+        json!({"model": "m", "messages": [{"role": "user", "content": "What is a king?"}]});
+    let cases = [
+        // The aggregator refuses the references the proposers wrote.
+        (
+            serve(vec![vec![agent("a", wide)]], agent("judge", narrow)).await,
+            "the aggregator `judge` refused the request",
+        ),
+        // Every proposer refuses the question.
+        (
+            serve(vec![vec![agent("small", narrow)]], agent("judge", wide)).await,
+            "proposer `small` refused the request",
+        ),
+    ];
+    for (addr, blamed) in cases {
+        let (status, body) = post(addr, "/v1/chat/completions", "", question.clone()).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(blamed) && message.contains("maximum context length is 16"),
+            "{message}"
+        );
+        // Streamed, the refusal is the stream's error event.
+        let mut streamed = question.clone();
+        streamed["stream"] = json!(true);
+        let text = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .json(&streamed)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains("context_length_exceeded") && text.contains(blamed),
+            "{text}"
+        );
+    }
+    // A refusal beside an agent that is down is the pipeline's failure, not the request's.
+    let addr = serve(
+        vec![vec![agent("small", narrow), agent("dead", dead)]],
+        agent("judge", wide),
+    )
+    .await;
+    let (status, body) = post(addr, "/v1/chat/completions", "", question).await;
+    assert_eq!(status, 500, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("proposer `small` refused") && message.contains("proposer `dead` failed"),
+        "{message}"
+    );
+}
+
 #[test]
 fn pipeline_files_are_checked_field_by_field() {
     let dir = tempfile::tempdir().unwrap();

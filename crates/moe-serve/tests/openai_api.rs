@@ -4,7 +4,9 @@
 //! 429 with Retry-After. Log-probabilities (chat, and completions with echo as evaluators
 //! use them) equal the model's own log-softmax; penalties and logit bias change greedy
 //! choices; fields we do not implement are refused by name; `/metrics` counts what
-//! happened.
+//! happened. Oversized bodies (413) and wrong methods (405) get JSON errors too, the
+//! bearer scheme is case-insensitive, and a prompt far beyond the context window is
+//! refused before it is tokenized.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -827,6 +829,156 @@ async fn the_chat_template_renders_prompts_and_its_end_of_turn_token_stops_answe
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
         message.contains("a system message comes first"),
+        "{message}"
+    );
+}
+
+/// The status, `Allow` header and JSON body of a `method` request to `path`, with
+/// `Authorization: authorization` when given.
+async fn send(
+    addr: SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, Option<String>, Value) {
+    let mut request = reqwest::Client::new().request(method, format!("http://{addr}{path}"));
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let allow = response
+        .headers()
+        .get("allow")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, allow, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_gets_a_json_413_naming_the_limit() {
+    let addr = start(EngineOptions::default(), Some(KEY)).await;
+    let content = "x".repeat(10 << 20);
+    let huge = json!({"model": "m", "messages": [{"role": "user", "content": content}]});
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let (status, _, body) = post(addr, path, KEY, &huge.to_string()).await;
+        assert_eq!(status, 413, "{path}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("2 MiB"), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_gets_a_json_405_naming_the_allowed_one() {
+    let addr = start(EngineOptions::default(), Some(KEY)).await;
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, "/v1/chat/completions", "POST"),
+        (reqwest::Method::DELETE, "/v1/completions", "POST"),
+        (reqwest::Method::POST, "/v1/models", "GET"),
+        (reqwest::Method::PUT, "/health", "GET"),
+    ] {
+        let (status, allow, body) = send(addr, method.clone(), path, None).await;
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert!(allow.unwrap().contains(allowed), "{method} {path}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(method.as_str()) && message.contains(allowed),
+            "{message}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let addr = start(EngineOptions::default(), Some(KEY)).await;
+    let models = |authorization| send(addr, reqwest::Method::GET, "/v1/models", authorization);
+    for accepted in [
+        "Bearer test-key",
+        "bearer test-key",
+        "BEARER test-key",
+        "  bEaReR   test-key  ",
+        "Bearer\ttest-key",
+    ] {
+        let (status, _, body) = models(Some(accepted)).await;
+        assert_eq!(status, 200, "{accepted:?}: {body}");
+    }
+    for refused in [
+        "Bearer other",
+        "Bearer test-key-2",
+        "Basic test-key",
+        "Bearertest-key",
+        "test-key",
+        "Bearer",
+    ] {
+        let (status, _, body) = models(Some(refused)).await;
+        assert_eq!(status, 401, "{refused:?}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+    }
+    let (status, _, _) = models(None).await;
+    assert_eq!(status, 401);
+}
+
+#[test]
+fn api_keys_no_request_could_send_are_refused_before_serving() {
+    let empty = moe_serve::check_api_key("").unwrap_err().to_string();
+    assert!(empty.contains("empty"), "{empty}");
+    for bad in ["  ", " key", "key\n", "kéy", "a\u{1}b"] {
+        let error = moe_serve::check_api_key(bad).unwrap_err().to_string();
+        assert!(error.contains("API key"), "{bad:?}: {error}");
+    }
+    for good in ["test-key", "sk-abc_123", "two words"] {
+        moe_serve::check_api_key(good).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_far_beyond_the_window_is_refused_before_tokenizing() {
+    // A 256-token window over bytes: no token stands for more than 3 bytes (a lone byte
+    // of a multi-byte character decodes to U+FFFD), so 1.9 MB is at least 633,334 tokens.
+    let addr = start(EngineOptions::default(), None).await;
+    let huge = "word ".repeat(380_000);
+    // ChatML adds `<|im_start|>user\n`, `<|im_end|>\n` and `<|im_start|>assistant\n`.
+    let chat_bytes = huge.len() + 50;
+    let requests = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": huge}]}),
+            chat_bytes.div_ceil(3),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": huge, "max_tokens": 4}),
+            huge.len().div_ceil(3),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": ["short", huge], "echo": true, "max_tokens": 0}),
+            huge.len().div_ceil(3),
+        ),
+    ];
+    for (path, request, tokens) in requests {
+        let (status, _, body) = post(addr, path, "", &request.to_string()).await;
+        assert_eq!(status, 400, "{path}: {}", body["error"]);
+        assert_eq!(body["error"]["code"], "context_length_exceeded");
+        assert_eq!(body["error"]["param"], "messages");
+        let message = body["error"]["message"].as_str().unwrap();
+        // "at least": the bound refused it; the tokenizer would have counted exactly.
+        assert!(
+            message.contains("maximum context length is 256 tokens")
+                && message.contains(&format!("(at least {tokens} in the messages")),
+            "{message}"
+        );
+    }
+    // Just over the window but within the bound: tokenized and counted exactly.
+    let over = json!({"model": "m", "prompt": "x".repeat(300), "max_tokens": 1});
+    let (status, _, body) = post(addr, "/v1/completions", "", &over.to_string()).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("requested 301 tokens (300 in the messages"),
         "{message}"
     );
 }
