@@ -332,4 +332,18 @@ impl TextTokenizer {
     pub fn token_bytes(&self) -> &[u32] {
         &self.token_bytes
     }
+
+    /// The longest vocabulary entry in UTF-8 bytes (special tokens included): no token
+    /// stands for more bytes of input text, as entries spell their text at least as long
+    /// as it is (byte-level BPE writes one byte as one or two, SentencePiece a space as
+    /// `▁`, byte fallback as `<0xNN>`). So a text of `n` bytes is at least `n / longest`
+    /// tokens, known without tokenizing it.
+    pub fn longest_token_bytes(&self) -> usize {
+        (0..self.inner.get_vocab_size(true) as u32)
+            .filter_map(|id| self.inner.id_to_token(id))
+            .map(|token| token.len())
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
 }

@@ -51,6 +51,32 @@ fn bpe_round_trips_and_counts_bytes() {
     );
 }
 
+/// A text of n bytes is at least n / longest_token_bytes tokens, for plain text, special
+/// tokens and the byte tokenizer alike.
+#[test]
+fn no_token_stands_for_more_bytes_than_the_longest_entry() {
+    let corpus = "the king and the queen; the kingdom of the king ".repeat(50);
+    let bpe = TextTokenizer::train_bpe(&[&corpus], 300).unwrap();
+    assert!(bpe.longest_token_bytes() >= "<|endoftext|>".len());
+    let texts = [
+        corpus.as_str(),
+        " the kingdom",
+        "<|endoftext|><|endoftext|><|endoftext|>",
+        "<|im_start|>user\nthe king<|im_end|>\n",
+        TEXT,
+    ];
+    for tokenizer in [bpe, TextTokenizer::bytes().unwrap()] {
+        let longest = tokenizer.longest_token_bytes();
+        for text in texts {
+            let tokens = tokenizer.encode(text).unwrap().len();
+            assert!(
+                text.len().div_ceil(longest) <= tokens,
+                "{longest}: {text:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn batcher_shifts_targets_by_one() {
     let windows: Vec<Vec<u32>> = (0..4u32).map(|w| (w * 20..w * 20 + 11).collect()).collect();

@@ -25,7 +25,6 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::detokenizer::Detokenizer;
 use crate::metrics::Metrics;
 use crate::moa::Refused;
-use crate::token_bound;
 
 /// Limits of the engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -145,8 +144,8 @@ pub struct Engine {
     jobs: SyncSender<Job>,
     tokenizer: Arc<TextTokenizer>,
     context_window: usize,
-    /// The most bytes one token stands for, if bounded (see [`token_bound`]).
-    longest_token: Option<usize>,
+    /// The most bytes of text one token stands for.
+    longest_token: usize,
     metrics: Metrics,
 }
 
@@ -162,7 +161,7 @@ impl Engine {
         Transformer<B>: Send + 'static,
     {
         let context_window = model.model_config().max_seq_len;
-        let longest_token = token_bound::longest_token_bytes(&tokenizer);
+        let longest_token = tokenizer.longest_token_bytes();
         let tokenizer = Arc::new(tokenizer);
         let (jobs, queue) = sync_channel::<Job>(options.queue_capacity.max(1));
         let worker_tokenizer = tokenizer.clone();
@@ -193,10 +192,9 @@ impl Engine {
         self.context_window
     }
 
-    /// The fewest tokens `text` can tokenize to, known without tokenizing it (0 when the
-    /// tokenizer allows no bound).
+    /// The fewest tokens `text` can tokenize to, known without tokenizing it.
     pub(crate) fn min_tokens(&self, text: &str) -> usize {
-        token_bound::min_tokens(text, self.longest_token)
+        text.len().div_ceil(self.longest_token)
     }
 
     /// The engine's metrics (tokens, queue, batch, latencies).

@@ -10,7 +10,6 @@ pub mod moa;
 pub mod openai;
 mod request_fields;
 mod server;
-mod token_bound;
 
 pub use engine::{Engine, EngineOptions};
 pub use metrics::Metrics;

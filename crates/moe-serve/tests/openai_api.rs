@@ -936,9 +936,10 @@ fn api_keys_no_request_could_send_are_refused_before_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_far_beyond_the_window_is_refused_before_tokenizing() {
-    // A 256-token window over bytes: no token stands for more than 3 bytes (a lone byte
-    // of a multi-byte character decodes to U+FFFD), so 1.9 MB is at least 633,334 tokens.
+    // A 256-token window over bytes: no token stands for more bytes than the longest
+    // vocabulary entry, so 1.9 MB is at least 1.9 MB / longest tokens.
     let addr = start(EngineOptions::default(), None).await;
+    let longest = TextTokenizer::bytes().unwrap().longest_token_bytes();
     let huge = "word ".repeat(380_000);
     // ChatML adds `<|im_start|>user\n`, `<|im_end|>\n` and `<|im_start|>assistant\n`.
     let chat_bytes = huge.len() + 50;
@@ -946,17 +947,17 @@ async fn a_prompt_far_beyond_the_window_is_refused_before_tokenizing() {
         (
             "/v1/chat/completions",
             json!({"model": "m", "messages": [{"role": "user", "content": huge}]}),
-            chat_bytes.div_ceil(3),
+            chat_bytes.div_ceil(longest),
         ),
         (
             "/v1/completions",
             json!({"model": "m", "prompt": huge, "max_tokens": 4}),
-            huge.len().div_ceil(3),
+            huge.len().div_ceil(longest),
         ),
         (
             "/v1/completions",
             json!({"model": "m", "prompt": ["short", huge], "echo": true, "max_tokens": 0}),
-            huge.len().div_ceil(3),
+            huge.len().div_ceil(longest),
         ),
     ];
     for (path, request, tokens) in requests {
