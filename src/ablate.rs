@@ -44,7 +44,7 @@ impl BackendJob for AblateArgs {
             let mut estimate = MemoryEstimate::training(&run.config)?;
             estimate.bytes = estimate.bytes.saturating_mul(self.jobs as u64);
             estimate
-                .ensure_fits(false, |_| {})
+                .ensure_fits()
                 .with_context(|| format!("run `{}` of the grid", run.variant))?;
         }
         let study = match &self.out {

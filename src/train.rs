@@ -142,7 +142,12 @@ impl DevicesJob for TrainJob {
                 "resuming a run whose experts are placed over several wgpu devices moves optimiser state between devices, which burn 0.21's wgpu backend cannot; resume with --expert-devices 1 and a new --out, or on cuda"
             );
         }
-        MemoryEstimate::training(&config)?.ensure_fits(args.force, |w| eprintln!("{w}"))?;
+        if let Err(error) = MemoryEstimate::training(&config)?.ensure_fits() {
+            if !args.force {
+                bail!("{error}; pass --force to train anyway");
+            }
+            eprintln!("warning: {error} (training anyway: --force)");
+        }
         let nodes = args.nodes();
         let run_dir = args.out.unwrap_or_else(|| default_run_dir(&default_name));
         eprintln!("run directory: {}", run_dir.display());

@@ -269,7 +269,7 @@ fn read_resolved<B: Backend>(
     verify_checkpoint(checkpoint)?;
     let config = RunConfig::parse_saved(&checkpoint.join(CONFIG_FILE))?;
     // The new model, the record read into it, and the finite check's host copy.
-    MemoryEstimate::weights(&config, 3)?.ensure_fits(false, |_| {})?;
+    MemoryEstimate::weights(&config, 3)?.ensure_fits()?;
     let model = Transformer::new(&config.model, &config.moe, device)?
         .load_file(checkpoint.join(MODEL_FILE), &recorder(), device)
         .with_context(|| format!("loading model weights from {}", checkpoint.display()))?;

@@ -45,7 +45,7 @@ pub fn read_model<B: Backend>(
         RunConfig::for_model(model, moe)
     };
     // The file's bytes, their f32 tensors and the model.
-    MemoryEstimate::weights(&config, 3)?.ensure_fits(false, |_| {})?;
+    MemoryEstimate::weights(&config, 3)?.ensure_fits()?;
     let tensors = read_model_dir(dir)?;
     check_finite(&tensors, nonfinite, dir)?;
     let tensors = match ours {

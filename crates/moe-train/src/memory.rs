@@ -80,20 +80,12 @@ impl MemoryEstimate {
         Ok(())
     }
 
-    /// Refuses the estimate when it exceeds this machine's available memory, unless
-    /// `force`, which only warns (on `warn`). Where the available memory is unknown
-    /// (no `/proc/meminfo`), nothing is checked.
-    pub fn ensure_fits(&self, force: bool, warn: impl FnOnce(&str)) -> Result<()> {
-        let Some(available) = available_memory() else {
-            return Ok(());
-        };
-        match self.ensure_within(available, "this machine's available memory") {
-            Err(error) if force => {
-                warn(&format!("warning (--force): {error}"));
-                Ok(())
-            }
-            Err(error) => Err(error.context("pass --force to try anyway")),
-            Ok(()) => Ok(()),
+    /// Refuses the estimate when it exceeds this machine's available memory. Where that
+    /// is unknown (no `/proc/meminfo`), nothing is checked.
+    pub fn ensure_fits(&self) -> Result<()> {
+        match available_memory() {
+            Some(available) => self.ensure_within(available, "this machine's available memory"),
+            None => Ok(()),
         }
     }
 }

@@ -85,7 +85,7 @@ pub fn upcycle<B: Backend>(
 ) -> Result<(Transformer<B>, RunConfig)> {
     let config = upcycled_config(dense_config, options)?;
     // The new model, its host copy and the stacked dense weights.
-    MemoryEstimate::weights(&config, 3)?.ensure_fits(false, |_| {})?;
+    MemoryEstimate::weights(&config, 3)?.ensure_fits()?;
     let (d, f, e) = (
         config.model.d_model,
         config.model.dense_ffn_dim,
