@@ -226,8 +226,9 @@ struct ReadCheckpoint<B: Backend> {
 }
 
 /// Reads the checkpoint `path` names (itself, or a run directory's newest). A run that
-/// is training there may prune the checkpoint while it is read: the newest is then
-/// resolved and read again.
+/// is training there may prune the checkpoint while it is read, so a read may miss an
+/// optional file (the tokenizer) without failing: whenever the checkpoint is gone after
+/// the read, the newest is resolved and read again.
 fn read_checkpoint<B: Backend>(
     path: &Path,
     device: &B::Device,
@@ -238,7 +239,7 @@ fn read_checkpoint<B: Backend>(
     loop {
         let checkpoint = resolve_checkpoint(path)?;
         let read = read_resolved(&checkpoint, device, nonfinite);
-        let pruned = read.is_err() && checkpoint != path && !checkpoint.exists();
+        let pruned = checkpoint != path && !checkpoint.exists();
         if !pruned {
             return read.map(|(model, config, tokenizer)| ReadCheckpoint {
                 model,

@@ -284,6 +284,39 @@ fn runs_are_locked_and_resume_past_a_damaged_checkpoint() {
     );
 }
 
+/// Reading a run directory while its run writes a checkpoint every step and keeps only
+/// the newest: every read gets a whole checkpoint, never a half-pruned one.
+#[test]
+fn a_run_directory_reads_whole_checkpoints_while_it_prunes() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&dataset(dir.path()));
+    let overrides = [
+        "train.steps=60",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=1",
+        "train.eval_every=1000",
+    ]
+    .map(String::from);
+    let config = RunConfig::parse(&text, &overrides).unwrap();
+    let run = dir.path().join("run");
+    let first = RunConfig::parse(&text, &["train.steps=1".into()]).unwrap();
+    train::<B>(&first, &run, false, None, &Cluster::default(), |_| {}).unwrap();
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            train::<B>(&config, &run, true, None, &Cluster::default(), |_| {}).unwrap()
+        });
+        let mut reads = 0;
+        while !writer.is_finished() || reads == 0 {
+            let loaded = load_model::<Flex>(&run, &Default::default(), NonFinite::Refuse);
+            let loaded = loaded.unwrap_or_else(|e| panic!("read {reads}: {e:#}"));
+            assert!(loaded.checkpoint.starts_with(run.join("checkpoints")));
+            reads += 1;
+        }
+        assert_eq!(writer.join().unwrap().steps, 60);
+    });
+}
+
 /// A run that cannot start (here: a binary file among the texts) leaves no run
 /// directory behind, and names the file.
 #[test]
