@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use moe_model::MoeAutodiffBackend;
 use moe_train::RunConfig;
-use moe_train::bench::{bench_generate, bench_train, peak_matmul_gflops};
+use moe_train::bench::{GenerateShape, bench_generate, bench_train, peak_matmul_gflops};
 
 use crate::backend::{BackendJob, BackendKind};
 
@@ -20,7 +20,7 @@ pub struct BenchArgs {
 enum BenchKind {
     /// Training tokens/s (forward, backward, clipping, AdamW), ms/step and MFU.
     Train(TrainBenchArgs),
-    /// Batch-1 greedy generation tokens/s with a KV cache.
+    /// Greedy generation tokens/s with a KV cache (batch 1, or a batch decoded together).
     Generate(GenerateBenchArgs),
 }
 
@@ -70,9 +70,15 @@ struct GenerateBenchArgs {
     /// Prompt tokens.
     #[arg(long, default_value_t = 16)]
     prompt_len: usize,
-    /// Tokens to generate.
+    /// Tokens to generate for each answer.
     #[arg(long, default_value_t = 128)]
     tokens: usize,
+    /// Answers decoded together, one token each per step, as `moe serve` batches clients.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed rounds; the median is reported, with every round.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 impl BenchArgs {
@@ -131,12 +137,13 @@ impl BackendJob for BenchArgs {
             }
             BenchKind::Generate(args) => {
                 let config = args.shapes.load(&[])?;
-                let result = bench_generate::<B::InnerBackend>(
-                    &config,
-                    args.prompt_len,
-                    args.tokens,
-                    &device,
-                )?;
+                let shape = GenerateShape {
+                    prompt_len: args.prompt_len,
+                    tokens: args.tokens,
+                    batch: args.batch,
+                    rounds: args.rounds,
+                };
+                let result = bench_generate::<B::InnerBackend>(&config, shape, &device)?;
                 if args.shapes.json {
                     let json = serde_json::json!({
                         "bench": "generate",
@@ -145,14 +152,22 @@ impl BackendJob for BenchArgs {
                     });
                     println!("{json}");
                 } else {
+                    let rounds: Vec<String> = result
+                        .rounds_tokens_per_sec
+                        .iter()
+                        .map(|r| format!("{r:.0}"))
+                        .collect();
                     println!(
-                        "generate {backend}: {:.1} tokens/s ({} tokens after a {}-token \
-                         prompt, batch 1, greedy); first token {:.1} ms, then {:.2} ms/token",
+                        "generate {backend}: {:.1} tokens/s (batch {}: {} tokens each after a \
+                         {}-token prompt, greedy; median of rounds {}); first step {:.1} ms, \
+                         then {:.3} ms/step",
                         result.tokens_per_sec,
-                        result.tokens,
-                        result.prompt_len,
+                        shape.batch,
+                        shape.tokens,
+                        shape.prompt_len,
+                        rounds.join(", "),
                         result.first_token_ms,
-                        result.ms_per_token
+                        result.ms_per_step
                     );
                 }
             }

@@ -24,10 +24,22 @@ pub fn rms_norm<B: MoeBackend, const D: usize>(
 /// `layer` applied to the last dimension of `x`; see [`MoeBackend::linear_forward`]. The
 /// same result as `layer.forward(x)`, through the backend's own kernel where it has one.
 pub fn linear<B: MoeBackend, const D: usize>(x: Tensor<B, D>, layer: &Linear<B>) -> Tensor<B, D> {
+    let out = project(x, layer.weight.val());
+    match &layer.bias {
+        Some(bias) => out + bias.val().unsqueeze(),
+        None => out,
+    }
+}
+
+/// `x` times `weight: [d_in, d_out]` over its last axis (a bias-free linear layer by its
+/// weight); see [`MoeBackend::linear_forward`].
+pub fn project<B: MoeBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+) -> Tensor<B, D> {
     let dims = x.dims();
     let d_in = dims[D - 1];
     let rows = dims[..D - 1].iter().product();
-    let weight = layer.weight.val();
     let d_out = weight.dims()[1];
     let out: Tensor<B, 2> = float(<B as MoeBackend>::linear(
         x.reshape([rows, d_in]).into_primitive().tensor(),
@@ -35,11 +47,7 @@ pub fn linear<B: MoeBackend, const D: usize>(x: Tensor<B, D>, layer: &Linear<B>)
     ));
     let mut out_dims = dims;
     out_dims[D - 1] = d_out;
-    let out = out.reshape(out_dims);
-    match &layer.bias {
-        Some(bias) => out + bias.val().unsqueeze(),
-        None => out,
-    }
+    out.reshape(out_dims)
 }
 
 /// Rotary embedding of `x: [B, S, H, D]`, returned as `[B, H, S, D]`; see

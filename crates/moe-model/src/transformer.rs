@@ -12,7 +12,7 @@ use crate::config::{ConfigError, ModelConfig, MoeConfig};
 use crate::experts::SwiGlu;
 use crate::moe::{MoeLayer, MoeOutput};
 use crate::rope::RopeAngles;
-use moe_kernels::{MoeBackend, linear_cross_entropy, rms_norm};
+use moe_kernels::{MoeBackend, linear_cross_entropy, project, rms_norm};
 
 /// The most logits [`Transformer::token_nll`] holds at once: 8 MiB of f32.
 pub const LOSS_BLOCK_LOGITS: usize = 1 << 21;
@@ -311,7 +311,7 @@ impl<B: MoeBackend> Transformer<B> {
 
     /// Final norm and output projection, `[B, S, d] -> [B, S, vocab]`.
     fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        normalize(&self.norm, x).matmul(self.head_weight().unsqueeze())
+        project(normalize(&self.norm, x), self.head_weight())
     }
 
     /// The output projection, `[d, vocab]`: the head's weight, or the embedding's

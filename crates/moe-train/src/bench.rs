@@ -1,7 +1,8 @@
 //! Throughput benchmarks measured the way the PyTorch reference script measures them:
 //! random token ids of the configured shapes, a few untimed warm-up steps, then the mean
 //! over timed steps. Training steps are the trainer's own (forward, backward, clipping,
-//! AdamW, bias balancing); generation is batch-1 greedy decoding with a KV cache.
+//! AdamW, bias balancing); generation is greedy decoding with a KV cache, of one answer or of a batch decoded
+//! together as the server does.
 
 use std::time::Instant;
 
@@ -13,7 +14,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 use moe_data::{LmBatch, LmBatcher};
 use moe_model::FeedForward;
-use moe_model::{MoeAutodiffBackend, MoeBackend, SamplingConfig, Transformer, generate, ops};
+use moe_model::{
+    MoeAutodiffBackend, MoeBackend, SamplingConfig, Sequence, Transformer, decode_step, ops,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -178,91 +181,126 @@ fn time_train_steps<B: MoeAutodiffBackend>(
     })
 }
 
-/// What `bench_generate` measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct GenerateBench {
-    /// Prompt tokens.
+/// The shape of a generation benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GenerateShape {
+    /// Prompt tokens of each answer.
     pub prompt_len: usize,
-    /// Generated tokens.
+    /// Tokens generated for each answer.
     pub tokens: usize,
-    /// Generated tokens per second, prompt processing included (the reference's figure).
-    pub tokens_per_sec: f64,
-    /// Milliseconds from the start to the first generated token (reading the prompt).
-    pub first_token_ms: f64,
-    /// Mean milliseconds per generated token after the first.
-    pub ms_per_token: f64,
+    /// Answers decoded together, one token each per step (1: plain batch-1 generation).
+    pub batch: usize,
+    /// Timed rounds; the figures are their medians.
+    pub rounds: usize,
 }
 
-/// Times batch-1 greedy generation of `tokens` tokens after a random prompt of
-/// `prompt_len` tokens, with `config`'s model at its random initialisation (the speed
-/// depends on the shapes, not the weights), after one short untimed generation.
+/// What `bench_generate` measured (medians over the rounds).
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateBench {
+    /// What was measured.
+    pub shape: GenerateShape,
+    /// Generated tokens per second over all answers, prompt processing included (the
+    /// reference's figure): the median round.
+    pub tokens_per_sec: f64,
+    /// Every round's tokens/s, in order.
+    pub rounds_tokens_per_sec: Vec<f64>,
+    /// Milliseconds from the start to the first generated tokens (reading the prompts).
+    pub first_token_ms: f64,
+    /// Milliseconds per decoding step after the first (one new token for each answer).
+    pub ms_per_step: f64,
+}
+
+/// Times greedy generation of `shape.tokens` tokens after random prompts of
+/// `shape.prompt_len` tokens, `shape.batch` answers decoded together, with `config`'s
+/// model at its random initialisation (the speed depends on the shapes, not the
+/// weights), after one short untimed generation.
 pub fn bench_generate<B: MoeBackend>(
     config: &RunConfig,
-    prompt_len: usize,
-    tokens: usize,
+    shape: GenerateShape,
     device: &B::Device,
 ) -> Result<GenerateBench> {
     ensure!(
-        tokens > 1,
+        shape.tokens > 1,
         "the benchmark needs at least 2 generated tokens"
     );
+    ensure!(shape.batch > 0, "the benchmark needs a batch of at least 1");
+    ensure!(shape.rounds > 0, "the benchmark needs at least 1 round");
     ensure!(
-        prompt_len + tokens <= config.model.max_seq_len,
-        "prompt ({prompt_len}) plus generated tokens ({tokens}) exceed the model's window \
+        shape.prompt_len + shape.tokens <= config.model.max_seq_len,
+        "prompt ({}) plus generated tokens ({}) exceed the model's window \
          (model.max_seq_len = {})",
+        shape.prompt_len,
+        shape.tokens,
         config.model.max_seq_len
     );
-    ops::run_compute::<B, _>(|| time_generation::<B>(config, prompt_len, tokens, device))
+    ops::run_compute::<B, _>(|| time_generation::<B>(config, shape, device))
 }
 
 /// [`bench_generate`] after its checks, on the backend's compute thread.
 fn time_generation<B: MoeBackend>(
     config: &RunConfig,
-    prompt_len: usize,
-    tokens: usize,
+    shape: GenerateShape,
     device: &B::Device,
 ) -> Result<GenerateBench> {
     B::seed(device, config.train.seed);
     let model = Transformer::<B>::new(&config.model, &config.moe, device)?;
-    let prompt = RandomTokens::new(config).take(prompt_len);
+    let mut random = RandomTokens::new(config);
+    let prompts: Vec<Vec<u32>> = (0..shape.batch)
+        .map(|_| random.take(shape.prompt_len))
+        .collect();
     let greedy = SamplingConfig {
         temperature: 0.0,
         ..SamplingConfig::default()
     };
+    // Seconds to the first step's end and to the last's, and the tokens generated.
     let run = |max_tokens: usize| {
+        let mut answers: Vec<Sequence<B>> = prompts
+            .iter()
+            .map(|prompt| Sequence::new(&model, prompt, max_tokens, &[], greedy.clone()))
+            .collect();
         let start = Instant::now();
         let mut first = None;
-        let generation = generate(
-            &model,
-            &prompt,
-            max_tokens,
-            &[],
-            greedy.clone(),
-            |_| {
-                first.get_or_insert_with(|| start.elapsed().as_secs_f64());
-                std::ops::ControlFlow::Continue(())
-            },
-            device,
-        );
+        while answers.iter().any(|answer| !answer.is_finished()) {
+            let mut step: Vec<&mut Sequence<B>> = answers.iter_mut().collect();
+            decode_step(&model, &mut step, device);
+            first.get_or_insert_with(|| start.elapsed().as_secs_f64());
+        }
+        let generated: usize = answers.iter().map(|answer| answer.tokens().len()).sum();
         (
-            generation,
             first.unwrap_or(0.0),
             start.elapsed().as_secs_f64(),
+            generated,
         )
     };
-    run(8.min(tokens));
-    let (generation, first, total) = run(tokens);
-    ensure!(
-        generation.tokens.len() == tokens,
-        "generation stopped after {} of {tokens} tokens",
-        generation.tokens.len()
-    );
+    run(8.min(shape.tokens));
+    let mut rounds = Vec::with_capacity(shape.rounds);
+    for _ in 0..shape.rounds {
+        let (first, total, generated) = run(shape.tokens);
+        ensure!(
+            generated == shape.batch * shape.tokens,
+            "generation stopped after {generated} of {} tokens",
+            shape.batch * shape.tokens
+        );
+        rounds.push((first, total));
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let generated = (shape.batch * shape.tokens) as f64;
+    let rounds_tokens_per_sec: Vec<f64> = rounds.iter().map(|(_, t)| generated / t).collect();
     Ok(GenerateBench {
-        prompt_len,
-        tokens,
-        tokens_per_sec: tokens as f64 / total,
-        first_token_ms: 1e3 * first,
-        ms_per_token: 1e3 * (total - first) / (tokens - 1) as f64,
+        shape,
+        tokens_per_sec: median(rounds_tokens_per_sec.clone()),
+        rounds_tokens_per_sec,
+        first_token_ms: 1e3 * median(rounds.iter().map(|(f, _)| *f).collect()),
+        ms_per_step: 1e3
+            * median(
+                rounds
+                    .iter()
+                    .map(|(f, t)| (t - f) / (shape.tokens - 1) as f64)
+                    .collect(),
+            ),
     })
 }
 

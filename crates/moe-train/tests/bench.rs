@@ -6,7 +6,8 @@ use burn::backend::{Autodiff, Flex};
 use moe_model::Transformer;
 use moe_train::RunConfig;
 use moe_train::bench::{
-    ParamCounts, bench_generate, bench_train, peak_matmul_gflops, train_flops_per_token,
+    GenerateShape, ParamCounts, bench_generate, bench_train, peak_matmul_gflops,
+    train_flops_per_token,
 };
 
 type B = Autodiff<Flex>;
@@ -98,13 +99,26 @@ fn training_benchmark_times_real_steps() {
 fn generation_benchmark_generates_every_token() {
     let config = config(false);
     let device = Default::default();
-    let result = bench_generate::<Flex>(&config, 4, 12, &device).unwrap();
-    assert_eq!((result.prompt_len, result.tokens), (4, 12));
-    assert!(
-        result.tokens_per_sec > 0.0 && result.first_token_ms > 0.0,
-        "{result:?}"
-    );
-    let err = bench_generate::<Flex>(&config, 16, 12, &device).unwrap_err();
+    let shape = |prompt_len, batch| GenerateShape {
+        prompt_len,
+        tokens: 12,
+        batch,
+        rounds: 3,
+    };
+    for batch in [1, 3] {
+        let result = bench_generate::<Flex>(&config, shape(4, batch), &device).unwrap();
+        assert_eq!(result.shape, shape(4, batch));
+        assert_eq!(result.rounds_tokens_per_sec.len(), 3);
+        assert!(
+            result
+                .rounds_tokens_per_sec
+                .contains(&result.tokens_per_sec)
+                && result.first_token_ms > 0.0
+                && result.ms_per_step > 0.0,
+            "{result:?}"
+        );
+    }
+    let err = bench_generate::<Flex>(&config, shape(16, 1), &device).unwrap_err();
     assert!(err.to_string().contains("model.max_seq_len = 24"), "{err}");
     assert!(peak_matmul_gflops::<Flex>(&device) > 0.0);
 }

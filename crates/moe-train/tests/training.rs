@@ -303,9 +303,8 @@ fn a_run_directory_reads_whole_checkpoints_while_it_prunes() {
     let first = RunConfig::parse(&text, &["train.steps=1".into()]).unwrap();
     train::<B>(&first, &run, false, None, &Cluster::default(), |_| {}).unwrap();
     std::thread::scope(|scope| {
-        let writer = scope.spawn(|| {
-            train::<B>(&config, &run, true, None, &Cluster::default(), |_| {}).unwrap()
-        });
+        let writer = scope
+            .spawn(|| train::<B>(&config, &run, true, None, &Cluster::default(), |_| {}).unwrap());
         let mut reads = 0;
         while !writer.is_finished() || reads == 0 {
             let loaded = load_model::<Flex>(&run, &Default::default(), NonFinite::Refuse);

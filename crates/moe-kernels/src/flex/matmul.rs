@@ -9,6 +9,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::output::written;
+use super::simd::vectorized;
 
 /// A strided matrix view of an f32 slice: element `(i, j)` at
 /// `offset + i * row_stride + j * column_stride`.
@@ -203,6 +204,9 @@ fn gemm_into(
         columns <= out_stride && (rows - 1) * out_stride + columns <= out.len(),
         "matmul: output out of bounds"
     );
+    if rows <= FEW_ROWS && rhs.column_stride == 1 {
+        return few_rows_matmul_into(out, out_stride, lhs, rhs, scale);
+    }
     let stride = |s: usize| s as isize;
     // SAFETY: the asserts above keep every element gemm reads inside `lhs.data` and
     // `rhs.data` and every element it writes (`rows` rows of `columns`, `out_stride`
@@ -233,9 +237,115 @@ fn gemm_into(
     }
 }
 
+/// Products with at most this many rows skip `gemm` (see [`few_rows_matmul_into`]).
+const FEW_ROWS: usize = 4;
+
+/// `out = scale * lhs rhs` for a product of at most [`FEW_ROWS`] rows (a decoding step's
+/// tokens) and a row-major `rhs`, as [`gemm_into`] asks. `gemm` packs `rhs` into panels
+/// before it multiplies, which for one row costs as much as the product; here each row
+/// of `rhs` is read once, in blocks of columns whose running sums stay in L1.
+fn few_rows_matmul_into(
+    out: &mut [MaybeUninit<f32>],
+    out_stride: usize,
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+) {
+    match lhs.rows {
+        1 => few_rows_kernel::<1>(out, out_stride, lhs, rhs, scale),
+        2 => few_rows_kernel::<2>(out, out_stride, lhs, rhs, scale),
+        3 => few_rows_kernel::<3>(out, out_stride, lhs, rhs, scale),
+        _ => few_rows_kernel::<FEW_ROWS>(out, out_stride, lhs, rhs, scale),
+    }
+}
+
+/// [`few_rows_matmul_into`] for exactly `ROWS` rows.
+fn few_rows_kernel<const ROWS: usize>(
+    out: &mut [MaybeUninit<f32>],
+    out_stride: usize,
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+) {
+    /// Columns summed at a time: `ROWS` rows of them fill 8 KiB of L1 at most.
+    const BLOCK: usize = 512;
+    assert_eq!(lhs.rows, ROWS, "matmul: rows");
+    let inner = lhs.columns;
+    let left: Vec<[f32; ROWS]> = (0..inner)
+        .map(|k| {
+            std::array::from_fn(|i| {
+                lhs.data[lhs.offset + i * lhs.row_stride + k * lhs.column_stride]
+            })
+        })
+        .collect();
+    vectorized(
+        #[inline(always)]
+        || {
+            let mut sums = [[0.0f32; BLOCK]; ROWS];
+            for start in (0..rhs.columns).step_by(BLOCK) {
+                let width = BLOCK.min(rhs.columns - start);
+                for row in sums.iter_mut() {
+                    row[..width].fill(0.0);
+                }
+                for (k, left) in left.iter().enumerate() {
+                    let at = rhs.offset + k * rhs.row_stride + start;
+                    let right = &rhs.data[at..at + width];
+                    for (row, &a) in sums.iter_mut().zip(left) {
+                        for (sum, &b) in row[..width].iter_mut().zip(right) {
+                            *sum += a * b;
+                        }
+                    }
+                }
+                for (i, row) in sums.iter().enumerate() {
+                    let at = i * out_stride + start;
+                    for (out, &sum) in out[at..at + width].iter_mut().zip(&row[..width]) {
+                        out.write(scale * sum);
+                    }
+                }
+            }
+        },
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn few_row_products_equal_the_naive_sums() {
+        let data: Vec<f32> = (0..40_000)
+            .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        // Row counts on both sides of FEW_ROWS, widths around the block of columns, a
+        // transposed left side and an output wider than the product.
+        for (rows, inner, columns) in [
+            (1, 3, 5),
+            (2, 16, 513),
+            (3, 7, 1030),
+            (4, 33, 64),
+            (6, 9, 20),
+        ] {
+            let lhs = Matrix::rows_of(&data, rows, 0..inner).transpose();
+            let rhs = Matrix::strided(&data, 5, [inner, columns], [columns + 3, 1]);
+            let stride = columns + 2;
+            let mut out = vec![MaybeUninit::new(f32::NAN); rows * stride];
+            scaled_matmul_into(&mut out, stride, lhs, rhs, 0.5);
+            for i in 0..rows {
+                for j in 0..columns {
+                    let want: f32 = (0..inner)
+                        .map(|k| data[k * rows + i] * data[5 + k * (columns + 3) + j])
+                        .sum::<f32>()
+                        * 0.5;
+                    // SAFETY: the product wrote every column < `columns` of each row.
+                    let got = unsafe { out[i * stride + j].assume_init() };
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{rows}x{inner}x{columns} ({i}, {j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn row_major_reads_views_in_order() {
