@@ -414,10 +414,6 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         B::run_compute(work)
     }
 
-    fn run_serial<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-        B::run_serial(work)
-    }
-
     fn transfer(x: FloatTensor<Self>, device: &Device<Self>) -> FloatTensor<Self> {
         match TransferBackward
             .prepare::<C>([x.node.clone()])

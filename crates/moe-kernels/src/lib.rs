@@ -554,12 +554,6 @@ pub trait MoeBackend: Backend {
     fn run_compute<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         work()
     }
-
-    /// Runs `work`, tensor operations too small to split over threads, on one thread;
-    /// see [`run_serial`]. By default, on this thread.
-    fn run_serial<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-        work()
-    }
 }
 
 thread_local! {

@@ -225,11 +225,3 @@ pub fn write_positions<B: MoeBackend>(
 pub fn run_compute<B: MoeBackend, R: Send>(work: impl FnOnce() -> R + Send) -> R {
     B::run_compute(work)
 }
-
-/// Runs `work`, tensor operations each too small to be worth splitting over threads (a
-/// decoding step of a few tokens), on one thread of backend `B`. On flex, a pool of one
-/// thread: every kernel and matmul inside then runs serially, where handing half of
-/// each to a sleeping thread costs more than it saves.
-pub fn run_serial<B: MoeBackend, R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    B::run_serial(work)
-}

@@ -12,11 +12,7 @@ use burn::tensor::backend::Backend;
 use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::transformer::{KvCache, Transformer};
-use moe_kernels::{self as ops, MoeBackend};
-
-/// Steps over at most this many tokens run on one thread ([`ops::run_serial`]): splitting
-/// their small products over threads cost more than it saved.
-const SERIAL_STEP_TOKENS: usize = 8;
+use moe_kernels::MoeBackend;
 
 /// Why generation stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,12 +179,7 @@ pub fn decode_step<B: MoeBackend>(
             .filter(|s| !s.is_finished())
             .map(|s| &mut s.cache)
             .collect();
-        let mut forward = || model.forward_packed(&inputs, &mut caches, device);
-        if inputs.iter().map(|input| input.len()).sum::<usize>() <= SERIAL_STEP_TOKENS {
-            ops::run_serial::<B, _>(forward)
-        } else {
-            forward()
-        }
+        model.forward_packed(&inputs, &mut caches, device)
     };
     let [_, vocab] = logits.dims();
     let rows: Vec<f32> = logits

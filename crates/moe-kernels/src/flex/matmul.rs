@@ -240,6 +240,15 @@ fn gemm_into(
 /// Products with at most this many rows skip `gemm` (see [`few_rows_matmul_into`]).
 const FEW_ROWS: usize = 4;
 
+/// Columns of a few-rows product summed at a time: [`FEW_ROWS`] rows of them fill 8 KiB
+/// of L1 at most.
+const FEW_ROWS_BLOCK: usize = 512;
+
+/// A few-rows product reading at least this many elements of `rhs` is split into blocks
+/// of columns over rayon's threads: one core streams a large `rhs` (the output head's
+/// weight) from memory more slowly than the product computes.
+const FEW_ROWS_PARALLEL_READ: usize = 1 << 17;
+
 /// `out = scale * lhs rhs` for a product of at most [`FEW_ROWS`] rows (a decoding step's
 /// tokens) and a row-major `rhs`, as [`gemm_into`] asks. `gemm` packs `rhs` into panels
 /// before it multiplies, which for one row costs as much as the product; here each row
@@ -251,43 +260,69 @@ fn few_rows_matmul_into(
     rhs: Matrix,
     scale: f32,
 ) {
-    match lhs.rows {
-        1 => few_rows_kernel::<1>(out, out_stride, lhs, rhs, scale),
-        2 => few_rows_kernel::<2>(out, out_stride, lhs, rhs, scale),
-        3 => few_rows_kernel::<3>(out, out_stride, lhs, rhs, scale),
-        _ => few_rows_kernel::<FEW_ROWS>(out, out_stride, lhs, rhs, scale),
+    let rows = lhs.rows;
+    let left: Vec<f32> = (0..lhs.columns)
+        .flat_map(|k| {
+            (0..rows)
+                .map(move |i| lhs.data[lhs.offset + i * lhs.row_stride + k * lhs.column_stride])
+        })
+        .collect();
+    let product =
+        |columns: Range<usize>, out: &mut [MaybeUninit<f32>], out_stride: usize| match rows {
+            1 => few_rows_kernel::<1>(out, out_stride, &left, rhs.columns(columns), scale),
+            2 => few_rows_kernel::<2>(out, out_stride, &left, rhs.columns(columns), scale),
+            3 => few_rows_kernel::<3>(out, out_stride, &left, rhs.columns(columns), scale),
+            _ => few_rows_kernel::<FEW_ROWS>(out, out_stride, &left, rhs.columns(columns), scale),
+        };
+    if rhs.rows * rhs.columns < FEW_ROWS_PARALLEL_READ || rayon::current_num_threads() == 1 {
+        return product(0..rhs.columns, out, out_stride);
+    }
+    // Each block of columns into its own buffer, then into place.
+    let blocks: Vec<Vec<f32>> = (0..rhs.columns)
+        .step_by(FEW_ROWS_BLOCK)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|start| {
+            let width = FEW_ROWS_BLOCK.min(rhs.columns - start);
+            // SAFETY: the product writes its `rows x width` output whole.
+            unsafe {
+                written(rows * width, |block| {
+                    product(start..start + width, block, width)
+                })
+            }
+        })
+        .collect();
+    for (b, block) in blocks.iter().enumerate() {
+        let width = block.len() / rows;
+        for (i, row) in block.chunks_exact(width).enumerate() {
+            let at = i * out_stride + b * FEW_ROWS_BLOCK;
+            for (out, &value) in out[at..at + width].iter_mut().zip(row) {
+                out.write(value);
+            }
+        }
     }
 }
 
-/// [`few_rows_matmul_into`] for exactly `ROWS` rows.
+/// [`few_rows_matmul_into`] for exactly `ROWS` rows, whose left side `left` is stored
+/// column by column (`left[k * ROWS + i]` is row `i`, column `k`).
 fn few_rows_kernel<const ROWS: usize>(
     out: &mut [MaybeUninit<f32>],
     out_stride: usize,
-    lhs: Matrix,
+    left: &[f32],
     rhs: Matrix,
     scale: f32,
 ) {
-    /// Columns summed at a time: `ROWS` rows of them fill 8 KiB of L1 at most.
-    const BLOCK: usize = 512;
-    assert_eq!(lhs.rows, ROWS, "matmul: rows");
-    let inner = lhs.columns;
-    let left: Vec<[f32; ROWS]> = (0..inner)
-        .map(|k| {
-            std::array::from_fn(|i| {
-                lhs.data[lhs.offset + i * lhs.row_stride + k * lhs.column_stride]
-            })
-        })
-        .collect();
+    assert_eq!(left.len(), ROWS * rhs.rows, "matmul: rows");
     vectorized(
         #[inline(always)]
         || {
-            let mut sums = [[0.0f32; BLOCK]; ROWS];
-            for start in (0..rhs.columns).step_by(BLOCK) {
-                let width = BLOCK.min(rhs.columns - start);
+            let mut sums = [[0.0f32; FEW_ROWS_BLOCK]; ROWS];
+            for start in (0..rhs.columns).step_by(FEW_ROWS_BLOCK) {
+                let width = FEW_ROWS_BLOCK.min(rhs.columns - start);
                 for row in sums.iter_mut() {
                     row[..width].fill(0.0);
                 }
-                for (k, left) in left.iter().enumerate() {
+                for (k, left) in left.chunks_exact(ROWS).enumerate() {
                     let at = rhs.offset + k * rhs.row_stride + start;
                     let right = &rhs.data[at..at + width];
                     for (row, &a) in sums.iter_mut().zip(left) {
@@ -313,7 +348,7 @@ mod tests {
 
     #[test]
     fn few_row_products_equal_the_naive_sums() {
-        let data: Vec<f32> = (0..40_000)
+        let data: Vec<f32> = (0..200_000)
             .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
         // Row counts on both sides of FEW_ROWS, widths around the block of columns, a

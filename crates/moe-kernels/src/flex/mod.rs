@@ -22,8 +22,6 @@ mod simd;
 mod swiglu;
 mod write_positions;
 
-use std::sync::OnceLock;
-
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -303,22 +301,6 @@ impl MoeBackend for Flex {
     /// On a thread of rayon's pool (the pool flex's kernels and matmuls run on).
     fn run_compute<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         rayon::scope(|_| work())
-    }
-
-    /// In a pool of one thread (made on first use); on this thread if it cannot be made.
-    fn run_serial<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-        static SERIAL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-        let pool = SERIAL.get_or_init(|| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .thread_name(|_| "moe-serial".into())
-                .build()
-                .ok()
-        });
-        match pool {
-            Some(pool) => pool.install(work),
-            None => work(),
-        }
     }
 }
 
