@@ -767,11 +767,17 @@ fn bench_reports_training_and_generation_throughput() {
         "4",
         "--tokens",
         "8",
+        "--batch",
+        "3",
+        "--rounds",
+        "2",
     ]);
     assert!(generate.status.success(), "{}", stderr(&generate));
     let text = String::from_utf8_lossy(&generate.stdout);
     assert!(
-        text.starts_with("generate flex: ") && text.contains("8 tokens after a 4-token prompt"),
+        text.starts_with("generate flex: ")
+            && text.contains("batch 3: 8 tokens each after a 4-token prompt")
+            && text.contains("ms/step"),
         "{text}"
     );
 

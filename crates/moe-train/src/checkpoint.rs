@@ -157,10 +157,9 @@ pub fn load_model<B: Backend>(
     nonfinite: NonFinite,
 ) -> Result<LoadedModel<B>> {
     let loaded = read_checkpoint(path, device, nonfinite)?;
-    let tokenizer = match loaded.tokenizer {
-        Some(tokenizer) => tokenizer,
-        None => load_tokenizer(&loaded.checkpoint)?,
-    };
+    let tokenizer = loaded
+        .tokenizer
+        .with_context(|| no_tokenizer(&loaded.checkpoint))?;
     Ok(LoadedModel {
         model: loaded.model,
         config: loaded.config,
@@ -189,13 +188,16 @@ pub fn load_source<B: Backend>(
 /// The tokenizer of the checkpoint directory `checkpoint`; an error says what to do if it
 /// has none.
 pub fn load_tokenizer(checkpoint: &Path) -> Result<TextTokenizer> {
-    read_tokenizer(checkpoint)?.with_context(|| {
-        format!(
-            "checkpoint {} has no {TOKENIZER_FILE} (imported from a directory without one?): \
-             copy the model's tokenizer.json into it",
-            checkpoint.display()
-        )
-    })
+    read_tokenizer(checkpoint)?.with_context(|| no_tokenizer(checkpoint))
+}
+
+/// The error for a checkpoint without a tokenizer, saying what to do.
+fn no_tokenizer(checkpoint: &Path) -> String {
+    format!(
+        "checkpoint {} has no {TOKENIZER_FILE} (imported from a directory without one?): copy \
+         the model's tokenizer.json into it",
+        checkpoint.display()
+    )
 }
 
 /// The `tokenizer.json` of `dir`, if it has one.
