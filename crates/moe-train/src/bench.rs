@@ -1,8 +1,8 @@
 //! Throughput benchmarks measured the way the PyTorch reference script measures them:
 //! random token ids of the configured shapes, a few untimed warm-up steps, then the mean
 //! over timed steps. Training steps are the trainer's own (forward, backward, clipping,
-//! AdamW, bias balancing); generation is greedy decoding with a KV cache, of one answer or of a batch decoded
-//! together as the server does.
+//! AdamW, bias balancing); generation is greedy decoding with a KV cache, of one answer
+//! or of a batch decoded together as the server does.
 
 use std::time::Instant;
 

@@ -261,6 +261,8 @@ fn few_rows_matmul_into(
     scale: f32,
 ) {
     let rows = lhs.rows;
+    // Column by column, as the kernel reads it (`row_major` would split this small copy
+    // over threads).
     let left: Vec<f32> = (0..lhs.columns)
         .flat_map(|k| {
             (0..rows)
@@ -278,11 +280,10 @@ fn few_rows_matmul_into(
         return product(0..rhs.columns, out, out_stride);
     }
     // Each block of columns into its own buffer, then into place.
-    let blocks: Vec<Vec<f32>> = (0..rhs.columns)
-        .step_by(FEW_ROWS_BLOCK)
-        .collect::<Vec<_>>()
+    let blocks: Vec<Vec<f32>> = (0..rhs.columns.div_ceil(FEW_ROWS_BLOCK))
         .into_par_iter()
-        .map(|start| {
+        .map(|b| {
+            let start = b * FEW_ROWS_BLOCK;
             let width = FEW_ROWS_BLOCK.min(rhs.columns - start);
             // SAFETY: the product writes its `rows x width` output whole.
             unsafe {
@@ -352,13 +353,16 @@ mod tests {
             .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
         // Row counts on both sides of FEW_ROWS, widths around the block of columns, a
-        // transposed left side and an output wider than the product.
+        // transposed left side, an output wider than the product, and a product split
+        // over threads.
         for (rows, inner, columns) in [
             (1, 3, 5),
             (2, 16, 513),
             (3, 7, 1030),
             (4, 33, 64),
             (6, 9, 20),
+            // Large enough to be split over threads (FEW_ROWS_PARALLEL_READ).
+            (1, 128, 1100),
         ] {
             let lhs = Matrix::rows_of(&data, rows, 0..inner).transpose();
             let rhs = Matrix::strided(&data, 5, [inner, columns], [columns + 3, 1]);
